@@ -1,0 +1,226 @@
+"""Recipes and backend options: frozen dataclasses, validated when they are built.
+
+A :class:`Recipe` says, per linear layer (found by module name), how its weight and its input activation
+are quantized. Presets are named recipes; ``torch.compile(..., options={"recipe": name_or_recipe})``
+takes either.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from qcompiler import primitives
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_group", "per_tensor")
+ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if not isinstance(bits, int) or bits not in primitives.SUPPORTED_BITS:
+        raise ValueError(f"{what}.bits must be an integer from 2 to 8, got {bits!r}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How a linear layer's weight ``[out_features, in_features]`` is quantized."""
+
+    bits: int = 8
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "WeightScheme")
+        _check_choice(self.granularity, WEIGHT_GRANULARITIES, "WeightScheme.granularity")
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"WeightScheme with granularity 'per_group' needs a positive group_size, got "
+                    f"{self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} only applies to granularity 'per_group', not "
+                f"{self.granularity!r}"
+            )
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return primitives.quant_range(self.bits, self.symmetric)
+
+    def block_size(self) -> tuple[int, ...]:
+        if self.granularity == "per_channel":
+            return primitives.per_channel(2, axis=0)
+        if self.granularity == "per_group":
+            return primitives.per_group(2, self.group_size)
+        return primitives.per_tensor(2)
+
+    def describe(self) -> str:
+        gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a linear layer's input activation is quantized: dynamically, at run time, from its range."""
+
+    bits: int = 8
+    granularity: str = "per_token"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "ActivationScheme")
+        _check_choice(self.granularity, ACTIVATION_GRANULARITIES, "ActivationScheme.granularity")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return primitives.quant_range(self.bits, self.symmetric)
+
+    def block_size(self, ndim: int) -> tuple[int, ...]:
+        if self.granularity == "per_token":
+            return primitives.per_token(ndim)
+        return primitives.per_tensor(ndim)
+
+    def describe(self) -> str:
+        return f"int{self.bits} dynamic {self.granularity} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """The resolved scheme of one layer. ``activation is None`` means weight-only quantization."""
+
+    weight: WeightScheme
+    activation: ActivationScheme | None
+
+    def describe(self) -> str:
+        act = self.activation.describe() if self.activation else "float activations"
+        return f"W: {self.weight.describe()}; A: {act}"
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer change to a recipe, for modules whose name matches ``pattern`` (fnmatch syntax).
+
+    ``weight``/``activation`` left as ``None`` inherit the recipe's; ``weight_only=True`` keeps the
+    matched layers' activations in float.
+    """
+
+    pattern: str
+    weight: WeightScheme | None = None
+    activation: ActivationScheme | None = None
+    weight_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError("LayerOverride.pattern must be a non-empty module-name pattern")
+        if self.weight_only and self.activation is not None:
+            raise ValueError("LayerOverride: give either an activation scheme or weight_only=True, not both")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how. Module-name patterns use fnmatch syntax (``*.mlp.*``, ``lm_head``)."""
+
+    name: str = "custom"
+    weight: WeightScheme = field(default_factory=WeightScheme)
+    activation: ActivationScheme | None = field(default_factory=ActivationScheme)
+    skip: tuple[str, ...] = ("lm_head", "*embed*")
+    overrides: tuple[LayerOverride, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, WeightScheme):
+            raise TypeError(f"Recipe.weight must be a WeightScheme, got {type(self.weight).__name__}")
+        if self.activation is not None and not isinstance(self.activation, ActivationScheme):
+            raise TypeError(
+                f"Recipe.activation must be an ActivationScheme or None, got {type(self.activation).__name__}"
+            )
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError("Recipe.skip must be a tuple of module-name patterns, e.g. ('lm_head',)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if not all(isinstance(o, LayerOverride) for o in self.overrides):
+            raise TypeError("Recipe.overrides must be a tuple of LayerOverride")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    def scheme_for(self, module_name: str) -> LayerScheme | None:
+        """The layer's scheme, or None when a skip pattern matches it."""
+        if self.skip_pattern_for(module_name) is not None:
+            return None
+        weight, activation = self.weight, self.activation
+        for override in self.overrides:
+            if fnmatch.fnmatchcase(module_name, override.pattern):
+                weight = override.weight or weight
+                if override.weight_only:
+                    activation = None
+                elif override.activation is not None:
+                    activation = override.activation
+        return LayerScheme(weight, activation)
+
+    def skip_pattern_for(self, module_name: str) -> str | None:
+        return next((p for p in self.skip if fnmatch.fnmatchcase(module_name, p)), None)
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8-dynamic": Recipe(
+        name="w8a8-dynamic",
+        weight=WeightScheme(bits=8, granularity="per_channel", symmetric=True),
+        activation=ActivationScheme(bits=8, granularity="per_token", symmetric=True),
+    ),
+}
+
+DEFAULT_RECIPE = "w8a8-dynamic"
+
+
+def resolve_recipe(recipe: str | Recipe | None) -> Recipe:
+    if recipe is None:
+        return PRESETS[DEFAULT_RECIPE]
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        if recipe not in PRESETS:
+            raise ValueError(f"unknown recipe {recipe!r}; the presets are: {', '.join(sorted(PRESETS))}")
+        return PRESETS[recipe]
+    raise TypeError(f"recipe must be a preset name or a qcompiler.Recipe, got {type(recipe).__name__}")
+
+
+KERNEL_CHOICES = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The ``options=`` of ``torch.compile(model, backend="qcompiler", options=...)``.
+
+    recipe:  preset name or :class:`Recipe` (default ``w8a8-dynamic``).
+    kernels: ``"fast"`` lowers quantized linears to integer kernels; ``"reference"`` leaves the
+             quantize/dequantize graph as written (slow, for checking the kernels against).
+    """
+
+    recipe: Recipe = field(default_factory=lambda: PRESETS[DEFAULT_RECIPE])
+    kernels: str = "fast"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
+        _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
+
+    @classmethod
+    def from_user(cls, options: Mapping | None) -> BackendOptions:
+        if options is None:
+            return cls()
+        if isinstance(options, BackendOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"qcompiler options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown qcompiler option(s) {', '.join(map(repr, unknown))}; valid options are: "
+                f"{', '.join(valid)}"
+            )
+        return cls(**options)

@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# tests/ is not a package (pytest runs with --import-mode=importlib): make strategies.py importable.
+sys.path.insert(0, os.path.dirname(__file__))
+
+# CI runs derandomized so a red build is reproducible; locally hypothesis explores.
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
