@@ -1,0 +1,169 @@
+"""Insert quantize/dequantize around canonical linears, as the recipe says per layer.
+
+For a layer with scheme ``W: int8 per-channel, A: int8 dynamic per-token`` the canonical
+``linear(x, W, b)`` becomes::
+
+    w_dq = qcompiler.dequantize(w_q, w_scale, None, (1, -1), float32)       # w_q, w_scale: buffers
+    s, z = qcompiler.choose_qparams(x, (1, .., 1, -1), -127, 127, True)   # at run time
+    x_dq = qcompiler.dequantize(qcompiler.quantize(x, s, None, ...), s, None, ...)
+    y    = linear(x_dq, w_dq, b)
+
+The float parameter placeholder is left unused. This graph computes exactly what the integer
+kernels compute (in float) and is the reference the lowering is tested against. Layers that are
+skipped or cannot be quantized stay in float; each gets a :class:`~qcompiler.ir.LayerDecision`
+saying why.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from qcompiler import capture, primitives
+from qcompiler.config import LayerScheme, Recipe
+from qcompiler.ir import DECISION, LINEAR, QLINEAR, LayerDecision, LinearSite, PassResult, QLinearSpec
+from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
+from qcompiler.weight_cache import WEIGHTS, WeightCache
+
+_QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _buffer_prefix(gm: fx.GraphModule, module: str) -> str:
+    base = "qc_" + re.sub(r"\W", "_", module or "linear")
+    name, i = base, 1
+    while hasattr(gm, name + "_w_q"):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _activation_meta(x) -> torch.Tensor | None:
+    value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _why_not_quantizable(site: LinearSite, scheme: LayerScheme, weight: torch.Tensor, x) -> str | None:
+    if weight.dtype not in _QUANTIZABLE_DTYPES:
+        return f"weight dtype {weight.dtype} is not a float type"
+    if scheme.weight.granularity == "per_group" and site.in_features % scheme.weight.group_size:
+        return f"in_features {site.in_features} is not a multiple of group_size {scheme.weight.group_size}"
+    if scheme.activation is not None:
+        value = _activation_meta(x)
+        if value is None:
+            return "the input activation's shape is unknown (no example_value), so it cannot be quantized"
+        if value.dtype not in _QUANTIZABLE_DTYPES:
+            return f"input activation dtype {value.dtype} is not a float type"
+        if value.dim() < 1:
+            return "the input activation is a scalar"
+    return None
+
+
+def _dequantize_weight_nodes(gm, graph, prefix: str, qw: QuantizedWeight, dtype: torch.dtype):
+    gm.register_buffer(prefix + "_w_q", qw.q)
+    gm.register_buffer(prefix + "_w_scale", qw.scale)
+    names = (prefix + "_w_q", prefix + "_w_scale", None)
+    w_q, w_scale = graph.get_attr(names[0]), graph.get_attr(names[1])
+    w_zp = None
+    if qw.zero_point is not None:
+        names = names[:2] + (prefix + "_w_zero_point",)
+        gm.register_buffer(names[2], qw.zero_point)
+        w_zp = graph.get_attr(names[2])
+    w_dq = graph.call_function(
+        torch.ops.qcompiler.dequantize.default, (w_q, w_scale, w_zp, list(qw.block_size), dtype)
+    )
+    return w_dq, names
+
+
+def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: torch.dtype):
+    block = list(scheme.block_size(ndim))
+    qmin, qmax = scheme.qrange
+    qparams = graph.call_function(
+        torch.ops.qcompiler.choose_qparams.default, (x, block, qmin, qmax, scheme.symmetric)
+    )
+    scale = graph.call_function(operator.getitem, (qparams, 0))
+    zero_point = None if scheme.symmetric else graph.call_function(operator.getitem, (qparams, 1))
+    q = graph.call_function(
+        torch.ops.qcompiler.quantize.default,
+        (x, scale, zero_point, block, qmin, qmax, primitives.storage_dtype(qmin, qmax)),
+    )
+    return graph.call_function(torch.ops.qcompiler.dequantize.default, (q, scale, zero_point, block, dtype))
+
+
+def insert_qdq(
+    gm: fx.GraphModule,
+    recipe: Recipe,
+    int8_pair_limit: int | None = None,
+    cache: WeightCache = WEIGHTS,
+) -> PassResult:
+    """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate."""
+    graph = gm.graph
+    decisions = []
+    quantized = 0
+    for node in list(graph.nodes):
+        site: LinearSite | None = node.meta.get(LINEAR)
+        if site is None or QLINEAR in node.meta:
+            continue
+        x, w_node, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+        param_node = w_node if w_node.op == "placeholder" else w_node.args[0]
+        weight = param_node.meta[capture.PARAM_META].tensor
+        float_bytes = weight.numel() * weight.element_size()
+        scheme = recipe.scheme_for(site.module)
+        if scheme is None:
+            reason = f"skipped by the recipe's skip pattern {recipe.skip_pattern_for(site.module)!r}"
+            decision = LayerDecision(site.module, False, site.weight_param, reason=reason, float_weight_bytes=float_bytes,
+                                     weight_bytes=float_bytes, bits_per_weight=8.0 * weight.element_size())
+            node.meta[DECISION] = decision
+            decisions.append(decision)
+            continue
+        why_not = _why_not_quantizable(site, scheme, weight, x)
+        if why_not is not None:
+            decision = LayerDecision(site.module, False, site.weight_param, scheme.describe(), reason=why_not,
+                                     float_weight_bytes=float_bytes, weight_bytes=float_bytes,
+                                     bits_per_weight=8.0 * weight.element_size())
+            node.meta[DECISION] = decision
+            decisions.append(decision)
+            continue
+        limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
+        qw = cache.get(
+            weight,
+            ("rtn", scheme.weight, site.transposed, limit),
+            lambda: round_to_nearest(weight.detach().t() if site.transposed else weight.detach(),
+                                     scheme.weight, pair_limit=limit),
+        )
+        prefix = _buffer_prefix(gm, site.module)
+        with graph.inserting_before(node):
+            w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
+            new_x = x
+            act_kind = None
+            if scheme.activation is not None:
+                value = _activation_meta(x)
+                new_x = _fake_quant_activation_nodes(graph, x, scheme.activation, value.dim(), value.dtype)
+                act_kind = f"dynamic_{scheme.activation.granularity}"
+        node.args = (new_x, w_dq, bias)
+        node.meta[QLINEAR] = QLinearSpec(
+            module=site.module,
+            weight_bits=scheme.weight.bits,
+            weight_symmetric=scheme.weight.symmetric,
+            weight_block_size=qw.block_size,
+            activation=act_kind,
+            activation_bits=scheme.activation.bits if scheme.activation else None,
+            activation_symmetric=scheme.activation.symmetric if scheme.activation else None,
+            w_q=names[0],
+            w_scale=names[1],
+            w_zero_point=names[2],
+            has_bias=bias is not None,
+        )
+        note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
+        decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
+                                 bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes,
+                                 float_weight_bytes=float_bytes)
+        node.meta[DECISION] = decision
+        decisions.append(decision)
+        quantized += 1
+    if quantized:
+        graph.lint()
+        gm.recompile()
+    counts = {"quantized": quantized, "float": len(decisions) - quantized}
+    return PassResult(gm, modified=quantized > 0, counts=counts, details=tuple(decisions))

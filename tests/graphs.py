@@ -1,0 +1,54 @@
+"""Test helpers: tiny models built in the test, and graph capture as the backend sees it."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from qcompiler import capture
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=128)
+    return BertModel(cfg).eval()
+
+
+def capture_graph(model, *args, **kwargs) -> tuple[fx.GraphModule, list]:
+    """The Dynamo graph and example inputs the backend would get, with parameters bound."""
+    captured = []
+
+    def grab(gm, example_inputs, **_):
+        capture.bind_parameters(gm, example_inputs)  # Dynamo drops placeholder sources afterwards
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend=grab, fullgraph=True)(*args, **kwargs)
+    assert len(captured) == 1, f"expected one graph, got {len(captured)}"
+    return captured[0]
+
+
+def count_calls(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
