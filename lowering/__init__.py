@@ -1,0 +1,1 @@
+"""Lowering: QDQ patterns left by the passes -> ``qcompiler::`` kernels."""

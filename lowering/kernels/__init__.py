@@ -1,0 +1,1 @@
+"""Kernels per device: fast CPU kernels (``cpu``) and the pure-torch reference (``reference``)."""

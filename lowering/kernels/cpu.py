@@ -1,0 +1,207 @@
+"""Fast int8 GEMM on x86 CPUs, with per-token activation scales applied outside the kernel.
+
+Two library kernels take int8 weights prepacked once per layer:
+
+- FBGEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``): fastest for a few rows
+  (decode). It takes float input and a per-tensor (scale, zero point); we hand it rows that are
+  already integers (``x_q``) with scale 1 and zero point 128, so it quantizes nothing away and
+  accumulates exactly ``sum(x_q * w_q)``; the per-token scale is applied by the caller.
+- oneDNN (``onednn::qlinear_pointwise``): far faster for many rows on CPUs with int8 dot-product
+  instructions (AVX512-VNNI / AMX). Used for more than :data:`SMALL_M` rows where those exist.
+
+CPUs without VNNI multiply uint8 x int8 into *saturating* int16 pair sums (``vpmaddubsw``). Full-range
+int8 weights then give wrong results. :func:`saturates` probes each kernel once with a pair that
+overflows int16; where it does, the passes shrink weight pairs to ``|a| + |b| <= 128``
+(:data:`PAIR_LIMIT`), which makes the kernels exact again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+SMALL_M = 8  # rows at or below which FBGEMM beats oneDNN (measured on AVX512-VNNI + AMX)
+PAIR_LIMIT = 128  # |a| + |b| of adjacent int8 weights, so that 255 * 128 < 2**15
+_FBGEMM_ZERO_POINT = 128
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_int8_dot() -> bool:
+    """AVX512-VNNI or AMX-INT8: int8 dot products accumulate in int32 without saturation."""
+    return bool({"avx512_vnni", "amx_int8"} & cpu_flags())
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def onednn_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+@contextlib.contextmanager
+def _quantized_engine(name: str):
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _pack_fbgemm(w_q: torch.Tensor, w_scale: torch.Tensor):
+    zero_points = torch.zeros(w_q.shape[0], dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated, FBGEMM needs one
+        qweight = torch._make_per_channel_quantized_tensor(w_q, w_scale.double(), zero_points, 0)
+        with _quantized_engine("fbgemm"):
+            return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def _pack_onednn(w_q: torch.Tensor):
+    return torch.ops.onednn.qlinear_prepack(w_q, None)
+
+
+@dataclass
+class PackedInt8Weight:
+    fbgemm: object | None
+    onednn: torch.Tensor | None
+    w_scale: torch.Tensor
+    zero_points: torch.Tensor
+    n: int
+    k: int
+    data_ptr: int = 0  # of the int8 weight it was packed from
+
+
+def _fbgemm_gemm(x_q: torch.Tensor, packed: PackedInt8Weight) -> torch.Tensor:
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x_q.to(torch.float32), 1.0, _FBGEMM_ZERO_POINT, packed.fbgemm
+    )
+
+
+def _onednn_gemm(x_q: torch.Tensor, packed: PackedInt8Weight) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(
+        x_q, 1.0, 0, packed.onednn, packed.w_scale, packed.zero_points,
+        None, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+def _probe_saturation(gemm, pack) -> bool:
+    """True when the kernel's int16 pair sums overflow on full-range int8 weights."""
+    k = 64
+    x_q = torch.zeros(1, k, dtype=torch.int8)
+    x_q[0, :2] = 127
+    w_q = torch.zeros(8, k, dtype=torch.int8)
+    w_q[:, :2] = 127
+    w_scale = torch.ones(8)
+    packed = pack(w_q, w_scale)
+    out = gemm(x_q, packed)
+    return not torch.equal(out, torch.full_like(out, 2 * 127 * 127))
+
+
+@functools.cache
+def saturates() -> bool:
+    """Whether any CPU kernel that will be used needs :data:`PAIR_LIMIT` on its weights."""
+    result = False
+    if fbgemm_available():
+        result |= _probe_saturation(_fbgemm_gemm, lambda w, s: PackedInt8Weight(
+            _pack_fbgemm(w, s), None, s, torch.zeros(w.shape[0], dtype=torch.int64), *w.shape))
+    if use_onednn():
+        result |= _probe_saturation(_onednn_gemm, lambda w, s: PackedInt8Weight(
+            None, _pack_onednn(w), s, torch.zeros(w.shape[0], dtype=torch.int64), *w.shape))
+    return result
+
+
+def use_onednn() -> bool:
+    return onednn_available() and has_int8_dot()
+
+
+def available() -> bool:
+    return fbgemm_available()
+
+
+def describe() -> str:
+    if not available():
+        return "no FBGEMM on this CPU: int8 GEMM runs the reference"
+    large = "oneDNN (VNNI/AMX)" if use_onednn() else "FBGEMM"
+    sat = f"; weight pairs limited to |a|+|b|<={PAIR_LIMIT} (int16 saturation)" if saturates() else ""
+    return f"FBGEMM for <= {SMALL_M} rows, {large} above{sat}"
+
+
+# --- packed weights, by handle ---------------------------------------------------------------------
+
+_handles = itertools.count(1)
+_packed: dict[int, PackedInt8Weight] = {}
+_handle_of: dict[int, int] = {}  # id(w_q) -> handle, so recompiles reuse one packing
+repacks = 0  # packings done at run time because a handle was unknown
+
+
+def register_weight(w_q: torch.Tensor, w_scale: torch.Tensor) -> int:
+    """Pack an int8 weight ``[N, K]`` once; the returned handle names it in ``qcompiler::int8_gemm``."""
+    if w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise ValueError(f"expected int8 [N, K] weights, got {w_q.dtype} {tuple(w_q.shape)}")
+    handle = _handle_of.get(id(w_q))
+    if handle is not None and handle in _packed:
+        return handle
+    handle = next(_handles)
+    _packed[handle] = _pack(w_q, w_scale)
+    _handle_of[id(w_q)] = handle
+    weakref.finalize(w_q, _forget, id(w_q), handle)
+    return handle
+
+
+def _forget(ident: int, handle: int) -> None:
+    _packed.pop(handle, None)
+    if _handle_of.get(ident) == handle:
+        del _handle_of[ident]
+
+
+def _pack(w_q: torch.Tensor, w_scale: torch.Tensor) -> PackedInt8Weight:
+    data_ptr = w_q.data_ptr()
+    w_q = w_q.contiguous()
+    w_scale = w_scale.reshape(-1).to(torch.float32).contiguous()
+    return PackedInt8Weight(
+        fbgemm=_pack_fbgemm(w_q, w_scale),
+        onednn=_pack_onednn(w_q) if use_onednn() else None,
+        w_scale=w_scale,
+        zero_points=torch.zeros(w_q.shape[0], dtype=torch.int64),
+        n=w_q.shape[0],
+        k=w_q.shape[1],
+        data_ptr=data_ptr,
+    )
+
+
+def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, handle: int) -> torch.Tensor:
+    """``(x_q @ w_q.T) * w_scale`` for int8 ``x_q [..., K]``, with the weight packed under ``handle``."""
+    global repacks
+    packed = _packed.get(handle)
+    if packed is None or packed.data_ptr != w_q.data_ptr():
+        # The handle does not name this weight (a graph compiled elsewhere): pack now, once.
+        repacks += 1
+        packed = _packed[handle] = _pack(w_q, w_scale)
+    lead = x_q.shape[:-1]
+    x2d = x_q.reshape(-1, packed.k)
+    if x2d.shape[0] == 0:
+        return x_q.new_zeros((*lead, packed.n), dtype=torch.float32)
+    if packed.onednn is not None and x2d.shape[0] > SMALL_M:
+        out = _onednn_gemm(x2d.contiguous(), packed)
+    else:
+        out = _fbgemm_gemm(x2d, packed)
+    return out.reshape(*lead, packed.n)
