@@ -1,0 +1,63 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="qcompiler", options={...})``.
+
+Dynamo hands us one FX graph per captured region with the model's parameters lifted into
+placeholders. We bind those to their tensors and names, run the pass pipeline (which attaches the
+quantized weights as buffers), and give the result to Inductor. The compiled model is a snapshot of
+the weights at compile time: recompile after changing them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+
+from qcompiler import capture, pipeline, report
+from qcompiler.config import BackendOptions
+from qcompiler.lowering import ops
+
+
+class QCompilerError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+def _weights_device(bound) -> torch.device:
+    for info in bound.values():
+        if info.tensor.is_floating_point():
+            return info.tensor.device
+    return torch.device("cpu")
+
+
+def _check_inference(example_inputs) -> None:
+    if not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        raise QCompilerError(
+            "qcompiler compiles models for inference, and gradients are enabled: call the compiled "
+            "model under `with torch.inference_mode():` (or torch.no_grad())."
+        )
+
+
+def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
+    """Dynamo backend entry point (registered as ``qcompiler`` through the ``torch_dynamo_backends`` entry point)."""
+    if mode is not None:
+        raise QCompilerError(f"qcompiler does not take mode={mode!r}; configure it with options={{...}}")
+    opts = BackendOptions.from_user(options)
+    _check_inference(example_inputs)
+    start = time.perf_counter()
+    bound = capture.bind_parameters(gm, example_inputs)
+    device = _weights_device(bound)
+    rep = report.CompileReport(
+        graph_index=report.next_index(),
+        recipe=opts.recipe.name,
+        kernels=opts.kernels,
+        device_note=ops.kernel_for(device) if opts.kernels == "fast" else "reference quantize/dequantize ops",
+    )
+    steps = pipeline.build(opts, device)
+    gm = pipeline.run(gm, steps, rep)
+    rep.seconds = time.perf_counter() - start
+    report.record(rep)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(fx.GraphModule(gm, gm.graph), example_inputs)

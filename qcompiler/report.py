@@ -1,0 +1,85 @@
+"""What the backend did to each graph: per-layer decisions, kernels, pass timings.
+
+``qcompiler.last_report()`` returns the report of the most recent graph the backend compiled;
+``qcompiler.reports()`` all of them since the last ``qcompiler.clear_reports()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qcompiler.ir import LayerDecision
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    counts: dict[str, int]
+
+
+@dataclass
+class CompileReport:
+    graph_index: int
+    recipe: str
+    kernels: str
+    device_note: str = ""
+    layers: list[LayerDecision] = field(default_factory=list)
+    kernel_of: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (kernel, why)
+    passes: list[PassRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.quantized]
+
+    @property
+    def kept_float(self) -> list[LayerDecision]:
+        return [d for d in self.layers if not d.quantized]
+
+    def summary(self) -> str:
+        return (
+            f"graph {self.graph_index}: recipe {self.recipe}: {len(self.quantized)} linear layers quantized, "
+            f"{len(self.kept_float)} kept in float ({self.seconds:.2f} s)"
+        )
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        if self.device_note:
+            lines.append(f"  kernels: {self.device_note}")
+        for p in self.passes:
+            counts = ", ".join(f"{k}={v}" for k, v in p.counts.items())
+            lines.append(f"  pass {p.name:<14} {p.seconds * 1000:8.1f} ms  {counts}")
+        width = max((len(d.module) for d in self.layers), default=10)
+        for d in self.layers:
+            if d.quantized:
+                kernel = self.kernel_of.get(d.module, ("quantize/dequantize graph", ""))[0]
+                extra = f" [{d.reason}]" if d.reason else ""
+                lines.append(f"  {d.module:<{width}}  {d.scheme}  {d.bits_per_weight:.2f} bpw  -> {kernel}{extra}")
+            else:
+                lines.append(f"  {d.module:<{width}}  float: {d.reason}")
+        return "\n".join(lines)
+
+
+_reports: list[CompileReport] = []
+
+
+def record(report: CompileReport) -> None:
+    _reports.append(report)
+
+
+def next_index() -> int:
+    return len(_reports)
+
+
+def last_report() -> CompileReport | None:
+    return _reports[-1] if _reports else None
+
+
+def reports() -> list[CompileReport]:
+    return list(_reports)
+
+
+def clear_reports() -> None:
+    _reports.clear()
