@@ -58,7 +58,8 @@ def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out
     block = primitives.per_token(ndim)
     qmin, qmax = primitives.quant_range(8, symmetric=True)
     x_scale, _ = primitives.choose_qparams_math(x, block, qmin, qmax, True)
-    x_q = primitives.quantize_math(x, x_scale, None, block, qmin, qmax, torch.int8)
+    x_q = primitives.quantize_math(x, x_scale, None, block, qmin, qmax, torch.int8,
+                                   compute_dtype=primitives.compute_dtype_for(out_dtype))
     y = torch.ops.qcompiler.int8_gemm(x_q, w_q, w_scale, handle) * x_scale
     if bias is not None:
         y = y + bias

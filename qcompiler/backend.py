@@ -9,6 +9,7 @@ the weights at compile time: recompile after changing them.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.fx as fx
@@ -55,9 +56,22 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
         device_note=ops.kernel_for(device) if opts.kernels == "fast" else "reference quantize/dequantize ops",
     )
     steps = pipeline.build(opts, device)
-    gm = pipeline.run(gm, steps, rep)
+    float_graph = _copy_graph(gm.graph)
+    try:
+        gm = pipeline.run(gm, steps, rep)
+    except pipeline.PassFailed as exc:
+        # A bug of ours must not take the user's model down: run this graph in float, loudly.
+        rep.error = str(exc)
+        warnings.warn(f"{exc}. This graph runs in float; see qcompiler.last_report().", stacklevel=2)
+        gm = fx.GraphModule(gm, float_graph)
     rep.seconds = time.perf_counter() - start
     report.record(rep)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(fx.GraphModule(gm, gm.graph), example_inputs)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy

@@ -24,6 +24,8 @@ def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
     p.add_argument("--repeats", type=int, default=10, help="timing repeats (median is reported)")
+    p.add_argument("--inductor-baseline", action="store_true",
+                   help="also time the float model compiled by Inductor (separates int8 gains from fusion)")
     p.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -51,7 +53,7 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     print(f"loading {model} ...", file=sys.stderr)
     loaded = models.load_model(model)
     cfg = evaluate.EvalConfig(tokens=args.tokens, window=args.window, speed=not args.no_speed,
-                              speed_repeats=args.repeats)
+                              speed_repeats=args.repeats, inductor_baseline=args.inductor_baseline)
     result = evaluate.evaluate(loaded, options, text_path, cfg)
     print(evaluate.format_table(result))
     if args.json_out:

@@ -43,6 +43,7 @@ class EvalConfig:
     prefill_tokens: int = 512
     passages: int = 256
     progress: bool = True
+    inductor_baseline: bool = False  # also time the float model compiled by Inductor
 
 
 @dataclass
@@ -56,13 +57,13 @@ class EvalResult:
     speed: dict = field(default_factory=dict)
     weight_bytes: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)
-    compile_seconds: float = 0.0
+    pass_seconds: float = 0.0  # qcompiler's passes (Inductor's own compile time not included)
 
     def to_json(self) -> dict:
         return {
             "model": self.model, "recipe": self.recipe, "text": self.text, "convention": self.convention,
             "float": self.float, "quantized": self.quantized, "speed": self.speed,
-            "weight_bytes": self.weight_bytes, "layers": self.layers, "compile_seconds": self.compile_seconds,
+            "weight_bytes": self.weight_bytes, "layers": self.layers, "pass_seconds": self.pass_seconds,
         }
 
 
@@ -183,6 +184,16 @@ def _median_ratio(run_float, run_quant, repeats: int) -> dict:
 
 
 def measure_speed(loaded: LoadedModel, quantized_model, cfg: EvalConfig) -> dict:
+    """Float eager vs quantized; with ``cfg.inductor_baseline`` also float Inductor vs quantized."""
+    out = _speed_against(loaded, loaded.model, quantized_model, cfg)
+    if cfg.inductor_baseline:
+        inductor = torch.compile(loaded.model)
+        vs = _speed_against(loaded, inductor, quantized_model, cfg)
+        out["vs_float_inductor"] = {k: v for k, v in vs.items() if isinstance(v, dict)}
+    return out
+
+
+def _speed_against(loaded: LoadedModel, float_model, quantized_model, cfg: EvalConfig) -> dict:
     vocab = getattr(loaded.model.config, "vocab_size", 1000)
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -191,12 +202,12 @@ def measure_speed(loaded: LoadedModel, quantized_model, cfg: EvalConfig) -> dict
             "input_ids": torch.randint(0, vocab, (8, 128), generator=gen),
             "attention_mask": torch.ones(8, 128, dtype=torch.long),
         }
-        r = _median_ratio(lambda: loaded.model(**batch), lambda: quantized_model(**batch), cfg.speed_repeats)
+        r = _median_ratio(lambda: float_model(**batch), lambda: quantized_model(**batch), cfg.speed_repeats)
         out["encode_8x128"] = r
         out["prefill_speedup"] = r["speedup"]
         return out
     prefill = torch.randint(0, vocab, (1, cfg.prefill_tokens), generator=gen)
-    r = _median_ratio(lambda: loaded.model(input_ids=prefill, use_cache=False),
+    r = _median_ratio(lambda: float_model(input_ids=prefill, use_cache=False),
                       lambda: quantized_model(input_ids=prefill, use_cache=False), cfg.speed_repeats)
     out[f"prefill_{cfg.prefill_tokens}"] = r
     out["prefill_speedup"] = r["speedup"]
@@ -212,7 +223,7 @@ def measure_speed(loaded: LoadedModel, quantized_model, cfg: EvalConfig) -> dict
 
     cache_f = loaded.model(input_ids=context, use_cache=True).cache
     cache_q = loaded.model(input_ids=context, use_cache=True).cache
-    r = _median_ratio(decode_step(loaded.model, cache_f), decode_step(quantized_model, cache_q),
+    r = _median_ratio(decode_step(float_model, cache_f), decode_step(quantized_model, cache_q),
                       max(cfg.speed_repeats * 3, 10))
     out[f"decode_ctx{cfg.decode_context}"] = r
     out["decode_speedup"] = r["speedup"]
@@ -265,7 +276,7 @@ def evaluate(loaded: LoadedModel, options: BackendOptions, text: Path, cfg: Eval
         "float": sorted(f"{d.module}: {d.reason}" for d in layers.values() if not d.quantized),
         "graphs_compiled": len(reports),
     }
-    result.compile_seconds = sum(r.seconds for r in reports)
+    result.pass_seconds = sum(r.seconds for r in reports)
     result.quantized["eval_seconds"] = accuracy_seconds
     return result
 
@@ -280,8 +291,11 @@ def format_table(result: EvalResult) -> str:
     wb = result.weight_bytes
     rows.append(("weight MB", f"{wb['float'] / 1e6:.1f}", f"{wb['quantized'] / 1e6:.1f}"))
     for name, value in result.speed.items():
-        if isinstance(value, dict):
-            rows.append((f"{name} ms", f"{value['float_ms']:.2f}", f"{value['quantized_ms']:.2f}  ({value['speedup']:.2f}x)"))
+        if name == "vs_float_inductor":
+            for sub, v in value.items():
+                rows.append((f"{sub} ms (float Inductor)", f"{v['float_ms']:.2f}", f"{v['quantized_ms']:.2f}  ({v['speedup']:.2f}x)"))
+        elif isinstance(value, dict):
+            rows.append((f"{name} ms (float eager)", f"{value['float_ms']:.2f}", f"{value['quantized_ms']:.2f}  ({value['speedup']:.2f}x)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"model {result.model}, recipe {result.recipe}", f"  {result.convention}"]
     lines += [f"  {a:<{width}}  {b:>12}  {c}" for a, b, c in rows]

@@ -95,7 +95,8 @@ def scale_shape(shape: Sequence[int], block_size: Sequence[int]) -> list[int]:
     return _blocked_shapes(shape, block_size)[2]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The float type quantization arithmetic runs in for tensors of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -156,12 +157,13 @@ def quantize_math(
     qmin: int,
     qmax: int,
     dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, qmin, qmax)`` per block, stored as ``dtype``.
 
-    Computed in float32, or in float64 for float64 input.
+    Computed in ``compute_dtype``; by default float32, or float64 for float64 input.
     """
-    xf = x.to(_compute_dtype(x.dtype))
+    xf = x.to(compute_dtype or compute_dtype_for(x.dtype))
     if _shape_free_kind(block_size) is not None:
         q = torch.round(xf / scale)
         if zero_point is not None:
@@ -182,7 +184,7 @@ def dequantize_math(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``(q - zero_point) * scale`` per block, as ``out_dtype`` (computed in float64 for float64 out)."""
-    qf = q.to(_compute_dtype(out_dtype))
+    qf = q.to(compute_dtype_for(out_dtype))
     if _shape_free_kind(block_size) is not None:
         if zero_point is not None:
             qf = qf - zero_point

@@ -29,6 +29,7 @@ class CompileReport:
     kernel_of: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (kernel, why)
     passes: list[PassRecord] = field(default_factory=list)
     seconds: float = 0.0
+    error: str = ""  # set when a pass failed and the graph fell back to float
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -39,6 +40,8 @@ class CompileReport:
         return [d for d in self.layers if not d.quantized]
 
     def summary(self) -> str:
+        if self.error:
+            return f"graph {self.graph_index}: kept in float because {self.error}"
         return (
             f"graph {self.graph_index}: recipe {self.recipe}: {len(self.quantized)} linear layers quantized, "
             f"{len(self.kept_float)} kept in float ({self.seconds:.2f} s)"
