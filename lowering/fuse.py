@@ -69,15 +69,24 @@ def lower(gm: fx.GraphModule) -> PassResult:
         w_q, w_scale = gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale)
         handle = ops.prepare_weight(w_q, w_scale)
         bias = node.args[2] if len(node.args) > 2 else None
+        out_value = node.meta.get("example_value")
         tracer = fx.proxy.GraphAppendingTracer(graph)
         with graph.inserting_before(node):
             w_q_node = graph.get_attr(spec.w_q)
             w_scale_node = graph.get_attr(spec.w_scale)
+            static = {}
+            if spec.x_scale is not None:
+                # the static zero point is a constant of the kernel call; the scale stays a buffer
+                zp = gm.get_buffer(spec.x_zero_point) if spec.x_zero_point else None
+                static = dict(x_scale=fx.Proxy(graph.get_attr(spec.x_scale), tracer),
+                              x_zero_point=None if zp is None else int(zp.flatten()[0]),
+                              symmetric=spec.activation_symmetric)
             out = replacement(
                 fx.Proxy(x, tracer), fx.Proxy(w_q_node, tracer), fx.Proxy(w_scale_node, tracer),
                 fx.Proxy(bias, tracer) if isinstance(bias, fx.Node) else bias,
-                handle=handle, ndim=example.dim(), out_dtype=node.meta["example_value"].dtype
-                if isinstance(node.meta.get("example_value"), torch.Tensor) else example.dtype,
+                handle=handle, ndim=example.dim(),
+                out_dtype=out_value.dtype if isinstance(out_value, torch.Tensor) else example.dtype,
+                **static,
             )
         out.node.meta["qcompiler.lowered_from"] = spec
         old_inputs = list(node.all_input_nodes)

@@ -1,8 +1,8 @@
 """``qcompiler::`` kernel ops: custom ops with fake implementations and per-device dispatch.
 
-``qcompiler::int8_gemm(x_q, w_q, w_scale, handle)`` computes ``(x_q @ w_q.T) * w_scale``: int8
-activations ``[..., K]`` times int8 weights ``[N, K]`` with int32 accumulation, one float scale per
-output channel, float32 out. ``handle`` names the weight's prepacked form (see
+``qcompiler::int8_gemm(x_q, x_zero_point, w_q, w_scale, handle)`` computes
+``((x_q - x_zero_point) @ w_q.T) * w_scale``: int8 (zero point 0) or uint8 activations ``[..., K]``
+times int8 weights ``[N, K]`` with int32 accumulation, one float scale per output channel, float32 out. ``handle`` names the weight's prepacked form (see
 ``kernels/cpu.register_weight``); the kernel is still correct when it names nothing.
 
 Dispatch: CPU with FBGEMM -> ``kernels/cpu.py``; any other device -> ``kernels/reference.py``
@@ -17,9 +17,13 @@ import torch
 from qcompiler.lowering.kernels import cpu, reference
 
 
-def _check(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
-    if x_q.dtype != torch.int8 or w_q.dtype != torch.int8:
-        raise TypeError(f"int8_gemm takes int8 x_q and w_q, got {x_q.dtype} and {w_q.dtype}")
+def _check(x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if x_q.dtype not in (torch.int8, torch.uint8) or w_q.dtype != torch.int8:
+        raise TypeError(f"int8_gemm takes int8/uint8 x_q and int8 w_q, got {x_q.dtype} and {w_q.dtype}")
+    if x_q.dtype == torch.int8 and x_zero_point != 0:
+        raise ValueError(f"int8 activations are symmetric: x_zero_point must be 0, got {x_zero_point}")
+    if not 0 <= x_zero_point <= 255:
+        raise ValueError(f"x_zero_point must be in [0, 255], got {x_zero_point}")
     if w_q.dim() != 2 or x_q.shape[-1] != w_q.shape[1]:
         raise ValueError(f"int8_gemm: x_q {tuple(x_q.shape)} does not match w_q {tuple(w_q.shape)} [N, K]")
     if w_scale.numel() != w_q.shape[0]:
@@ -27,21 +31,23 @@ def _check(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("qcompiler::int8_gemm", mutates_args=())
-def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, handle: int) -> torch.Tensor:
-    _check(x_q, w_q, w_scale)
-    return reference.int8_gemm(x_q, w_q, w_scale.reshape(-1))
+def int8_gemm(
+    x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor, handle: int
+) -> torch.Tensor:
+    _check(x_q, x_zero_point, w_q, w_scale)
+    return reference.int8_gemm(x_q, x_zero_point, w_q, w_scale.reshape(-1))
 
 
 @int8_gemm.register_kernel("cpu")
-def _(x_q, w_q, w_scale, handle):
-    _check(x_q, w_q, w_scale)
+def _(x_q, x_zero_point, w_q, w_scale, handle):
+    _check(x_q, x_zero_point, w_q, w_scale)
     if not cpu.available():
-        return reference.int8_gemm(x_q, w_q, w_scale.reshape(-1))
-    return cpu.int8_gemm(x_q, w_q, w_scale, handle)
+        return reference.int8_gemm(x_q, x_zero_point, w_q, w_scale.reshape(-1))
+    return cpu.int8_gemm(x_q, x_zero_point, w_q, w_scale, handle)
 
 
 @int8_gemm.register_fake
-def _(x_q, w_q, w_scale, handle):
+def _(x_q, x_zero_point, w_q, w_scale, handle):
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=torch.float32)
 
 

@@ -53,14 +53,32 @@ def key_of(spec: QLinearSpec) -> QLinearKey:
     )
 
 
-def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out_dtype: torch.dtype):
+def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out_dtype: torch.dtype, **_):
     """int8 per-token activations x int8 per-channel weights, int32 accumulation."""
     block = primitives.per_token(ndim)
     qmin, qmax = primitives.quant_range(8, symmetric=True)
     x_scale, _ = primitives.choose_qparams_math(x, block, qmin, qmax, True)
     x_q = primitives.quantize_math(x, x_scale, None, block, qmin, qmax, torch.int8,
                                    compute_dtype=primitives.compute_dtype_for(out_dtype))
-    y = torch.ops.qcompiler.int8_gemm(x_q, w_q, w_scale, handle) * x_scale
+    y = torch.ops.qcompiler.int8_gemm(x_q, 0, w_q, w_scale, handle) * x_scale
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+def w8a8_static_per_tensor(x, w_q, w_scale, bias, *, handle: int, ndim: int, out_dtype: torch.dtype,
+                           x_scale, x_zero_point: int | None, symmetric: bool, **_):
+    """8-bit activations with a calibrated per-tensor range x int8 per-channel weights.
+
+    ``x_scale`` is the scale buffer; ``x_zero_point`` the zero point as a Python int (static), None
+    when symmetric.
+    """
+    block = primitives.per_tensor(ndim)
+    qmin, qmax = primitives.quant_range(8, symmetric)
+    zp = None if symmetric else x_zero_point
+    x_q = primitives.quantize_math(x, x_scale, zp, block, qmin, qmax, primitives.storage_dtype(qmin, qmax),
+                                   compute_dtype=primitives.compute_dtype_for(out_dtype))
+    y = torch.ops.qcompiler.int8_gemm(x_q, zp or 0, w_q, w_scale, handle) * x_scale
     if bias is not None:
         y = y + bias
     return y.to(out_dtype)
@@ -68,4 +86,6 @@ def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out
 
 REPLACEMENTS: dict[QLinearKey, Callable] = {
     QLinearKey(8, True, "per_channel", "dynamic_per_token", 8, True): w8a8_dynamic_per_token,
+    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, False): w8a8_static_per_tensor,
+    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, True): w8a8_static_per_tensor,
 }

@@ -8,6 +8,9 @@ For a layer with scheme ``W: int8 per-channel, A: int8 dynamic per-token`` the c
     x_dq = qcompiler.dequantize(qcompiler.quantize(x, s, None, ...), s, None, ...)
     y    = linear(x_dq, w_dq, b)
 
+A static activation range (from calibration stats, chosen by the scheme's observer) replaces
+``choose_qparams`` with constant buffers ``x_scale``/``x_zero_point``.
+
 The float parameter placeholder is left unused. This graph computes exactly what the integer
 kernels compute (in float) and is the reference the lowering is tested against. Layers that are
 skipped or cannot be quantized stay in float; each gets a :class:`~qcompiler.ir.LayerDecision`
@@ -24,8 +27,10 @@ import torch.fx as fx
 
 from qcompiler import capture, primitives
 from qcompiler.config import LayerScheme, Recipe
+from qcompiler.errors import StatsError
 from qcompiler.ir import DECISION, LINEAR, QLINEAR, LayerDecision, LinearSite, PassResult, QLinearSpec
 from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
+from qcompiler.stats import CalibrationStats
 from qcompiler.weight_cache import WEIGHTS, WeightCache
 
 _QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -76,14 +81,42 @@ def _dequantize_weight_nodes(gm, graph, prefix: str, qw: QuantizedWeight, dtype:
     return w_dq, names
 
 
-def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: torch.dtype):
-    block = list(scheme.block_size(ndim))
+def _static_qparams(stats: CalibrationStats, site: LinearSite, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    ranges = stats[site.module]
+    if ranges.channel_min.numel() != site.in_features:
+        raise StatsError(
+            f"the calibration statistics of {site.module!r} have {ranges.channel_min.numel()} input channels, "
+            f"the model's layer has {site.in_features}: these stats come from another model; calibrate this one"
+        )
+    lo, hi = ranges.range(scheme.observer, scheme.bits, scheme.symmetric, scheme.percentile)
+    qmin, qmax = scheme.qrange
+    return primitives.qparams_from_range(torch.tensor(lo), torch.tensor(hi), qmin, qmax, scheme.symmetric)
+
+
+def _activation_qparam_nodes(gm, graph, prefix: str, x: fx.Node, scheme, ndim: int, static_qparams):
+    """Scale and zero-point nodes: buffers for a static range, choose_qparams at run time otherwise."""
+    if static_qparams is not None:
+        scale, zero_point = static_qparams
+        gm.register_buffer(prefix + "_x_scale", scale.reshape([1] * ndim))
+        names = (prefix + "_x_scale", None)
+        scale_node, zp_node = graph.get_attr(prefix + "_x_scale"), None
+        if not scheme.symmetric:
+            gm.register_buffer(prefix + "_x_zero_point", zero_point.reshape([1] * ndim))
+            names = (names[0], prefix + "_x_zero_point")
+            zp_node = graph.get_attr(prefix + "_x_zero_point")
+        return scale_node, zp_node, names
     qmin, qmax = scheme.qrange
     qparams = graph.call_function(
-        torch.ops.qcompiler.choose_qparams.default, (x, block, qmin, qmax, scheme.symmetric)
+        torch.ops.qcompiler.choose_qparams.default, (x, list(scheme.block_size(ndim)), qmin, qmax, scheme.symmetric)
     )
     scale = graph.call_function(operator.getitem, (qparams, 0))
     zero_point = None if scheme.symmetric else graph.call_function(operator.getitem, (qparams, 1))
+    return scale, zero_point, (None, None)
+
+
+def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: torch.dtype, scale, zero_point):
+    block = list(scheme.block_size(ndim))
+    qmin, qmax = scheme.qrange
     q = graph.call_function(
         torch.ops.qcompiler.quantize.default,
         (x, scale, zero_point, block, qmin, qmax, primitives.storage_dtype(qmin, qmax)),
@@ -91,13 +124,37 @@ def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: to
     return graph.call_function(torch.ops.qcompiler.dequantize.default, (q, scale, zero_point, block, dtype))
 
 
+def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: CalibrationStats | None) -> None:
+    needed = []
+    for node in gm.graph.nodes:
+        site = node.meta.get(LINEAR)
+        scheme = recipe.scheme_for(site.module) if site is not None else None
+        if scheme is not None and scheme.activation is not None and not scheme.activation.dynamic:
+            needed.append(site.module)
+    if not needed:
+        return
+    if stats is None:
+        raise StatsError(f"recipe {recipe.name!r} needs calibration statistics for {len(needed)} layer(s); "
+                         "pass options={'stats': qcompiler.calibrate(model, batches, recipe)}")
+    missing = stats.missing(needed)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise StatsError(
+            f"the calibration statistics have no entry for {len(missing)} layer(s) of this model: {shown}. "
+            "Calibrate this model (with a recipe that does not skip these layers)."
+        )
+
+
 def insert_qdq(
     gm: fx.GraphModule,
     recipe: Recipe,
     int8_pair_limit: int | None = None,
     cache: WeightCache = WEIGHTS,
+    stats: CalibrationStats | None = None,
 ) -> PassResult:
-    """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate."""
+    """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate.
+    ``stats``: calibration statistics, required for layers with static activation ranges."""
+    _check_stats_cover(gm, recipe, stats)
     graph = gm.graph
     decisions = []
     quantized = 0
@@ -135,12 +192,14 @@ def insert_qdq(
         prefix = _buffer_prefix(gm, site.module)
         with graph.inserting_before(node):
             w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
-            new_x = x
-            act_kind = None
-            if scheme.activation is not None:
+            new_x, act_kind, act_names = x, None, (None, None)
+            act = scheme.activation
+            if act is not None:
                 value = _activation_meta(x)
-                new_x = _fake_quant_activation_nodes(graph, x, scheme.activation, value.dim(), value.dtype)
-                act_kind = f"dynamic_{scheme.activation.granularity}"
+                static = None if act.dynamic else _static_qparams(stats, site, act)
+                scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.dim(), static)
+                new_x = _fake_quant_activation_nodes(graph, x, act, value.dim(), value.dtype, scale, zero_point)
+                act_kind = act.kind
         node.args = (new_x, w_dq, bias)
         node.meta[QLINEAR] = QLinearSpec(
             module=site.module,
@@ -154,6 +213,8 @@ def insert_qdq(
             w_scale=names[1],
             w_zero_point=names[2],
             has_bias=bias is not None,
+            x_scale=act_names[0],
+            x_zero_point=act_names[1],
         )
         note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
         decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,

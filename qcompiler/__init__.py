@@ -6,8 +6,11 @@
     print(qcompiler.last_report())
 """
 
-from qcompiler import primitives
-from qcompiler.config import (
+__version__ = "0.1.0"
+
+from qcompiler import primitives  # noqa: E402  (registers the qcompiler:: ops)
+from qcompiler.calibrate import calibrate  # noqa: E402
+from qcompiler.config import (  # noqa: E402
     PRESETS,
     ActivationScheme,
     BackendOptions,
@@ -15,17 +18,18 @@ from qcompiler.config import (
     Recipe,
     WeightScheme,
 )
-from qcompiler.report import clear_reports, last_report, reports
-
-__version__ = "0.1.0"
+from qcompiler.report import clear_reports, last_report, reports  # noqa: E402
+from qcompiler.stats import CalibrationStats  # noqa: E402
 
 __all__ = [
     "PRESETS",
     "ActivationScheme",
     "BackendOptions",
+    "CalibrationStats",
     "LayerOverride",
     "Recipe",
     "WeightScheme",
+    "calibrate",
     "clear_reports",
     "last_report",
     "primitives",

@@ -16,11 +16,8 @@ import torch.fx as fx
 
 from qcompiler import capture, pipeline, report
 from qcompiler.config import BackendOptions
+from qcompiler.errors import QCompilerError
 from qcompiler.lowering import ops
-
-
-class QCompilerError(RuntimeError):
-    """A problem the user can fix; the message says how."""
 
 
 def _weights_device(bound) -> torch.device:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from qcompiler import primitives
+from qcompiler.observers import OBSERVERS, WEIGHT_OBSERVERS
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_group", "per_tensor")
 ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
@@ -20,6 +21,11 @@ ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
 def _check_bits(bits: int, what: str) -> None:
     if not isinstance(bits, int) or bits not in primitives.SUPPORTED_BITS:
         raise ValueError(f"{what}.bits must be an integer from 2 to 8, got {bits!r}")
+
+
+def _check_percentile(value: float, what: str) -> None:
+    if not isinstance(value, (int, float)) or not 50.0 < value <= 100.0:
+        raise ValueError(f"{what}.percentile must be in (50, 100], e.g. 99.99; got {value!r}")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -35,10 +41,14 @@ class WeightScheme:
     granularity: str = "per_channel"
     group_size: int | None = None
     symmetric: bool = True
+    observer: str = "minmax"  # range per block: minmax, percentile or mse (computed on the weight itself)
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "WeightScheme")
         _check_choice(self.granularity, WEIGHT_GRANULARITIES, "WeightScheme.granularity")
+        _check_choice(self.observer, WEIGHT_OBSERVERS, "WeightScheme.observer")
+        _check_percentile(self.percentile, "WeightScheme")
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(
@@ -64,20 +74,44 @@ class WeightScheme:
 
     def describe(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
-        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}"
+        obs = "" if self.observer == "minmax" else f" {self.observer}"
+        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{obs}"
 
 
 @dataclass(frozen=True)
 class ActivationScheme:
-    """How a linear layer's input activation is quantized: dynamically, at run time, from its range."""
+    """How a linear layer's input activation is quantized.
+
+    Dynamic: the range is taken from each input at run time (per token or per tensor).
+    Static: one per-tensor range fixed from calibration statistics by ``observer`` (minmax, ema,
+    percentile, mse, kl); it needs ``stats`` from :func:`qcompiler.calibrate`.
+    ``symmetric`` defaults to True for dynamic and False (asymmetric, uint8) for static.
+    """
 
     bits: int = 8
     granularity: str = "per_token"
-    symmetric: bool = True
+    symmetric: bool | None = None
+    dynamic: bool = True
+    observer: str = "minmax"
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "ActivationScheme")
         _check_choice(self.granularity, ACTIVATION_GRANULARITIES, "ActivationScheme.granularity")
+        _check_choice(self.observer, OBSERVERS, "ActivationScheme.observer")
+        _check_percentile(self.percentile, "ActivationScheme")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.dynamic)
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError(
+                f"observer {self.observer!r} selects a static range; dynamic activations take each input's "
+                "min/max at run time. Use dynamic=False for a calibrated range."
+            )
+        if not self.dynamic and self.granularity != "per_tensor":
+            raise ValueError(
+                f"static activations are quantized per tensor (a {self.granularity} range exists only at run "
+                "time); use granularity='per_tensor' or dynamic=True"
+            )
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -88,8 +122,15 @@ class ActivationScheme:
             return primitives.per_token(ndim)
         return primitives.per_tensor(ndim)
 
+    @property
+    def kind(self) -> str:
+        return f"{'dynamic' if self.dynamic else 'static'}_{self.granularity}"
+
     def describe(self) -> str:
-        return f"int{self.bits} dynamic {self.granularity} {'sym' if self.symmetric else 'asym'}"
+        how = "dynamic" if self.dynamic else f"static {self.observer}"
+        if not self.dynamic and self.observer == "percentile":
+            how += f" {self.percentile}"
+        return f"int{self.bits} {how} {self.granularity} {'sym' if self.symmetric else 'asym'}"
 
 
 @dataclass(frozen=True)
@@ -165,6 +206,12 @@ class Recipe:
     def skip_pattern_for(self, module_name: str) -> str | None:
         return next((p for p in self.skip if fnmatch.fnmatchcase(module_name, p)), None)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some layer may use a static activation range."""
+        acts = [self.activation] + [o.activation for o in self.overrides]
+        return any(a is not None and not a.dynamic for a in acts)
+
 
 PRESETS: dict[str, Recipe] = {
     "w8a8-dynamic": Recipe(
@@ -173,6 +220,23 @@ PRESETS: dict[str, Recipe] = {
         activation=ActivationScheme(bits=8, granularity="per_token", symmetric=True),
     ),
 }
+
+
+def _static(name: str, observer: str, **kwargs) -> Recipe:
+    return Recipe(
+        name=name,
+        weight=WeightScheme(bits=8, granularity="per_channel", symmetric=True),
+        activation=ActivationScheme(bits=8, granularity="per_tensor", dynamic=False, observer=observer, **kwargs),
+    )
+
+
+PRESETS.update({
+    "w8a8-static": _static("w8a8-static", "minmax"),
+    "w8a8-static-ema": _static("w8a8-static-ema", "ema"),
+    "w8a8-static-percentile": _static("w8a8-static-percentile", "percentile", percentile=99.99),
+    "w8a8-static-mse": _static("w8a8-static-mse", "mse"),
+    "w8a8-static-kl": _static("w8a8-static-kl", "kl"),
+})
 
 DEFAULT_RECIPE = "w8a8-dynamic"
 
@@ -199,14 +263,25 @@ class BackendOptions:
     recipe:  preset name or :class:`Recipe` (default ``w8a8-dynamic``).
     kernels: ``"fast"`` lowers quantized linears to integer kernels; ``"reference"`` leaves the
              quantize/dequantize graph as written (slow, for checking the kernels against).
+    stats:   calibration statistics (or their folder) for recipes with static activation ranges.
     """
 
     recipe: Recipe = field(default_factory=lambda: PRESETS[DEFAULT_RECIPE])
     kernels: str = "fast"
+    stats: object = None  # CalibrationStats or a folder written by CalibrationStats.save
 
     def __post_init__(self) -> None:
+        from qcompiler import stats as stats_mod
+
         object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
+        object.__setattr__(self, "stats", stats_mod.resolve(self.stats))
+        if self.recipe.needs_calibration and self.stats is None:
+            raise ValueError(
+                f"recipe {self.recipe.name!r} quantizes activations with static ranges and needs calibration "
+                "statistics: stats = qcompiler.calibrate(model, batches, recipe), then "
+                "options={'recipe': ..., 'stats': stats} (or a folder saved with stats.save(path))"
+            )
 
     @classmethod
     def from_user(cls, options: Mapping | None) -> BackendOptions:

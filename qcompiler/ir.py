@@ -67,20 +67,23 @@ class QLinearSpec:
     """Describes a quantized linear in QDQ form, for the lowering to match.
 
     Weight buffers are attributes of the GraphModule named ``w_q``, ``w_scale``, ``w_zero_point``
-    (the last None for symmetric weights).
+    (the last None for symmetric weights); a static activation range is in ``x_scale`` and
+    ``x_zero_point`` (None when symmetric).
     """
 
     module: str
     weight_bits: int
     weight_symmetric: bool
     weight_block_size: tuple[int, ...]
-    activation: str | None  # "dynamic_per_token", "dynamic_per_tensor" or None (weight-only)
+    activation: str | None  # "dynamic_per_token", "dynamic_per_tensor", "static_per_tensor", None (weight-only)
     activation_bits: int | None
     activation_symmetric: bool | None
     w_q: str
     w_scale: str
     w_zero_point: str | None
     has_bias: bool
+    x_scale: str | None = None  # buffers of a static activation range
+    x_zero_point: str | None = None
 
 
 def nodes_with(gm: fx.GraphModule, key: str) -> list[fx.Node]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from qcompiler.config import BackendOptions
+from qcompiler.errors import QCompilerError
 from qcompiler.ir import PassResult
 from qcompiler.lowering import fuse, ops
 from qcompiler.passes.canonicalize import canonicalize
@@ -41,7 +42,8 @@ def build(options: BackendOptions, device) -> list[Step]:
         Step("canonicalize", canonicalize),
         Step(
             "insert_qdq",
-            lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device)),
+            lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device),
+                               stats=options.stats),
             requires=("canonicalize",),
         ),
     ]
@@ -66,6 +68,8 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport) -> fx.Grap
         start = time.perf_counter()
         try:
             result = step.run(gm)
+        except QCompilerError:
+            raise  # the user's to fix: the message says how
         except Exception as exc:
             raise PassFailed(
                 f"qcompiler pass {step.name!r} failed after {done or 'no passes'}: {type(exc).__name__}: {exc}"

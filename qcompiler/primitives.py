@@ -139,13 +139,23 @@ def choose_qparams_math(
     xf = x.detach().to(torch.float32)
     if symmetric:
         (absmax,) = _min_max(xf, block_size, want_min=False)
+        return qparams_from_range(-absmax, absmax, qmin, qmax, True)
+    lo, hi = _min_max(xf, block_size, want_min=True)
+    return qparams_from_range(lo, hi, qmin, qmax, False)
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) that map ``[lo, hi]`` (widened to include 0) onto ``[qmin, qmax]``."""
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    if symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
         scale = (absmax / ((qmax - qmin) / 2)).clamp_min(MIN_SCALE)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        lo, hi = _min_max(xf, block_size, want_min=True)
-        lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
-        zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
 
@@ -199,7 +209,7 @@ def dequantize_math(
 # --- custom ops: single graph nodes with checked inputs -------------------------------------------
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
+def check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(
@@ -213,7 +223,7 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
 def _choose_qparams_op(
     x: torch.Tensor, block_size: list[int], qmin: int, qmax: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_finite(x, "choose_qparams")
+    check_finite(x, "choose_qparams")
     return choose_qparams_math(x, block_size, qmin, qmax, symmetric)
 
 

@@ -90,30 +90,34 @@ class PackedInt8Weight:
     data_ptr: int = 0  # of the int8 weight it was packed from
 
 
-def _fbgemm_gemm(x_q: torch.Tensor, packed: PackedInt8Weight) -> torch.Tensor:
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        x_q.to(torch.float32), 1.0, _FBGEMM_ZERO_POINT, packed.fbgemm
-    )
+def _fbgemm_gemm(x_q: torch.Tensor, x_zero_point: int, packed: PackedInt8Weight) -> torch.Tensor:
+    # FBGEMM quantizes its float input as round(x / 1.0) + zp into uint8. We give it x_q - zp (exact
+    # integers), so it sees x_q itself for uint8 input; int8 input is shifted into uint8 by zp = 128.
+    if x_q.dtype == torch.uint8:
+        x_in, zp = x_q.to(torch.float32) - x_zero_point, x_zero_point
+    else:
+        x_in, zp = x_q.to(torch.float32), _FBGEMM_ZERO_POINT
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x_in, 1.0, zp, packed.fbgemm)
 
 
-def _onednn_gemm(x_q: torch.Tensor, packed: PackedInt8Weight) -> torch.Tensor:
+def _onednn_gemm(x_q: torch.Tensor, x_zero_point: int, packed: PackedInt8Weight) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise(
-        x_q, 1.0, 0, packed.onednn, packed.w_scale, packed.zero_points,
+        x_q, 1.0, x_zero_point, packed.onednn, packed.w_scale, packed.zero_points,
         None, 1.0, 0, torch.float32, "none", [], "",
     )
 
 
 def _probe_saturation(gemm, pack) -> bool:
-    """True when the kernel's int16 pair sums overflow on full-range int8 weights."""
+    """True when the kernel's int16 pair sums overflow on full-range int8 weights (uint8 input 255)."""
     k = 64
-    x_q = torch.zeros(1, k, dtype=torch.int8)
-    x_q[0, :2] = 127
+    x_q = torch.zeros(1, k, dtype=torch.uint8)
+    x_q[0, :2] = 255
     w_q = torch.zeros(8, k, dtype=torch.int8)
     w_q[:, :2] = 127
     w_scale = torch.ones(8)
     packed = pack(w_q, w_scale)
-    out = gemm(x_q, packed)
-    return not torch.equal(out, torch.full_like(out, 2 * 127 * 127))
+    out = gemm(x_q, 0, packed)
+    return not torch.equal(out, torch.full_like(out, 2 * 255 * 127))
 
 
 @functools.cache
@@ -188,8 +192,9 @@ def _pack(w_q: torch.Tensor, w_scale: torch.Tensor) -> PackedInt8Weight:
     )
 
 
-def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, handle: int) -> torch.Tensor:
-    """``(x_q @ w_q.T) * w_scale`` for int8 ``x_q [..., K]``, with the weight packed under ``handle``."""
+def int8_gemm(x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
+              handle: int) -> torch.Tensor:
+    """``((x_q - x_zero_point) @ w_q.T) * w_scale`` for int8 or uint8 ``x_q [..., K]``, the weight packed under ``handle``."""
     global repacks
     packed = _packed.get(handle)
     if packed is None or packed.data_ptr != w_q.data_ptr():
@@ -201,7 +206,7 @@ def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, handl
     if x2d.shape[0] == 0:
         return x_q.new_zeros((*lead, packed.n), dtype=torch.float32)
     if packed.onednn is not None and x2d.shape[0] > SMALL_M:
-        out = _onednn_gemm(x2d.contiguous(), packed)
+        out = _onednn_gemm(x2d.contiguous(), x_zero_point, packed)
     else:
-        out = _fbgemm_gemm(x2d, packed)
+        out = _fbgemm_gemm(x2d, x_zero_point, packed)
     return out.reshape(*lead, packed.n)

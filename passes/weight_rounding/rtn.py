@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler import primitives
+from qcompiler import observers, primitives
 from qcompiler.config import WeightScheme
 
 
@@ -75,13 +75,22 @@ def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
 def round_to_nearest(
     weight: torch.Tensor, scheme: WeightScheme, pair_limit: int | None = None
 ) -> QuantizedWeight:
-    """Min-max range per block, then round to nearest. ``weight`` is ``[out, in]``."""
+    """Range per block by ``scheme.observer`` (min-max by default), then round to nearest.
+
+    ``weight`` is ``[out, in]``.
+    """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     block_size = scheme.block_size()
     qmin, qmax = scheme.qrange
     w = weight.detach()
-    scale, zero_point = primitives.choose_qparams(w, block_size, scheme.bits, scheme.symmetric)
+    if scheme.observer == "minmax":
+        scale, zero_point = primitives.choose_qparams(w, block_size, scheme.bits, scheme.symmetric)
+    else:
+        primitives.check_finite(w, "weight")
+        lo, hi = observers.weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric,
+                                        scheme.percentile)
+        scale, zero_point = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
     q = primitives.quantize(w, scale, zero_point, block_size, scheme.bits, scheme.symmetric)
     changed = 0
     if pair_limit is not None:

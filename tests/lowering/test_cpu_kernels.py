@@ -1,6 +1,7 @@
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 from strategies import int8_gemm_problems
 
 from qcompiler.lowering import ops
@@ -20,10 +21,22 @@ def test_cpu_int8_gemm_equals_the_integer_reference(problem):
     if cpu.saturates():
         w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     handle = cpu.register_weight(w, scale)
-    out = torch.ops.qcompiler.int8_gemm(x, w, scale, handle)
+    out = torch.ops.qcompiler.int8_gemm(x, 0, w, scale, handle)
     expected = exact_int8_gemm(x, w, scale)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
-    torch.testing.assert_close(reference.int8_gemm(x, w, scale), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(reference.int8_gemm(x, 0, w, scale), expected, rtol=1e-6, atol=0)
+
+
+@given(int8_gemm_problems(), st.integers(0, 255))
+def test_cpu_uint8_gemm_with_zero_point_equals_the_integer_reference(problem, zero_point):
+    x, w, scale = problem
+    x_u8 = (x.to(torch.int16) + 128).to(torch.uint8)
+    if cpu.saturates():
+        w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
+    out = torch.ops.qcompiler.int8_gemm(x_u8, zero_point, w, scale, cpu.register_weight(w, scale))
+    expected = ((x_u8.to(torch.int64) - zero_point) @ w.to(torch.int64).t()).to(torch.float32) * scale
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(reference.int8_gemm(x_u8, zero_point, w, scale), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("m", [1, cpu.SMALL_M, cpu.SMALL_M + 1, 64])
@@ -33,7 +46,7 @@ def test_both_row_regimes_agree_and_keep_leading_dims(m):
     if cpu.saturates():
         w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     scale = torch.rand(24) + 0.01
-    out = torch.ops.qcompiler.int8_gemm(x, w, scale, cpu.register_weight(w, scale))
+    out = torch.ops.qcompiler.int8_gemm(x, 0, w, scale, cpu.register_weight(w, scale))
     assert out.shape == (2, m, 24)
     torch.testing.assert_close(out, exact_int8_gemm(x, w, scale), rtol=1e-6, atol=0)
 
@@ -45,7 +58,7 @@ def test_unknown_handle_repacks_instead_of_using_another_weight():
     h1 = cpu.register_weight(w1, scale)
     x = torch.randint(-127, 128, (3, 16), dtype=torch.int8)
     before = cpu.repacks
-    out = torch.ops.qcompiler.int8_gemm(x, w2, scale, h1)  # handle names w1: must not be used
+    out = torch.ops.qcompiler.int8_gemm(x, 0, w2, scale, h1)  # handle names w1: must not be used
     torch.testing.assert_close(out, exact_int8_gemm(x, w2, scale), rtol=1e-6, atol=0)
     assert cpu.repacks == before + 1
 
@@ -53,9 +66,11 @@ def test_unknown_handle_repacks_instead_of_using_another_weight():
 def test_int8_gemm_checks_its_inputs():
     w = torch.zeros(4, 8, dtype=torch.int8)
     with pytest.raises(TypeError, match="int8"):
-        torch.ops.qcompiler.int8_gemm(torch.zeros(2, 8), w, torch.ones(4), 0)
+        torch.ops.qcompiler.int8_gemm(torch.zeros(2, 8), 0, w, torch.ones(4), 0)
     with pytest.raises(ValueError, match="does not match"):
-        torch.ops.qcompiler.int8_gemm(torch.zeros(2, 9, dtype=torch.int8), w, torch.ones(4), 0)
+        torch.ops.qcompiler.int8_gemm(torch.zeros(2, 9, dtype=torch.int8), 0, w, torch.ones(4), 0)
+    with pytest.raises(ValueError, match="symmetric"):
+        torch.ops.qcompiler.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), 3, w, torch.ones(4), 0)
 
 
 def test_int8_gemm_opcheck():
@@ -63,7 +78,7 @@ def test_int8_gemm_opcheck():
     w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     if cpu.saturates():
         w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
-    torch.library.opcheck(ops.int8_gemm, (x, w, torch.rand(8) + 0.1, cpu.register_weight(w, torch.ones(8))))
+    torch.library.opcheck(ops.int8_gemm, (x, 0, w, torch.rand(8) + 0.1, cpu.register_weight(w, torch.ones(8))))
 
 
 def _saturating_pair_gemm(x_u8: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
