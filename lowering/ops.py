@@ -30,25 +30,35 @@ def _check(x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: tor
         raise ValueError(f"int8_gemm: w_scale has {w_scale.numel()} entries for {w_q.shape[0]} channels")
 
 
-@torch.library.custom_op("qcompiler::int8_gemm", mutates_args=())
-def int8_gemm(
-    x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor, handle: int
-) -> torch.Tensor:
+# Defined with the low-level torch.library API rather than torch.library.custom_op: the op runs once
+# per linear layer per token at decode time, and custom_op's Python wrapper costs ~10 us a call
+# (measured: 35 us vs 24 us for a 576x576 layer at one row).
+_lib = torch.library.Library("qcompiler", "FRAGMENT")
+_lib.define("int8_gemm(Tensor x_q, int x_zero_point, Tensor w_q, Tensor w_scale, int handle) -> Tensor")
+
+
+def _reference_kernel(x_q, x_zero_point, w_q, w_scale, handle):
     _check(x_q, x_zero_point, w_q, w_scale)
     return reference.int8_gemm(x_q, x_zero_point, w_q, w_scale.reshape(-1))
 
 
-@int8_gemm.register_kernel("cpu")
-def _(x_q, x_zero_point, w_q, w_scale, handle):
+def _cpu_kernel(x_q, x_zero_point, w_q, w_scale, handle):
     _check(x_q, x_zero_point, w_q, w_scale)
     if not cpu.available():
         return reference.int8_gemm(x_q, x_zero_point, w_q, w_scale.reshape(-1))
     return cpu.int8_gemm(x_q, x_zero_point, w_q, w_scale, handle)
 
 
-@int8_gemm.register_fake
+_lib.impl("int8_gemm", _cpu_kernel, "CPU")
+_lib.impl("int8_gemm", _reference_kernel, "CUDA")
+
+
+@torch.library.register_fake("qcompiler::int8_gemm", lib=_lib)
 def _(x_q, x_zero_point, w_q, w_scale, handle):
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=torch.float32)
+
+
+int8_gemm = torch.ops.qcompiler.int8_gemm.default
 
 
 def prepare_weight(w_q: torch.Tensor, w_scale: torch.Tensor) -> int:

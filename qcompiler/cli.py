@@ -2,6 +2,8 @@
 
     qcompiler eval --model smollm2-135m --recipe w8a8-dynamic --text ../shared/data/wikitext-2-raw/wiki.test.raw
     qcompiler demo
+    qcompiler calibrate --model smollm2-135m --recipe w8a8-static --samples 128 --seq-len 512 --out stats/
+    qcompiler eval --model smollm2-135m --recipe w8a8-static --stats stats/
 """
 
 from __future__ import annotations
@@ -12,14 +14,28 @@ import sys
 from pathlib import Path
 
 from qcompiler.config import PRESETS, BackendOptions
+from qcompiler.errors import QCompilerError
+
+
+MODEL_HELP = "alias (smollm2-135m, stories260k, minilm-l6), HF folder or .gguf file"
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, text_flag: str) -> None:
+    p.add_argument(text_flag, dest="calib_text", default=None,
+                   help="calibration text (default: <data>/wikitext-2/valid.txt)")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="alias (smollm2-135m, stories260k, minilm-l6), HF folder or .gguf file")
+        p.add_argument("--model", required=True, help=MODEL_HELP)
         p.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
         p.add_argument("--text", default=None, help="evaluation text (default: <data>/wikitext-2-raw/wiki.test.raw)")
         p.add_argument("--kernels", default="fast", choices=["fast", "reference"])
+        p.add_argument("--stats", default=None,
+                       help="calibration folder for static recipes (default: calibrate now on --calib-text)")
+        _add_calibration_args(p, "--calib-text")
     p.add_argument("--tokens", type=int, default=20480, help="tokens of the text to score (default 20480)")
     p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
@@ -35,7 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_args(sub.add_parser("eval", help="float vs quantized: perplexity, KL, top-1, size, latency"), demo=False)
     _add_eval_args(sub.add_parser("demo", help="eval SmolLM2-135M with w8a8-dynamic on WikiText-2"), demo=True)
+    cal = sub.add_parser("calibrate", help="gather activation statistics for static recipes")
+    cal.add_argument("--model", required=True, help=MODEL_HELP)
+    cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
+    _add_calibration_args(cal, "--text")
+    cal.add_argument("--out", required=True, help="folder to write the statistics to")
     return parser
+
+
+def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int):
+    from qcompiler import models
+    from qcompiler.calibrate import calibrate, text_batches
+
+    path = Path(text) if text else models.default_calibration_text()
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text {path} not found (give it, or set QCOMPILER_DATA)")
+    batches = text_batches(loaded.tokenizer, path, samples, seq_len, add_bos=loaded.add_bos)
+    print(f"calibrating on {samples} x {seq_len} tokens of {path} ...", file=sys.stderr)
+    return calibrate(loaded.model, batches, recipe)
+
+
+def run_calibrate(args) -> int:
+    from qcompiler import models
+
+    loaded = models.load_model(args.model)
+    stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len)
+    stats.save(args.out)
+    print(f"wrote statistics of {len(stats.activations)} layers to {args.out} "
+          f"({stats.info['tokens']} tokens in {stats.info['seconds']} s)")
+    return 0
 
 
 def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> int:
@@ -45,16 +89,28 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = BackendOptions(recipe=recipe, kernels=kernels)
+    from qcompiler.config import resolve_recipe
+
     text_path = Path(text) if text else models.default_text()
     if not text_path.is_file():
         print(f"qcompiler: text file {text_path} not found (give --text or set QCOMPILER_DATA)", file=sys.stderr)
         return 2
+    resolved = resolve_recipe(recipe)
     print(f"loading {model} ...", file=sys.stderr)
     loaded = models.load_model(model)
+    stats = getattr(args, "stats", None)
+    calibration_seconds = None
+    if stats is None and resolved.needs_calibration:
+        stats = _calibrate(loaded, resolved, args.calib_text, args.samples, args.seq_len)
+        calibration_seconds = stats.info["seconds"]
+    options = BackendOptions(recipe=resolved, kernels=kernels, stats=stats)
     cfg = evaluate.EvalConfig(tokens=args.tokens, window=args.window, speed=not args.no_speed,
                               speed_repeats=args.repeats, inductor_baseline=args.inductor_baseline)
     result = evaluate.evaluate(loaded, options, text_path, cfg)
+    if options.stats is not None:
+        result.calibration = dict(options.stats.info)
+        if calibration_seconds is not None:
+            result.calibration["seconds"] = calibration_seconds
     print(evaluate.format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args, args.model, args.recipe, args.text, args.kernels)
         if args.command == "demo":
             return run_eval(args, "smollm2-135m", "w8a8-dynamic", None, "fast")
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if args.command == "calibrate":
+            return run_calibrate(args)
+    except (ValueError, TypeError, FileNotFoundError, QCompilerError) as exc:
         print(f"qcompiler: {exc}", file=sys.stderr)
         return 2
     return 1

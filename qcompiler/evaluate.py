@@ -17,6 +17,7 @@ Latency ratios are float time / quantized time, medians of interleaved repeats i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -58,12 +59,14 @@ class EvalResult:
     weight_bytes: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)
     pass_seconds: float = 0.0  # qcompiler's passes (Inductor's own compile time not included)
+    calibration: dict = field(default_factory=dict)  # info of the calibration statistics used, if any
 
     def to_json(self) -> dict:
         return {
             "model": self.model, "recipe": self.recipe, "text": self.text, "convention": self.convention,
             "float": self.float, "quantized": self.quantized, "speed": self.speed,
             "weight_bytes": self.weight_bytes, "layers": self.layers, "pass_seconds": self.pass_seconds,
+            "calibration": self.calibration,
         }
 
 
@@ -76,8 +79,9 @@ def read_tokens(path: Path, tokenizer, limit: int) -> torch.Tensor:
 
 
 def compile_quantized(model: torch.nn.Module, options: BackendOptions | dict):
-    return torch.compile(model, backend="qcompiler", options=options if isinstance(options, dict) else
-                         {"recipe": options.recipe, "kernels": options.kernels})
+    if isinstance(options, BackendOptions):
+        options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    return torch.compile(model, backend="qcompiler", options=options)
 
 
 def _windows(ids: torch.Tensor, window: int, bos: int | None) -> list[torch.Tensor]:
@@ -300,4 +304,7 @@ def format_table(result: EvalResult) -> str:
     lines = [f"model {result.model}, recipe {result.recipe}", f"  {result.convention}"]
     lines += [f"  {a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
     lines.append(f"  layers quantized: {result.layers['quantized']}, kept in float: {len(result.layers['float'])}")
+    if result.calibration:
+        c = result.calibration
+        lines.append(f"  calibration: {c.get('batches')} batches, {c.get('tokens')} tokens, {c.get('seconds')} s")
     return "\n".join(lines)
