@@ -169,16 +169,12 @@ def insert_qdq(
         scheme = recipe.scheme_for(site.module)
         if scheme is None:
             reason = f"skipped by the recipe's skip pattern {recipe.skip_pattern_for(site.module)!r}"
-            decision = LayerDecision(site.module, False, site.weight_param, reason=reason, float_weight_bytes=float_bytes,
-                                     weight_bytes=float_bytes, bits_per_weight=8.0 * weight.element_size())
-            node.meta[DECISION] = decision
-            decisions.append(decision)
-            continue
-        why_not = _why_not_quantizable(site, scheme, weight, x)
-        if why_not is not None:
-            decision = LayerDecision(site.module, False, site.weight_param, scheme.describe(), reason=why_not,
-                                     float_weight_bytes=float_bytes, weight_bytes=float_bytes,
-                                     bits_per_weight=8.0 * weight.element_size())
+        else:
+            reason = _why_not_quantizable(site, scheme, weight, x)
+        if reason is not None:
+            decision = LayerDecision(site.module, False, site.weight_param, scheme.describe() if scheme else "",
+                                     reason=reason, bits_per_weight=8.0 * weight.element_size(),
+                                     weight_bytes=float_bytes, float_weight_bytes=float_bytes)
             node.meta[DECISION] = decision
             decisions.append(decision)
             continue
