@@ -21,16 +21,27 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
 
-from qcompiler import capture, primitives
+from qcompiler import primitives
 from qcompiler.config import LayerScheme, Recipe
 from qcompiler.errors import StatsError
-from qcompiler.ir import DECISION, LINEAR, QLINEAR, LayerDecision, LinearSite, PassResult, QLinearSpec
+from qcompiler.ir import (
+    DECISION,
+    FLOAT_SIDE_BYTES,
+    LINEAR,
+    QLINEAR,
+    LayerDecision,
+    LinearSite,
+    PassResult,
+    QLinearSpec,
+    linear_weight,
+)
 from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
-from qcompiler.stats import CalibrationStats
+from qcompiler.observers import ActivationRanges
 from qcompiler.weight_cache import WEIGHTS, WeightCache
 
 _QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -81,7 +92,7 @@ def _dequantize_weight_nodes(gm, graph, prefix: str, qw: QuantizedWeight, dtype:
     return w_dq, names
 
 
-def _static_qparams(stats: CalibrationStats, site: LinearSite, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_qparams(stats: Mapping[str, ActivationRanges], site: LinearSite, scheme) -> tuple[torch.Tensor, torch.Tensor]:
     ranges = stats[site.module]
     if ranges.channel_min.numel() != site.in_features:
         raise StatsError(
@@ -124,7 +135,7 @@ def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: to
     return graph.call_function(torch.ops.qcompiler.dequantize.default, (q, scale, zero_point, block, dtype))
 
 
-def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: CalibrationStats | None) -> None:
+def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: Mapping[str, ActivationRanges] | None) -> None:
     needed = []
     for node in gm.graph.nodes:
         site = node.meta.get(LINEAR)
@@ -136,7 +147,7 @@ def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: CalibrationSta
     if stats is None:
         raise StatsError(f"recipe {recipe.name!r} needs calibration statistics for {len(needed)} layer(s); "
                          "pass options={'stats': qcompiler.calibrate(model, batches, recipe)}")
-    missing = stats.missing(needed)
+    missing = sorted(set(m for m in needed if m not in stats))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise StatsError(
@@ -150,11 +161,11 @@ def insert_qdq(
     recipe: Recipe,
     int8_pair_limit: int | None = None,
     cache: WeightCache = WEIGHTS,
-    stats: CalibrationStats | None = None,
+    ranges: Mapping[str, ActivationRanges] | None = None,
 ) -> PassResult:
     """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate.
-    ``stats``: calibration statistics, required for layers with static activation ranges."""
-    _check_stats_cover(gm, recipe, stats)
+    ``ranges``: calibrated statistics of the linears' inputs by module, required for static layers."""
+    _check_stats_cover(gm, recipe, ranges)
     graph = gm.graph
     decisions = []
     quantized = 0
@@ -163,9 +174,8 @@ def insert_qdq(
         if site is None or QLINEAR in node.meta:
             continue
         x, w_node, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
-        param_node = w_node if w_node.op == "placeholder" else w_node.args[0]
-        weight = param_node.meta[capture.PARAM_META].tensor
-        float_bytes = weight.numel() * weight.element_size()
+        weight, owner, weight_key = linear_weight(gm, w_node)
+        float_bytes = owner.numel() * owner.element_size()  # the parameter as the user's model stores it
         scheme = recipe.scheme_for(site.module)
         if scheme is None:
             reason = f"skipped by the recipe's skip pattern {recipe.skip_pattern_for(site.module)!r}"
@@ -180,10 +190,9 @@ def insert_qdq(
             continue
         limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
         qw = cache.get(
-            weight,
-            ("rtn", scheme.weight, site.transposed, limit),
-            lambda: round_to_nearest(weight.detach().t() if site.transposed else weight.detach(),
-                                     scheme.weight, pair_limit=limit),
+            owner,
+            ("rtn", scheme.weight, limit) + weight_key,
+            lambda: round_to_nearest(weight.detach(), scheme.weight, pair_limit=limit),
         )
         prefix = _buffer_prefix(gm, site.module)
         with graph.inserting_before(node):
@@ -192,7 +201,7 @@ def insert_qdq(
             act = scheme.activation
             if act is not None:
                 value = _activation_meta(x)
-                static = None if act.dynamic else _static_qparams(stats, site, act)
+                static = None if act.dynamic else _static_qparams(ranges, site, act)
                 scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.dim(), static)
                 new_x = _fake_quant_activation_nodes(graph, x, act, value.dim(), value.dtype, scale, zero_point)
                 act_kind = act.kind
@@ -213,8 +222,11 @@ def insert_qdq(
             x_zero_point=act_names[1],
         )
         note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
+        float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
+        if float_side:
+            note = "; ".join(filter(None, [note, f"{float_side} bytes of outlier columns kept in float"]))
         decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
-                                 bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes,
+                                 bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes + float_side,
                                  float_weight_bytes=float_bytes)
         node.meta[DECISION] = decision
         decisions.append(decision)

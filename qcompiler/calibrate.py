@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 import qcompiler
-from qcompiler import capture
+from qcompiler import capture, pipeline
 from qcompiler.config import Recipe, resolve_recipe
 from qcompiler.errors import CalibrationError
 from qcompiler.observers import DEFAULT_BINS, ActivationObserver
-from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.insert_observers import insert_observers
 from qcompiler.stats import CalibrationStats
+
+SAMPLE_ROWS = 128  # rows of each layer input kept for searches (SmoothQuant's alpha="auto")
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -60,9 +61,14 @@ def calibrate(
     *,
     progress: bool = True,
     bins: int = DEFAULT_BINS,
+    sample_rows: int | None = None,
 ) -> CalibrationStats:
     """Statistics of every linear layer's input over ``batches`` (layers the recipe skips are left out).
 
+    With transforms (SmoothQuant, outlier splitting, LLM.int8()) and static activations the batches
+    run twice: once for the float inputs the transforms are computed from, once after the transforms
+    for the static ranges. ``sample_rows`` rows per layer input are kept for SmoothQuant's
+    ``alpha="auto"`` search (default: 128 when the recipe asks for it, else none).
     The model's weights and outputs are not changed. Raises :class:`CalibrationError` on no batches,
     unsupported batch types, a model without linear layers, or inf/NaN in a layer's input (named).
     """
@@ -72,38 +78,61 @@ def calibrate(
             f"batches must be an iterable of batches (e.g. a list of input-id tensors), not a single "
             f"{type(batches).__name__}; wrap it in a list"
         )
+    batches = list(batches)  # iterated twice when the recipe has transforms
+
+    if sample_rows is None:
+        sample_rows = SAMPLE_ROWS if recipe.smoothquant is not None and recipe.smoothquant.alpha == "auto" else 0
+
+    start = time.perf_counter()
+    raw, count, tokens = _observe(model, batches, recipe, pipeline.transform_steps(recipe, None)[:1],
+                                  bins, sample_rows, progress, "calibrating")
+    info = {
+        "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins,
+        "transforms": repr(((), recipe.skip)), "qcompiler_version": qcompiler.__version__,
+    }
+    transformed = None
+    if recipe.transforms and recipe.has_static_activations:
+        # the static ranges must be those of the transformed inputs: observe again, after the transforms
+        steps = pipeline.transform_steps(recipe, raw)
+        transformed, _, _ = _observe(model, batches, recipe, steps, bins, 0, progress, "calibrating (transformed)")
+        info["transforms"] = recipe.transform_fingerprint()
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    if transformed is None:
+        return CalibrationStats(raw, info)
+    return CalibrationStats(transformed, info, raw=raw)
+
+
+def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int, progress: bool, desc: str):
+    """Run the batches through the model captured with ``steps`` and observers on the linear inputs."""
     observers: dict[str, ActivationObserver] = {}
 
     def observer_for(module: str):
-        return observers.setdefault(module, ActivationObserver(module, bins)).observe
+        return observers.setdefault(module, ActivationObserver(module, bins, sample_rows=sample_rows)).observe
 
     def calibration_backend(gm, example_inputs, **_):
         capture.bind_parameters(gm, example_inputs)
-        canonicalize(gm)
+        for step in steps:
+            step.run(gm)
         insert_observers(gm, observer_for, skip=lambda m: recipe.scheme_for(m) is None)
         return gm.forward
 
     compiled = torch.compile(model, backend=calibration_backend)
     use_cache_kw = _accepts(model, "use_cache")
     total = len(batches) if hasattr(batches, "__len__") else None
-    count, tokens, start = 0, 0, time.perf_counter()
+    count, tokens = 0, 0
     with torch.inference_mode():
-        for batch in tqdm(batches, total=total, desc="calibrating", disable=not progress):
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress):
             tokens += _run(compiled, batch, use_cache_kw)
             count += 1
     if count == 0:
         raise CalibrationError("no calibration batches: pass a non-empty list of batches (e.g. 128 x 512 tokens)")
-    seen = {m: o for m, o in observers.items() if o.batches > 0}
+    seen = {m: o.freeze() for m, o in observers.items() if o.batches > 0}
     if not seen:
         raise CalibrationError(
             "the model has no linear layers to calibrate (none found, or all skipped by the recipe's "
             f"skip list {recipe.skip})"
         )
-    info = {
-        "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins,
-        "seconds": round(time.perf_counter() - start, 2), "qcompiler_version": qcompiler.__version__,
-    }
-    return CalibrationStats({m: o.freeze() for m, o in seen.items()}, info)
+    return seen, count, tokens
 
 
 def text_batches(tokenizer, path: str | Path, samples: int, seq_len: int, add_bos: bool = False) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from qcompiler import primitives
 from qcompiler.observers import OBSERVERS, WEIGHT_OBSERVERS
@@ -166,6 +166,64 @@ class LayerOverride:
 
 
 @dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant migration: ``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel of each group.
+
+    ``alpha`` is a number in [0, 1] or ``"auto"``: searched per group over ``alpha_grid`` to minimize
+    the group's output error after quantization, on sample rows kept during calibration.
+    ``groups`` says which producer -> consumer groups to smooth: ``"norm"`` (a norm's weight into
+    the linears it feeds: q/k/v, gate/up) and ``"linear"`` (a linear into another through an
+    elementwise product, as up -> down through ``act(gate) * up``).
+    """
+
+    alpha: float | str = 0.5
+    alpha_grid: tuple[float, ...] = tuple(i / 20 for i in range(21))
+    groups: tuple[str, ...] = ("norm", "linear")
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"SmoothQuant.alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if not self.alpha_grid or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError("SmoothQuant.alpha_grid must be a non-empty tuple of values in [0, 1]")
+        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+        unknown = set(self.groups) - {"norm", "linear"}
+        if unknown or not self.groups:
+            raise ValueError(f"SmoothQuant.groups must be a non-empty subset of ('norm', 'linear'), got {self.groups!r}")
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+
+@dataclass(frozen=True)
+class OutlierSplit:
+    """Outlier channel splitting (Zhao et al. 2019): duplicate input channels and halve them.
+
+    ``mode="activation"`` splits the channels with the largest calibrated ``max|X|``;
+    ``mode="weight"`` (data-free) those with the largest ``max|W|`` column, with quantization-aware
+    halves when ``quant_aware``. ``expand_ratio`` is the budget of extra channels per layer.
+    """
+
+    mode: str = "activation"
+    expand_ratio: float = 0.02
+    quant_aware: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, ("activation", "weight"), "OutlierSplit.mode")
+        if not isinstance(self.expand_ratio, (int, float)) or not 0.0 < self.expand_ratio <= 1.0:
+            raise ValueError(f"OutlierSplit.expand_ratio must be in (0, 1], e.g. 0.02; got {self.expand_ratio!r}")
+
+
+@dataclass(frozen=True)
+class MixedInt8:
+    """LLM.int8()-style decomposition: input columns whose calibrated ``max|X|`` exceeds
+    ``threshold`` are multiplied in float; the rest go through the int8 GEMM."""
+
+    threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threshold, (int, float)) or self.threshold <= 0:
+            raise ValueError(f"MixedInt8.threshold must be positive, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What to quantize and how. Module-name patterns use fnmatch syntax (``*.mlp.*``, ``lm_head``)."""
 
@@ -174,8 +232,15 @@ class Recipe:
     activation: ActivationScheme | None = field(default_factory=ActivationScheme)
     skip: tuple[str, ...] = ("lm_head", "*embed*")
     overrides: tuple[LayerOverride, ...] = ()
+    smoothquant: SmoothQuant | None = None
+    split_outliers: OutlierSplit | None = None
+    mixed_int8: MixedInt8 | None = None
 
     def __post_init__(self) -> None:
+        for name, kind in (("smoothquant", SmoothQuant), ("split_outliers", OutlierSplit), ("mixed_int8", MixedInt8)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"Recipe.{name} must be a {kind.__name__} or None, got {type(value).__name__}")
         if not isinstance(self.weight, WeightScheme):
             raise TypeError(f"Recipe.weight must be a WeightScheme, got {type(self.weight).__name__}")
         if self.activation is not None and not isinstance(self.activation, ActivationScheme):
@@ -207,10 +272,24 @@ class Recipe:
         return next((p for p in self.skip if fnmatch.fnmatchcase(module_name, p)), None)
 
     @property
-    def needs_calibration(self) -> bool:
-        """True when some layer may use a static activation range."""
+    def has_static_activations(self) -> bool:
         acts = [self.activation] + [o.activation for o in self.overrides]
         return any(a is not None and not a.dynamic for a in acts)
+
+    @property
+    def transforms(self) -> tuple:
+        """The function-changing-before-rounding passes the recipe asks for, in pipeline order."""
+        return tuple(t for t in (self.smoothquant, self.split_outliers, self.mixed_int8) if t is not None)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when a static activation range or a data-driven transform needs statistics."""
+        data_driven = [t for t in self.transforms if not (isinstance(t, OutlierSplit) and t.mode == "weight")]
+        return self.has_static_activations or bool(data_driven)
+
+    def transform_fingerprint(self) -> str:
+        """Identifies the transforms (and the skip list) that statistics after transforms depend on."""
+        return repr((self.transforms, self.skip))
 
 
 PRESETS: dict[str, Recipe] = {
@@ -232,6 +311,10 @@ def _static(name: str, observer: str, **kwargs) -> Recipe:
 
 PRESETS.update({
     "w8a8-static": _static("w8a8-static", "minmax"),
+    "w8a8-smoothquant": replace(_static("w8a8-smoothquant", "minmax"), smoothquant=SmoothQuant(alpha=0.5)),
+    "w8a8-smoothquant-auto": replace(_static("w8a8-smoothquant-auto", "minmax"), smoothquant=SmoothQuant(alpha="auto")),
+    "w8a8-ocs": replace(_static("w8a8-ocs", "minmax"), split_outliers=OutlierSplit()),
+    "llm-int8": replace(_static("llm-int8", "minmax"), mixed_int8=MixedInt8()),
     "w8a8-static-ema": _static("w8a8-static-ema", "ema"),
     "w8a8-static-percentile": _static("w8a8-static-percentile", "percentile", percentile=99.99),
     "w8a8-static-mse": _static("w8a8-static-mse", "mse"),

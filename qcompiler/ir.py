@@ -14,6 +14,9 @@ import torch.fx as fx
 LINEAR = "qcompiler.linear"  # LinearSite, on canonical linear nodes (canonicalize)
 DECISION = "qcompiler.decision"  # LayerDecision, on canonical linear nodes (insert_qdq)
 QLINEAR = "qcompiler.qlinear"  # QLinearSpec, on linear nodes whose inputs are QDQ (insert_qdq)
+DERIVED = "qcompiler.derived"  # DerivedWeight, on get_attr nodes of transformed weights
+CHANNELS = "qcompiler.channels"  # ChannelStats, on canonical linears: their input's per-channel range now
+FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears with float outlier columns
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,46 @@ class QLinearSpec:
 def nodes_with(gm: fx.GraphModule, key: str) -> list[fx.Node]:
     """Nodes of ``gm`` that carry meta ``key``, in graph order."""
     return [n for n in gm.graph.nodes if key in n.meta]
+
+
+@dataclass(frozen=True, eq=False)
+class DerivedWeight:
+    """A weight a transform pass computed from a parameter (SmoothQuant scaling, split columns, ...).
+
+    ``key`` names the transform chain; with ``origin`` it keys the quantized-weight cache, so an
+    unchanged transform of an unchanged parameter is not quantized again on recompiles.
+    """
+
+    origin: object  # the torch.nn.Parameter the weight was computed from
+    key: tuple
+    param_name: str
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelStats:
+    """Per-input-channel min/max of a linear's input as the graph computes it now (after transforms),
+    and a few sample rows (for searches such as SmoothQuant's alpha); from raw calibration stats."""
+
+    channel_min: object  # torch.Tensor [K]
+    channel_max: object  # torch.Tensor [K]
+    samples: object = None  # torch.Tensor [n, K] or None
+
+    @property
+    def absmax(self):
+        return self.channel_min.abs().maximum(self.channel_max.abs())
+
+
+def linear_weight(gm: fx.GraphModule, w_node: fx.Node):
+    """``(weight [out, in], cache_owner, cache_key)`` of a canonical linear's weight argument."""
+    from qcompiler.capture import PARAM_META
+
+    if w_node.op == "placeholder":
+        param = w_node.meta[PARAM_META].tensor
+        return param, param, ("param",)
+    if w_node.op == "call_function" and w_node.args and getattr(w_node.args[0], "op", None) == "placeholder":
+        param = w_node.args[0].meta[PARAM_META].tensor
+        return param.t(), param, ("param", "t")
+    if w_node.op == "get_attr" and DERIVED in w_node.meta:
+        derived = w_node.meta[DERIVED]
+        return getattr(gm, w_node.target), derived.origin, derived.key
+    raise ValueError(f"unexpected weight node {w_node.format_node()} for a canonical linear")

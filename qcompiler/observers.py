@@ -252,6 +252,7 @@ class ActivationRanges:
     hist_counts: torch.Tensor  # [1, bins] per-tensor histogram
     hist_exponent: torch.Tensor  # [1]
     batches: int
+    samples: torch.Tensor | None = None  # [n, C] rows kept by reservoir sampling (for searches)
 
     def histogram(self) -> Histogram:
         h = Histogram(1, self.hist_counts.shape[-1])
@@ -285,9 +286,14 @@ class ActivationRanges:
 class ActivationObserver:
     """Accumulates :class:`ActivationRanges` for one layer input across calibration batches."""
 
-    def __init__(self, name: str, bins: int = DEFAULT_BINS, momentum: float = DEFAULT_EMA_MOMENTUM) -> None:
+    def __init__(self, name: str, bins: int = DEFAULT_BINS, momentum: float = DEFAULT_EMA_MOMENTUM,
+                 sample_rows: int = 0) -> None:
         self.name = name
         self.momentum = momentum
+        self.sample_rows = sample_rows
+        self.samples: torch.Tensor | None = None
+        self._rows_seen = 0
+        self._stride = 1
         self.hist = Histogram(1, bins)
         self.min = self.max = self.ema_min = self.ema_max = None
         self.channel_min = self.channel_max = None
@@ -316,7 +322,28 @@ class ActivationObserver:
             self.channel_min = torch.minimum(self.channel_min, cmin)
             self.channel_max = torch.maximum(self.channel_max, cmax)
         self.hist.update(flat)
+        if self.sample_rows:
+            self._keep_samples(flat)
         self.batches += 1
+
+    def _keep_samples(self, rows: torch.Tensor) -> None:
+        """Systematic sampling: keep every ``stride``-th row of the whole stream, doubling the stride
+        whenever more than twice the wanted rows are held (bounded memory, deterministic)."""
+        index = torch.arange(rows.shape[0]) + self._rows_seen
+        kept = rows[index % self._stride == 0]
+        self._rows_seen += rows.shape[0]
+        self.samples = kept.clone() if self.samples is None else torch.cat([self.samples, kept])
+        while self.samples.shape[0] > 2 * self.sample_rows:
+            self.samples = self.samples[::2]
+            self._stride *= 2
+
+    def _final_samples(self) -> torch.Tensor | None:
+        if self.samples is None:
+            return None
+        if self.samples.shape[0] <= self.sample_rows:
+            return self.samples.clone()
+        pick = torch.linspace(0, self.samples.shape[0] - 1, self.sample_rows).round().long()
+        return self.samples[pick].clone()
 
     def freeze(self) -> ActivationRanges:
         if self.batches == 0:
@@ -325,6 +352,7 @@ class ActivationObserver:
             min=self.min.clone(), max=self.max.clone(), ema_min=self.ema_min.clone(), ema_max=self.ema_max.clone(),
             channel_min=self.channel_min.clone(), channel_max=self.channel_max.clone(),
             hist_counts=self.hist.counts.clone(), hist_exponent=self.hist.exponent.clone(), batches=self.batches,
+            samples=self._final_samples(),
         )
 
 

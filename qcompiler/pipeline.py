@@ -1,29 +1,41 @@
 """The ordered passes of the backend, the constraints between them, and their timing.
 
-Order (each pass requires the ones before it):
+Order (a pass runs only if the recipe asks for it; each requires the ones named in ``requires``):
 
-1. ``canonicalize``  every linear-like op on a parameter -> ``linear(x, W, b)`` (function-preserving)
-2. ``insert_qdq``    quantize/dequantize per the recipe; weights become buffers
-3. ``lower``         QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
+1. ``canonicalize``    every linear-like op on a parameter -> ``linear(x, W, b)`` (function-preserving)
+2. ``attach_stats``    calibrated input channel ranges onto the linears (when transforms need them)
+3. ``smoothquant``     SmoothQuant migration (function-preserving)
+4. ``split_outliers``  outlier channel splitting (function-preserving)
+5. ``mixed_int8``      LLM.int8() decomposition: outlier columns to a float linear (function-preserving)
+6. ``insert_qdq``      quantize/dequantize per the recipe; weights become buffers
+7. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
 
-A pass that raises is named, with the passes that ran before it.
+Calibration runs 1-5 and then inserts observers, so static ranges are those of the transformed
+inputs. A pass that raises is named, with the passes that ran before it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch.fx as fx
 
-from qcompiler.config import BackendOptions
-from qcompiler.errors import QCompilerError
+from qcompiler.config import BackendOptions, Recipe
+from qcompiler.errors import QCompilerError, StatsError
 from qcompiler.ir import PassResult
 from qcompiler.lowering import fuse, ops
+from qcompiler.observers import ActivationRanges
+from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.insert_qdq import insert_qdq
+from qcompiler.passes.mixed_int8 import mixed_int8
+from qcompiler.passes.smoothquant import smoothquant
+from qcompiler.passes.split_outliers import split_outliers
 from qcompiler.report import CompileReport, PassRecord
+
+ORDER = ("canonicalize", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq", "lower")
 
 
 class PassFailed(RuntimeError):
@@ -37,16 +49,53 @@ class Step:
     requires: tuple[str, ...] = ()
 
 
+def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None) -> list[Step]:
+    """canonicalize and the recipe's function-preserving transforms (shared with calibration)."""
+    steps = [Step("canonicalize", canonicalize)]
+    if not recipe.transforms:
+        return steps
+    if raw is not None:
+        steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw), requires=("canonicalize",)))
+    if recipe.smoothquant is not None:
+        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant),
+                          requires=("canonicalize", "attach_stats")))
+    if recipe.split_outliers is not None:
+        needs = ("attach_stats",) if recipe.split_outliers.mode == "activation" else ()
+        steps.append(Step("split_outliers", lambda gm: split_outliers(gm, recipe, recipe.split_outliers),
+                          requires=("canonicalize",) + needs))
+    if recipe.mixed_int8 is not None:
+        steps.append(Step("mixed_int8", lambda gm: mixed_int8(gm, recipe, recipe.mixed_int8),
+                          requires=("canonicalize", "attach_stats")))
+    return steps
+
+
+def static_ranges(options: BackendOptions) -> Mapping[str, ActivationRanges] | None:
+    """The statistics static activation ranges are read from: those of the transformed inputs."""
+    stats, recipe = options.stats, options.recipe
+    if stats is None:
+        return None
+    if not recipe.transforms:
+        return stats.raw
+    if stats.info.get("transforms") == recipe.transform_fingerprint():
+        return stats.activations
+    if not recipe.has_static_activations:
+        return None
+    raise StatsError(
+        f"recipe {recipe.name!r} quantizes the inputs of its transforms ({', '.join(type(t).__name__ for t in recipe.transforms)}) "
+        "with static ranges, but these statistics were not gathered with the same transforms: calibrate with "
+        "this recipe (qcompiler.calibrate(model, batches, recipe))"
+    )
+
+
 def build(options: BackendOptions, device) -> list[Step]:
-    steps = [
-        Step("canonicalize", canonicalize),
-        Step(
-            "insert_qdq",
-            lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device),
-                               stats=options.stats),
-            requires=("canonicalize",),
-        ),
-    ]
+    stats = options.stats
+    steps = transform_steps(options.recipe, None if stats is None else stats.raw)
+    ranges = static_ranges(options)
+    steps.append(Step(
+        "insert_qdq",
+        lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device), ranges=ranges),
+        requires=("canonicalize",),
+    ))
     if options.kernels == "fast":
         steps.append(Step("lower", fuse.lower, requires=("insert_qdq",)))
     check_order(steps)
@@ -59,6 +108,8 @@ def check_order(steps: list[Step]) -> None:
         missing = [r for r in step.requires if r not in seen]
         if missing:
             raise ValueError(f"pass {step.name!r} must run after {missing}; order given: {[s.name for s in steps]}")
+        if step.name in ORDER and any(ORDER.index(step.name) < ORDER.index(p) for p in seen if p in ORDER):
+            raise ValueError(f"pass {step.name!r} is out of order: the order is {ORDER}; given {[s.name for s in steps]}")
         seen.append(step.name)
 
 
@@ -78,7 +129,9 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport) -> fx.Grap
         report.passes.append(PassRecord(step.name, time.perf_counter() - start, result.modified, dict(result.counts)))
         if step.name == "insert_qdq":
             report.layers.extend(result.details)
-        if step.name == "lower":
+        elif step.name == "lower":
             report.kernel_of.update({module: (kernel, why) for module, kernel, why in result.details})
+        elif result.details:
+            report.transforms[step.name] = list(result.details)
         done.append(step.name)
     return gm

@@ -28,6 +28,7 @@ class CompileReport:
     layers: list[LayerDecision] = field(default_factory=list)
     kernel_of: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (kernel, why)
     passes: list[PassRecord] = field(default_factory=list)
+    transforms: dict[str, list[str]] = field(default_factory=dict)  # pass -> what it did per group/layer
     seconds: float = 0.0
     error: str = ""  # set when a pass failed and the graph fell back to float
 
@@ -54,6 +55,9 @@ class CompileReport:
         for p in self.passes:
             counts = ", ".join(f"{k}={v}" for k, v in p.counts.items())
             lines.append(f"  pass {p.name:<14} {p.seconds * 1000:8.1f} ms  {counts}")
+        for name, notes in self.transforms.items():
+            lines.append(f"  {name}:")
+            lines.extend(f"    {note}" for note in notes)
         width = max((len(d.module) for d in self.layers), default=10)
         for d in self.layers:
             if d.quantized:

@@ -22,19 +22,50 @@ FORMAT = "qcompiler-calibration"
 VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 JSON_FILE = "calibration.json"
-_TENSOR_FIELDS = [f.name for f in fields(ActivationRanges) if f.name != "batches"]
+_TENSOR_FIELDS = [f.name for f in fields(ActivationRanges) if f.name not in ("batches", "samples")]
+
+
+def _pack(prefix: str, ranges_by_module: Mapping[str, ActivationRanges], tensors: dict) -> dict:
+    layers = {}
+    for i, (module, ranges) in enumerate(sorted(ranges_by_module.items())):
+        for name in _TENSOR_FIELDS:
+            tensors[f"{prefix}{i}.{name}"] = getattr(ranges, name).detach().cpu().contiguous()
+        if ranges.samples is not None:
+            tensors[f"{prefix}{i}.samples"] = ranges.samples.detach().cpu().contiguous()
+        layers[module] = {"index": i, "batches": ranges.batches, "samples": ranges.samples is not None,
+                          "min": float(ranges.min), "max": float(ranges.max)}
+    return layers
+
+
+def _unpack(prefix: str, layers: dict, tensors: dict) -> dict[str, ActivationRanges]:
+    out = {}
+    for module, entry in layers.items():
+        i = entry["index"]
+        values = {name: tensors[f"{prefix}{i}.{name}"] for name in _TENSOR_FIELDS}
+        samples = tensors[f"{prefix}{i}.samples"] if entry.get("samples") else None
+        out[module] = ActivationRanges(**values, batches=int(entry["batches"]), samples=samples)
+    return out
 
 
 @dataclass(frozen=True)
 class CalibrationStats:
-    """Per-layer input statistics from :func:`qcompiler.calibrate`, keyed by the linear's module name."""
+    """Per-layer input statistics from :func:`qcompiler.calibrate`, keyed by the linear's module name.
+
+    ``activations`` are the linear inputs as the quantized graph computes them (after the recipe's
+    transforms: SmoothQuant, outlier splitting, LLM.int8() decomposition); static ranges come from
+    them. ``raw`` are the inputs of the float model, which the transforms are computed from; without
+    transforms they are the same statistics.
+    """
 
     activations: Mapping[str, ActivationRanges]
     info: Mapping[str, object] = field(default_factory=dict)
+    raw: Mapping[str, ActivationRanges] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+        raw = self.activations if self.raw is None else MappingProxyType(dict(self.raw))
+        object.__setattr__(self, "raw", raw)
 
     def __contains__(self, module: str) -> bool:
         return module in self.activations
@@ -50,15 +81,12 @@ class CalibrationStats:
         folder.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        tensors = {}
-        layers = {}
-        for i, (module, ranges) in enumerate(sorted(self.activations.items())):
-            for name in _TENSOR_FIELDS:
-                tensors[f"{i}.{name}"] = getattr(ranges, name).detach().cpu().contiguous()
-            layers[module] = {"index": i, "batches": ranges.batches,
-                              "min": float(ranges.min), "max": float(ranges.max)}
+        tensors: dict = {}
+        doc = {"format": FORMAT, "version": VERSION, "info": dict(self.info),
+               "layers": _pack("", self.activations, tensors)}
+        if self.raw is not self.activations:
+            doc["raw_layers"] = _pack("raw.", self.raw, tensors)
         save_file(tensors, str(folder / TENSORS_FILE))
-        doc = {"format": FORMAT, "version": VERSION, "info": dict(self.info), "layers": layers}
         (folder / JSON_FILE).write_text(json.dumps(doc, indent=1))
         return folder
 
@@ -84,15 +112,12 @@ class CalibrationStats:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise StatsError(f"{tensor_path} is corrupted ({exc}); {hint}") from exc
-        activations = {}
         try:
-            for module, entry in doc["layers"].items():
-                i = entry["index"]
-                values = {name: tensors[f"{i}.{name}"] for name in _TENSOR_FIELDS}
-                activations[module] = ActivationRanges(**values, batches=int(entry["batches"]))
+            activations = _unpack("", doc["layers"], tensors)
+            raw = _unpack("raw.", doc["raw_layers"], tensors) if "raw_layers" in doc else None
         except (KeyError, TypeError) as exc:
             raise StatsError(f"{folder}: the JSON and the tensors do not match (missing {exc}); {hint}") from exc
-        return cls(activations, doc.get("info", {}))
+        return cls(activations, doc.get("info", {}), raw)
 
 
 def resolve(stats) -> CalibrationStats | None:

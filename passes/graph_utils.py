@@ -1,0 +1,73 @@
+"""Small graph edits the transform passes share: new constant buffers and derived weights."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from qcompiler import capture
+from qcompiler.ir import CHANNELS, DERIVED, LINEAR, ChannelStats, DerivedWeight, linear_weight
+
+
+def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` under a fresh name built from ``stem`` and read it with ``get_attr`` before ``before``."""
+    base = "qc_" + re.sub(r"\W", "_", stem)
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def replace_linear_weight(gm: fx.GraphModule, linear: fx.Node, new_weight: torch.Tensor, step: tuple) -> None:
+    """Give a canonical linear a transformed weight; ``step`` (hashable) extends its derivation key."""
+    _, owner, key = linear_weight(gm, linear.args[1])
+    site = linear.meta[LINEAR]
+    node = add_buffer(gm, f"{site.module}_w", new_weight.contiguous(), linear)
+    node.meta[DERIVED] = DerivedWeight(owner, key + (step,), site.weight_param)
+    old = linear.args[1]
+    linear.update_arg(1, node)
+    erase_if_unused(gm, old)
+
+
+def replace_arg_with_tensor(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, stem: str) -> None:
+    """Replace positional argument ``index`` of ``user`` (a parameter or buffer) by a new constant."""
+    old = user.args[index]
+    user.update_arg(index, add_buffer(gm, stem, value.contiguous(), user))
+    erase_if_unused(gm, old)
+
+
+def erase_if_unused(gm: fx.GraphModule, node) -> None:
+    """Drop an intermediate node (a transpose, a replaced get_attr) nobody uses; placeholders stay."""
+    while isinstance(node, fx.Node) and not node.users and node.op in ("call_function", "call_method", "get_attr"):
+        parent = node.args[0] if node.op != "get_attr" and node.args else None
+        gm.graph.erase_node(node)
+        node = parent
+
+
+def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a parameter placeholder or a buffer ``get_attr`` holds, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder" and capture.PARAM_META in node.meta:
+        return node.meta[capture.PARAM_META].tensor
+    if node.op == "get_attr":
+        return getattr(gm, node.target)
+    return None
+
+
+def bias_of(linear: fx.Node):
+    return linear.args[2] if len(linear.args) > 2 else None
+
+
+def scale_channels(linear: fx.Node, divide_by: torch.Tensor) -> None:
+    """After a transform divided the input's channels by ``divide_by``, update the linear's stats."""
+    stats = linear.meta.get(CHANNELS)
+    if stats is None:
+        return
+    s = divide_by.to(stats.channel_min.dtype)
+    samples = None if stats.samples is None else stats.samples / divide_by.to(stats.samples.dtype)
+    linear.meta[CHANNELS] = ChannelStats(stats.channel_min / s, stats.channel_max / s, samples)

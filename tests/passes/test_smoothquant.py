@@ -1,0 +1,99 @@
+import copy
+
+import pytest
+import torch
+from graphs import capture_graph, tiny_gpt2, tiny_llama
+
+import qcompiler
+from qcompiler.config import SmoothQuant
+from qcompiler.ir import CHANNELS, LINEAR
+from qcompiler.passes.attach_stats import attach_stats
+from qcompiler.passes.canonicalize import canonicalize
+from qcompiler.passes.smoothquant import find_groups, search_alpha, smoothing_scales, smoothquant
+
+RECIPE = qcompiler.PRESETS["w8a8-smoothquant"]
+
+
+def _prepared(model, ids, sample_rows=0):
+    model = copy.deepcopy(model).double()
+    torch._dynamo.reset()
+    stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False, sample_rows=sample_rows)
+    torch._dynamo.reset()
+    gm, example_inputs = capture_graph(model, ids, use_cache=False) if hasattr(model, "lm_head") else capture_graph(model, ids)
+    canonicalize(gm)
+    attach_stats(gm, stats.raw)
+    return gm, example_inputs
+
+
+def _group_names(gm):
+    groups, notes = find_groups(gm, ("norm", "linear"))
+    return sorted((g.kind, g.name) for g in groups), notes
+
+
+def test_llama_groups_are_found_from_the_graph():
+    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    names, _ = _group_names(gm)
+    assert ("norm", "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj") in names
+    assert ("norm", "model.layers.1.mlp.gate_proj+model.layers.1.mlp.up_proj") in names
+    assert ("linear", "model.layers.0.mlp.down_proj") in names
+    assert len(names) == 6  # per layer: qkv, gate/up, up->down
+
+
+def test_gpt2_layernorm_groups_are_found_through_conv1d_views():
+    gm, _ = _prepared(tiny_gpt2(), torch.randint(0, 128, (1, 12)))
+    names, _ = _group_names(gm)
+    assert ("norm", "transformer.h.0.attn.c_attn") in names and ("norm", "transformer.h.1.mlp.c_fc") in names
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_smoothing_preserves_the_function_in_float64(factory, alpha):
+    ids = torch.randint(0, 128, (1, 12))
+    gm, example_inputs = _prepared(factory(), ids, sample_rows=16)
+    before = copy.deepcopy(gm)
+    with torch.inference_mode():
+        expected = before(*example_inputs)
+        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha))
+        gm.graph.lint()
+        got = gm(*example_inputs)
+    assert result.modified and result.counts["smoothed"] >= 2
+    for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_smoothed_channel_ranges_are_flatter():
+    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    consumer = next(n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("0.mlp.down_proj"))
+    before = consumer.meta[CHANNELS].absmax
+    smoothquant(gm, RECIPE, SmoothQuant(alpha=1.0))
+    after = consumer.meta[CHANNELS].absmax
+    # alpha=1 moves all of the range into the weights: every channel's max|X| becomes 1
+    assert torch.allclose(after[before > 0], torch.ones_like(after[before > 0]))
+
+
+def test_scales_follow_the_formula_and_keep_dead_channels():
+    act = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    w = torch.tensor([1.0, 4.0, 2.0, 0.0])
+    s = smoothing_scales(act, w, 0.5)
+    assert torch.allclose(s, torch.tensor([2.0, 0.5, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_alpha_search_returns_the_grid_minimum():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen)
+    x[:, 3] *= 50
+    w = torch.randn(8, 16, generator=gen)
+    scheme = RECIPE.scheme_for("layer")
+    best, errors = search_alpha(x, x.amin(0), x.amax(0), [w], [scheme], (0.0, 0.25, 0.5, 0.75, 1.0))
+    assert errors[best] == min(errors.values())
+    assert errors[best] < errors[0.0]  # smoothing helps an outlier channel
+
+
+def test_post_norm_outputs_feeding_a_residual_are_not_smoothed():
+    from graphs import tiny_bert
+
+    gm, _ = _prepared(tiny_bert(), torch.randint(0, 128, (1, 12)))
+    names, notes = _group_names(gm)
+    assert not any(kind == "norm" and "attention.self.query" in name for kind, name in names if "layer.1." in name)
+    assert any("also used by" in n for n in notes)
