@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import QLINEAR, PassResult, QLinearSpec
+from qcompiler.ir import QLINEAR, PassResult, QLinearSpec, tensor_info
 from qcompiler.lowering import ops
 from qcompiler.lowering.patterns import REPLACEMENTS, key_of
 
@@ -62,14 +62,14 @@ def lower(gm: fx.GraphModule) -> PassResult:
         if isinstance(x, str):
             details.append((spec.module, "reference quantize/dequantize ops", x))
             continue
-        example = x.meta.get("example_value")
-        if not isinstance(example, torch.Tensor):
+        example = tensor_info(x)
+        if example is None:
             details.append((spec.module, "reference quantize/dequantize ops", "input shape unknown"))
             continue
         w_q, w_scale = gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale)
         handle = ops.prepare_weight(w_q, w_scale)
         bias = node.args[2] if len(node.args) > 2 else None
-        out_value = node.meta.get("example_value")
+        out_value = tensor_info(node)
         tracer = fx.proxy.GraphAppendingTracer(graph)
         with graph.inserting_before(node):
             w_q_node = graph.get_attr(spec.w_q)
@@ -84,8 +84,8 @@ def lower(gm: fx.GraphModule) -> PassResult:
             out = replacement(
                 fx.Proxy(x, tracer), fx.Proxy(w_q_node, tracer), fx.Proxy(w_scale_node, tracer),
                 fx.Proxy(bias, tracer) if isinstance(bias, fx.Node) else bias,
-                handle=handle, ndim=example.dim(),
-                out_dtype=out_value.dtype if isinstance(out_value, torch.Tensor) else example.dtype,
+                handle=handle, ndim=example.ndim,
+                out_dtype=out_value.dtype if out_value is not None else example.dtype,
                 **static,
             )
         out.node.meta["qcompiler.lowered_from"] = spec

@@ -6,7 +6,7 @@ The transform passes (SmoothQuant, outlier splitting, LLM.int8() decomposition) 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch.fx as fx
 
@@ -14,11 +14,14 @@ from qcompiler.ir import CHANNELS, LINEAR, ChannelStats, PassResult
 from qcompiler.observers import ActivationRanges
 
 
-def attach_stats(gm: fx.GraphModule, raw: Mapping[str, ActivationRanges]) -> PassResult:
+def attach_stats(
+    gm: fx.GraphModule, raw: Mapping[str, ActivationRanges], skip: Callable[[str], bool] = lambda module: False
+) -> PassResult:
+    """``skip(module)``: layers that stay in float, whose missing statistics are not worth a note."""
     attached, missing = 0, []
     for node in gm.graph.nodes:
         site = node.meta.get(LINEAR)
-        if site is None:
+        if site is None or skip(site.module):
             continue
         ranges = raw.get(site.module)
         if ranges is None or ranges.channel_min.numel() != site.in_features:

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler import capture
-from qcompiler.ir import CHANNELS, DERIVED, LINEAR, ChannelStats, DerivedWeight, linear_weight
+from qcompiler.ir import CHANNELS, DERIVED, LINEAR, TENSOR_INFO, ChannelStats, DerivedWeight, linear_weight, tensor_info
 
 
 def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -71,3 +71,11 @@ def scale_channels(linear: fx.Node, divide_by: torch.Tensor) -> None:
     s = divide_by.to(stats.channel_min.dtype)
     samples = None if stats.samples is None else stats.samples / divide_by.to(stats.samples.dtype)
     linear.meta[CHANNELS] = ChannelStats(stats.channel_min / s, stats.channel_max / s, samples)
+
+
+def same_tensor_info(new: fx.Node, like: fx.Node) -> fx.Node:
+    """Record on ``new`` the rank and dtype of ``like`` (for nodes that keep both, e.g. a column gather)."""
+    info = tensor_info(like)
+    if info is not None:
+        new.meta[TENSOR_INFO] = info
+    return new

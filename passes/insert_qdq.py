@@ -39,6 +39,7 @@ from qcompiler.ir import (
     PassResult,
     QLinearSpec,
     linear_weight,
+    tensor_info,
 )
 from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
 from qcompiler.observers import ActivationRanges
@@ -55,23 +56,18 @@ def _buffer_prefix(gm: fx.GraphModule, module: str) -> str:
     return name
 
 
-def _activation_meta(x) -> torch.Tensor | None:
-    value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _why_not_quantizable(site: LinearSite, scheme: LayerScheme, weight: torch.Tensor, x) -> str | None:
     if weight.dtype not in _QUANTIZABLE_DTYPES:
         return f"weight dtype {weight.dtype} is not a float type"
     if scheme.weight.granularity == "per_group" and site.in_features % scheme.weight.group_size:
         return f"in_features {site.in_features} is not a multiple of group_size {scheme.weight.group_size}"
     if scheme.activation is not None:
-        value = _activation_meta(x)
+        value = tensor_info(x)
         if value is None:
             return "the input activation's shape is unknown (no example_value), so it cannot be quantized"
         if value.dtype not in _QUANTIZABLE_DTYPES:
             return f"input activation dtype {value.dtype} is not a float type"
-        if value.dim() < 1:
+        if value.ndim < 1:
             return "the input activation is a scalar"
     return None
 
@@ -200,10 +196,10 @@ def insert_qdq(
             new_x, act_kind, act_names = x, None, (None, None)
             act = scheme.activation
             if act is not None:
-                value = _activation_meta(x)
+                value = tensor_info(x)
                 static = None if act.dynamic else _static_qparams(ranges, site, act)
-                scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.dim(), static)
-                new_x = _fake_quant_activation_nodes(graph, x, act, value.dim(), value.dtype, scale, zero_point)
+                scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.ndim, static)
+                new_x = _fake_quant_activation_nodes(graph, x, act, value.ndim, value.dtype, scale, zero_point)
                 act_kind = act.kind
         node.args = (new_x, w_dq, bias)
         node.meta[QLINEAR] = QLinearSpec(

@@ -21,13 +21,13 @@ import torch.fx as fx
 
 from qcompiler.config import MixedInt8, Recipe
 from qcompiler.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR, ChannelStats, PassResult, linear_weight
-from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight
+from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
 def _index_select(gm: fx.GraphModule, x: fx.Node, index: torch.Tensor, stem: str, before: fx.Node) -> fx.Node:
     idx = add_buffer(gm, stem, index, before)
     with gm.graph.inserting_before(before):
-        return gm.graph.call_function(torch.index_select, (x, -1, idx))
+        return same_tensor_info(gm.graph.call_function(torch.index_select, (x, -1, idx)), x)
 
 
 def mixed_int8(gm: fx.GraphModule, recipe: Recipe, config: MixedInt8) -> PassResult:
@@ -67,9 +67,9 @@ def mixed_int8(gm: fx.GraphModule, recipe: Recipe, config: MixedInt8) -> PassRes
                                            None if stats.samples is None else stats.samples[:, rest])
         node.meta[FLOAT_SIDE_BYTES] = w_out.numel() * w_out.element_size()
         with graph.inserting_after(node):
-            y_out = graph.call_function(torch._C._nn.linear, (x_out, w_out_node, None))
+            y_out = same_tensor_info(graph.call_function(torch._C._nn.linear, (x_out, w_out_node, None)), node)
         with graph.inserting_after(y_out):
-            total = graph.call_function(operator.add, (node, y_out))
+            total = same_tensor_info(graph.call_function(operator.add, (node, y_out)), node)
         node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         details.append(f"{site.module}: {outliers.numel()} of {site.in_features} columns in float")
         decomposed += 1

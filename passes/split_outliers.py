@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from qcompiler.config import OutlierSplit, Recipe
 from qcompiler.ir import CHANNELS, LINEAR, ChannelStats, PassResult, linear_weight
-from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight
+from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
 def plan_splits(magnitudes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +90,12 @@ def split_outliers(gm: fx.GraphModule, recipe: Recipe, config: OutlierSplit) -> 
         tag = hashlib.sha1(src.numpy().tobytes() + factor.numpy().tobytes()).hexdigest()[:16]
         src_node = add_buffer(gm, f"{site.module}_split_src", src, node)
         with graph.inserting_before(node):
-            x_split = graph.call_function(torch.index_select, (x, -1, src_node))
+            x_split = same_tensor_info(graph.call_function(torch.index_select, (x, -1, src_node)), x)
         w_split = weight.detach()[:, src]
         if config.mode == "activation":
             f_node = add_buffer(gm, f"{site.module}_split_factor", factor.to(weight.dtype), node)
             with graph.inserting_before(node):
-                x_split = graph.call_function(operator.mul, (x_split, f_node))
+                x_split = same_tensor_info(graph.call_function(operator.mul, (x_split, f_node)), x)
             channel_factor = factor
         else:
             w_split = w_split * factor.to(w_split.dtype)

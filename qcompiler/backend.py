@@ -52,7 +52,7 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
         kernels=opts.kernels,
         device_note=ops.kernel_for(device) if opts.kernels == "fast" else "reference quantize/dequantize ops",
     )
-    steps = pipeline.build(opts, device)
+    steps = pipeline.build(opts, device, example_inputs)
     float_graph = _copy_graph(gm.graph)
     try:
         gm = pipeline.run(gm, steps, rep)

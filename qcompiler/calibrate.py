@@ -84,7 +84,7 @@ def calibrate(
         sample_rows = SAMPLE_ROWS if recipe.smoothquant is not None and recipe.smoothquant.alpha == "auto" else 0
 
     start = time.perf_counter()
-    raw, count, tokens = _observe(model, batches, recipe, pipeline.transform_steps(recipe, None)[:1],
+    raw, count, tokens = _observe(model, batches, recipe, lambda inputs: pipeline.transform_steps(recipe, None)[:1],
                                   bins, sample_rows, progress, "calibrating")
     info = {
         "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins,
@@ -93,7 +93,9 @@ def calibrate(
     transformed = None
     if recipe.transforms and recipe.has_static_activations:
         # the static ranges must be those of the transformed inputs: observe again, after the transforms
-        steps = pipeline.transform_steps(recipe, raw)
+        def steps(inputs):
+            return pipeline.transform_steps(recipe, raw, inputs)
+
         transformed, _, _ = _observe(model, batches, recipe, steps, bins, 0, progress, "calibrating (transformed)")
         info["transforms"] = recipe.transform_fingerprint()
     info["seconds"] = round(time.perf_counter() - start, 2)
@@ -111,7 +113,7 @@ def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int,
 
     def calibration_backend(gm, example_inputs, **_):
         capture.bind_parameters(gm, example_inputs)
-        for step in steps:
+        for step in steps(example_inputs):
             step.run(gm)
         insert_observers(gm, observer_for, skip=lambda m: recipe.scheme_for(m) is None)
         return gm.forward

@@ -17,6 +17,7 @@ QLINEAR = "qcompiler.qlinear"  # QLinearSpec, on linear nodes whose inputs are Q
 DERIVED = "qcompiler.derived"  # DerivedWeight, on get_attr nodes of transformed weights
 CHANNELS = "qcompiler.channels"  # ChannelStats, on canonical linears: their input's per-channel range now
 FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears with float outlier columns
+TENSOR_INFO = "qcompiler.tensor_info"  # TensorInfo, on nodes a pass created (Dynamo's example_value is absent)
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,21 @@ def linear_weight(gm: fx.GraphModule, w_node: fx.Node):
         derived = w_node.meta[DERIVED]
         return getattr(gm, w_node.target), derived.origin, derived.key
     raise ValueError(f"unexpected weight node {w_node.format_node()} for a canonical linear")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Rank and dtype of a node's value: what the passes need to know about an activation."""
+
+    ndim: int
+    dtype: object  # torch.dtype
+
+
+def tensor_info(node) -> TensorInfo | None:
+    """From Dynamo's ``example_value``, or from the ``TensorInfo`` a pass recorded on a node it made."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value")
+    if value is not None and hasattr(value, "dim") and hasattr(value, "dtype"):
+        return TensorInfo(value.dim(), value.dtype)
+    return node.meta.get(TENSOR_INFO)

@@ -49,15 +49,18 @@ class Step:
     requires: tuple[str, ...] = ()
 
 
-def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None) -> list[Step]:
-    """canonicalize and the recipe's function-preserving transforms (shared with calibration)."""
+def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None, example_inputs=None) -> list[Step]:
+    """canonicalize and the recipe's function-preserving transforms (shared with calibration).
+
+    ``example_inputs`` (the real inputs Dynamo gave the backend) let SmoothQuant probe channel maps."""
     steps = [Step("canonicalize", canonicalize)]
     if not recipe.transforms:
         return steps
     if raw is not None:
-        steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw), requires=("canonicalize",)))
+        skip = lambda module: recipe.scheme_for(module) is None  # noqa: E731
+        steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw, skip), requires=("canonicalize",)))
     if recipe.smoothquant is not None:
-        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant),
+        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant, example_inputs),
                           requires=("canonicalize", "attach_stats")))
     if recipe.split_outliers is not None:
         needs = ("attach_stats",) if recipe.split_outliers.mode == "activation" else ()
@@ -87,9 +90,9 @@ def static_ranges(options: BackendOptions) -> Mapping[str, ActivationRanges] | N
     )
 
 
-def build(options: BackendOptions, device) -> list[Step]:
+def build(options: BackendOptions, device, example_inputs=None) -> list[Step]:
     stats = options.stats
-    steps = transform_steps(options.recipe, None if stats is None else stats.raw)
+    steps = transform_steps(options.recipe, None if stats is None else stats.raw, example_inputs)
     ranges = static_ranges(options)
     steps.append(Step(
         "insert_qdq",

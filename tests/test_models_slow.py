@@ -132,3 +132,81 @@ def test_smollm2_calibration_is_fast_and_mse_beats_minmax(smollm2, tmp_path):
         ppl[recipe] = result.quantized["perplexity"]
     assert ppl["w8a8-static-mse"] < ppl["w8a8-static"]
     print("static perplexities:", ppl)
+
+
+def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
+    """SmoothQuant (all group kinds), outlier splitting and LLM.int8() decomposition, chained, change
+    nothing in float64 on the real model."""
+    import copy as copy_mod
+
+    from graphs import capture_graph
+
+    from qcompiler.config import MixedInt8, OutlierSplit, Recipe, SmoothQuant
+    from qcompiler.ir import LINEAR
+    from qcompiler.passes.attach_stats import attach_stats
+    from qcompiler.passes.canonicalize import canonicalize
+    from qcompiler.passes.mixed_int8 import mixed_int8
+    from qcompiler.passes.smoothquant import smoothquant
+    from qcompiler.passes.split_outliers import split_outliers
+
+    model = copy_mod.deepcopy(smollm2.model).double()
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    recipe = Recipe(smoothquant=SmoothQuant(alpha="auto"), split_outliers=OutlierSplit(), mixed_int8=MixedInt8())
+    stats = qcompiler.calibrate(model, [ids], recipe, progress=False, sample_rows=16)
+    torch._dynamo.reset()
+    gm, example_inputs = capture_graph(model, input_ids=ids, use_cache=False)
+    canonicalize(gm)
+    attach_stats(gm, stats.raw)
+    before = copy_mod.deepcopy(gm)
+    with torch.inference_mode():
+        expected = before(*example_inputs)
+        sq = smoothquant(gm, recipe, recipe.smoothquant, example_inputs)
+        ocs = split_outliers(gm, recipe, recipe.split_outliers)
+        mixed = mixed_int8(gm, recipe, recipe.mixed_int8)
+        gm.graph.lint()
+        got = gm(*example_inputs)
+    kinds = [d.split(":")[1].split()[0] for d in sq.details if " group, " in d]
+    assert {"norm", "linear", "attention"} <= set(kinds), sq.details[:5]
+    assert ocs.counts["split_layers"] == 210 and mixed.counts["decomposed"] > 0
+    assert sum(LINEAR in n.meta for n in gm.graph.nodes) == 211
+    for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8"])
+def test_every_outlier_preset_compiles_smollm2_without_graph_breaks(smollm2, preset):
+    from qcompiler.calibrate import text_batches
+
+    batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 4, 128)
+    torch._dynamo.reset()
+    stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False)
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    with torch.inference_mode():
+        out = torch.compile(smollm2.model, backend="qcompiler", fullgraph=True,
+                            options={"recipe": preset, "stats": stats})(input_ids=batches[0], use_cache=False)
+    rep = qcompiler.last_report()
+    assert len(rep.quantized) == 210 and torch.isfinite(out.logits).all()
+    assert {p.name: p.counts for p in rep.passes}["lower"] == {"lowered": 210, "not_lowered": 0}
+
+
+def test_smoothquant_closes_half_the_static_gap_on_smollm2(smollm2):
+    from qcompiler import evaluate
+    from qcompiler.calibrate import text_batches
+    from qcompiler.config import BackendOptions
+
+    batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 32, 512)
+    cfg = evaluate.EvalConfig(tokens=4096, speed=False, progress=False)
+    ppl = {}
+    for preset in ("w8a8-static", "w8a8-smoothquant-auto"):
+        torch._dynamo.reset()
+        stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False)
+        torch._dynamo.reset()
+        result = evaluate.evaluate(smollm2, BackendOptions(recipe=preset, stats=stats), models.default_text(), cfg)
+        ppl[preset] = result.quantized["perplexity"]
+        ppl["fp32"] = result.float["perplexity"]
+    gap = ppl["w8a8-static"] - ppl["fp32"]
+    assert ppl["w8a8-smoothquant-auto"] < ppl["fp32"] + gap / 2, ppl
+    print("perplexities:", ppl)

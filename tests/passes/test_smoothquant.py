@@ -25,18 +25,35 @@ def _prepared(model, ids, sample_rows=0):
     return gm, example_inputs
 
 
-def _group_names(gm):
-    groups, notes = find_groups(gm, ("norm", "linear"))
+def _group_names(gm, example_inputs=None):
+    groups, notes = find_groups(gm, ("norm", "linear", "attention"), example_inputs)
     return sorted((g.kind, g.name) for g in groups), notes
 
 
 def test_llama_groups_are_found_from_the_graph():
-    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
-    names, _ = _group_names(gm)
+    gm, example_inputs = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    names, _ = _group_names(gm, example_inputs)
     assert ("norm", "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj") in names
     assert ("norm", "model.layers.1.mlp.gate_proj+model.layers.1.mlp.up_proj") in names
     assert ("linear", "model.layers.0.mlp.down_proj") in names
-    assert len(names) == 6  # per layer: qkv, gate/up, up->down
+    assert ("attention", "model.layers.1.self_attn.o_proj") in names
+    assert len(names) == 8  # per layer: qkv, gate/up, up->down, v->o
+
+
+def test_attention_channel_map_follows_grouped_query_heads():
+    gm, example_inputs = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    groups, _ = find_groups(gm, ("attention",), example_inputs)
+    group = next(g for g in groups if g.name == "model.layers.0.self_attn.o_proj")
+    # 4 query heads share 2 kv heads of 16 channels: o input head h reads v head h // 2
+    expected = torch.cat([torch.arange(16) + 16 * (h // 2) for h in range(4)])
+    assert torch.equal(group.channel_map, expected)
+
+
+def test_attention_groups_need_example_inputs():
+    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    names, notes = _group_names(gm)
+    assert not any(kind == "attention" for kind, _ in names)
+    assert any("channel map" in n for n in notes)
 
 
 def test_gpt2_layernorm_groups_are_found_through_conv1d_views():
@@ -53,7 +70,7 @@ def test_smoothing_preserves_the_function_in_float64(factory, alpha):
     before = copy.deepcopy(gm)
     with torch.inference_mode():
         expected = before(*example_inputs)
-        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha))
+        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha), example_inputs)
         gm.graph.lint()
         got = gm(*example_inputs)
     assert result.modified and result.counts["smoothed"] >= 2
@@ -87,7 +104,18 @@ def test_alpha_search_returns_the_grid_minimum():
     scheme = RECIPE.scheme_for("layer")
     best, errors = search_alpha(x, x.amin(0), x.amax(0), [w], [scheme], (0.0, 0.25, 0.5, 0.75, 1.0))
     assert errors[best] == min(errors.values())
-    assert errors[best] < errors[0.0]  # smoothing helps an outlier channel
+    assert best is not None and errors[best] < errors[None]  # smoothing helps an outlier channel
+
+
+def test_alpha_search_keeps_s_equal_to_one_when_nothing_helps():
+    gen = torch.Generator().manual_seed(0)
+    # Activations of 0 or 1 on every channel are exact on the asymmetric per-tensor grid; a weight column that is 64x
+    # smaller than the rest makes every alpha < 1 grow that activation channel's range for nothing.
+    x = torch.randint(0, 2, (64, 16), generator=gen).double()
+    w = torch.randint(0, 2, (8, 16), generator=gen).double() * 2 - 1
+    w[:, 2] /= 64
+    best, errors = search_alpha(x, x.amin(0), x.amax(0), [w], [RECIPE.scheme_for("layer")], (0.25, 0.5, 0.75))
+    assert best is None and errors[None] < min(errors[a] for a in (0.25, 0.5, 0.75))
 
 
 def test_post_norm_outputs_feeding_a_residual_are_not_smoothed():
