@@ -1,19 +1,21 @@
 """Turn QDQ linear patterns into ``qcompiler::`` kernel calls.
 
 For each linear with ``meta["qcompiler.qlinear"]``: check the QDQ structure around it, look its key
-up in :data:`~qcompiler.lowering.patterns.REPLACEMENTS`, pack the weight for the device's kernel,
-trace the replacement in place of the pattern and drop the QDQ nodes. A key with no replacement keeps
+up in :data:`~qcompiler.lowering.patterns.LOWERINGS`, pack the weight for the device's kernel,
+trace the replacement in place of the pattern and drop the QDQ nodes (and weight buffers the kernel
+no longer reads). A key with no replacement keeps
 its QDQ form (it runs on the reference quantize/dequantize ops) and is reported, never hidden.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import QLINEAR, PassResult, QLinearSpec, tensor_info
-from qcompiler.lowering import ops
-from qcompiler.lowering.patterns import REPLACEMENTS, key_of
+from qcompiler.ir import DECISION, QLINEAR, PassResult, QLinearSpec, tensor_info
+from qcompiler.lowering.patterns import LOWERINGS, key_of
 
 _DEQUANTIZE = torch.ops.qcompiler.dequantize.default
 _QUANTIZE = torch.ops.qcompiler.quantize.default
@@ -46,57 +48,80 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         graph.erase_node(node)
 
 
+def _drop_unused_buffers(gm: fx.GraphModule, names: set[str]) -> None:
+    """Delete buffers no node reads any more (the int8 form of a weight repacked to 4 bits)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in names - used:
+        if name in gm._buffers:
+            del gm._buffers[name]
+
+
 def lower(gm: fx.GraphModule) -> PassResult:
+    """Details per quantized layer: ``(module, kernel, key or why not, decision)``, where ``decision``
+    is the layer's :class:`~qcompiler.ir.LayerDecision` with the bytes of the kernel's weight format
+    when the lowering repacked the weight (None otherwise)."""
     graph = gm.graph
     details, lowered = [], 0
+    replaced_buffers: set[str] = set()
     for node in list(graph.nodes):
         spec: QLinearSpec | None = node.meta.get(QLINEAR)
         if spec is None:
             continue
         key = key_of(spec)
-        replacement = REPLACEMENTS.get(key)
-        if replacement is None:
-            details.append((spec.module, "reference quantize/dequantize ops", f"no kernel for {key.describe()}"))
+        lowering = LOWERINGS.get(key)
+        if lowering is None:
+            details.append((spec.module, "reference quantize/dequantize ops", f"no kernel for {key.describe()}", None))
             continue
         x = _match(node, spec)
         if isinstance(x, str):
-            details.append((spec.module, "reference quantize/dequantize ops", x))
+            details.append((spec.module, "reference quantize/dequantize ops", x, None))
             continue
         example = tensor_info(x)
         if example is None:
-            details.append((spec.module, "reference quantize/dequantize ops", "input shape unknown"))
+            details.append((spec.module, "reference quantize/dequantize ops", "input shape unknown", None))
             continue
-        w_q, w_scale = gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale)
-        handle = ops.prepare_weight(w_q, w_scale)
+        device = gm.get_buffer(spec.w_q).device
+        prepared = lowering.prepare(gm, spec, device)
+        if isinstance(prepared, str):
+            details.append((spec.module, "reference quantize/dequantize ops", prepared, None))
+            continue
         bias = node.args[2] if len(node.args) > 2 else None
         out_value = tensor_info(node)
         tracer = fx.proxy.GraphAppendingTracer(graph)
         with graph.inserting_before(node):
-            w_q_node = graph.get_attr(spec.w_q)
-            w_scale_node = graph.get_attr(spec.w_scale)
-            static = {}
-            if spec.x_scale is not None:
-                # the static zero point is a constant of the kernel call; the scale stays a buffer
-                zp = gm.get_buffer(spec.x_zero_point) if spec.x_zero_point else None
-                static = dict(x_scale=fx.Proxy(graph.get_attr(spec.x_scale), tracer),
-                              x_zero_point=None if zp is None else int(zp.flatten()[0]),
-                              symmetric=spec.activation_symmetric)
-            out = replacement(
-                fx.Proxy(x, tracer), fx.Proxy(w_q_node, tracer), fx.Proxy(w_scale_node, tracer),
+            buffers = {kw: fx.Proxy(graph.get_attr(name), tracer) for kw, name in prepared.buffers.items()}
+            out = lowering.replace(
+                fx.Proxy(x, tracer),
                 fx.Proxy(bias, tracer) if isinstance(bias, fx.Node) else bias,
-                handle=handle, ndim=example.ndim,
+                ndim=example.ndim,
                 out_dtype=out_value.dtype if out_value is not None else example.dtype,
-                **static,
+                **buffers, **prepared.constants,
             )
         out.node.meta["qcompiler.lowered_from"] = spec
+        decision = node.meta.get(DECISION)
+        if prepared.stored_bytes is not None and decision is not None:
+            numel = gm.get_buffer(spec.w_q).numel()
+            extra = decision.weight_bytes - _quantized_bytes(gm, spec)  # float columns kept beside, if any
+            decision = dataclasses.replace(decision, bits_per_weight=8.0 * prepared.stored_bytes / numel,
+                                           weight_bytes=prepared.stored_bytes + extra)
+            out.node.meta[DECISION] = decision
+        else:
+            decision = None
         old_inputs = list(node.all_input_nodes)
         node.replace_all_uses_with(out.node)
         graph.erase_node(node)
         _erase_dead(graph, old_inputs)
-        details.append((spec.module, ops.kernel_for(w_q.device), key.describe()))
+        replaced_buffers.update(n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
+        details.append((spec.module, prepared.kernel, key.describe(), decision))
         lowered += 1
     if lowered:
         graph.lint()
+        _drop_unused_buffers(gm, replaced_buffers)
         gm.recompile()
     counts = {"lowered": lowered, "not_lowered": len(details) - lowered}
     return PassResult(gm, modified=lowered > 0, counts=counts, details=tuple(details))
+
+
+def _quantized_bytes(gm: fx.GraphModule, spec: QLinearSpec) -> int:
+    names = [n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n]
+    return sum(gm.get_buffer(n).numel() * gm.get_buffer(n).element_size() for n in names)

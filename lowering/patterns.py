@@ -1,22 +1,27 @@
 """Replacements for quantized linears, indexed by a small key type.
 
 The passes leave each quantized linear as ``linear(dequantize(quantize(x)), dequantize(w_q), b)``
-with a :class:`~qcompiler.ir.QLinearSpec` on it. :func:`key_of` reduces the spec to a
-:class:`QLinearKey`; :data:`REPLACEMENTS` maps a key to a plain eager function that computes the same
-thing with an integer kernel. The functions are traced into the graph with FX proxies, so the
-quantization math around the kernel (per-token absmax, rounding, output scaling, bias) stays ordinary
-aten ops that Inductor fuses into neighbouring kernels.
+(weight-only: ``linear(x, dequantize(w_q), b)``) with a :class:`~qcompiler.ir.QLinearSpec` on it.
+:func:`key_of` reduces the spec to a :class:`QLinearKey`; :data:`LOWERINGS` maps a key to a
+:class:`Lowering`: ``prepare`` puts the weight in the device kernel's format (new buffers and
+constants, :class:`Prepared`), ``replace`` is a plain eager function that computes the layer with the
+kernel. ``replace`` is traced into the graph with FX proxies, so the quantization math around the
+kernel (per-token absmax, rounding, output scaling, bias) stays ordinary aten ops that Inductor fuses
+into neighbouring kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 
 from qcompiler import primitives
 from qcompiler.ir import QLinearSpec
+from qcompiler.lowering import ops
+from qcompiler.lowering.kernels import cpu, reference
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,41 @@ def key_of(spec: QLinearSpec) -> QLinearKey:
     )
 
 
-def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out_dtype: torch.dtype, **_):
+@dataclass
+class Prepared:
+    """What ``replace`` is called with for one layer: ``buffers`` (keyword -> buffer name on the
+    GraphModule, passed as ``get_attr`` nodes), ``constants`` (keyword -> Python value baked into the
+    graph), the kernel's name, and the bytes the kernel's weight format holds (None: as quantized)."""
+
+    buffers: dict[str, str] = field(default_factory=dict)
+    constants: dict = field(default_factory=dict)
+    kernel: str = ""
+    stored_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Lowering:
+    prepare: Callable[[fx.GraphModule, QLinearSpec, torch.device], "Prepared | str"]  # str: why not
+    replace: Callable
+
+
+# --- int8 weights, int8 activations ---------------------------------------------------------------
+
+
+def _prepare_int8(gm: fx.GraphModule, spec: QLinearSpec, device: torch.device) -> Prepared:
+    w_q, w_scale = gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale)
+    prepared = Prepared(buffers={"w_q": spec.w_q, "w_scale": spec.w_scale},
+                        constants={"handle": ops.prepare_weight(w_q, w_scale)}, kernel=ops.kernel_for(device))
+    if spec.x_scale is not None:
+        # the static zero point is a constant of the kernel call; the scale stays a buffer
+        zp = gm.get_buffer(spec.x_zero_point) if spec.x_zero_point else None
+        prepared.buffers["x_scale"] = spec.x_scale
+        prepared.constants.update(x_zero_point=None if zp is None else int(zp.flatten()[0]),
+                                  symmetric=spec.activation_symmetric)
+    return prepared
+
+
+def w8a8_dynamic_per_token(x, bias, *, w_q, w_scale, handle: int, ndim: int, out_dtype: torch.dtype, **_):
     """int8 per-token activations x int8 per-channel weights, int32 accumulation."""
     block = primitives.per_token(ndim)
     qmin, qmax = primitives.quant_range(8, symmetric=True)
@@ -66,7 +105,7 @@ def w8a8_dynamic_per_token(x, w_q, w_scale, bias, *, handle: int, ndim: int, out
     return y.to(out_dtype)
 
 
-def w8a8_static_per_tensor(x, w_q, w_scale, bias, *, handle: int, ndim: int, out_dtype: torch.dtype,
+def w8a8_static_per_tensor(x, bias, *, w_q, w_scale, handle: int, ndim: int, out_dtype: torch.dtype,
                            x_scale, x_zero_point: int | None, symmetric: bool, **_):
     """8-bit activations with a calibrated per-tensor range x int8 per-channel weights.
 
@@ -84,8 +123,80 @@ def w8a8_static_per_tensor(x, w_q, w_scale, bias, *, handle: int, ndim: int, out
     return y.to(out_dtype)
 
 
-REPLACEMENTS: dict[QLinearKey, Callable] = {
-    QLinearKey(8, True, "per_channel", "dynamic_per_token", 8, True): w8a8_dynamic_per_token,
-    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, False): w8a8_static_per_tensor,
-    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, True): w8a8_static_per_tensor,
+# --- 2..4-bit weights, float activations -----------------------------------------------------------
+
+
+def _int4_storage(gm: fx.GraphModule, spec: QLinearSpec):
+    """The layer's integers shifted into [0, 15], its group size, per-group scale and zero ``[N, K // g]``."""
+    w_q = gm.get_buffer(spec.w_q)
+    n, k = w_q.shape
+    group = k if spec.weight_block_size[1] == -1 or spec.weight_block_size[1] >= k else spec.weight_block_size[1]
+    scale = gm.get_buffer(spec.w_scale).reshape(n, k // group).to(torch.float32)
+    if spec.weight_symmetric:  # q in [-(2^(b-1) - 1), 2^(b-1) - 1]: stored as q + 8
+        w_int, zero = w_q.to(torch.int16) + 8, torch.full_like(scale, 8.0)
+    else:  # q in [0, 2^b - 1] with an integer zero point
+        w_int = w_q.to(torch.int16)
+        zero = gm.get_buffer(spec.w_zero_point).reshape(n, k // group).to(torch.float32)
+    return w_int, group, scale, zero
+
+
+def _register(gm: fx.GraphModule, base: str, tensor: torch.Tensor) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    gm.register_buffer(name, tensor)
+    return name
+
+
+def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, device: torch.device) -> Prepared | str:
+    w_q = gm.get_buffer(spec.w_q)
+    n, k = w_q.shape
+    if k % 2:
+        return f"K={k} is odd: two 4-bit weights are packed per byte"
+    w_int, group, scale, zero = _int4_storage(gm, spec)
+    base = spec.w_q.removesuffix("_w_q")
+    if device.type == "cpu":
+        why = ops.int4_cpu_reason(n, k, group)
+        if why is None:
+            packed, scale_zeros = cpu.pack_int4_for_cpu(w_int, scale, zero)
+            buffers = {"packed": _register(gm, base + "_w4_cpu", packed),
+                       "scale_zeros": _register(gm, base + "_w4_scale_zeros", scale_zeros)}
+            stored = packed.numel() * packed.element_size() + scale_zeros.numel() * scale_zeros.element_size()
+            return Prepared(buffers=buffers, constants={"group_size": group, "cpu_layout": True},
+                            kernel=ops.kernel_for(device, 4), stored_bytes=stored)
+        kernel = ops.kernel_for(device, 4, why)
+    else:
+        kernel = ops.kernel_for(device, 4)
+    packed = reference.pack_int4(w_int)
+    zero_stored = zero if not spec.weight_symmetric else zero
+    buffers = {"w_packed": _register(gm, base + "_w4", packed),
+               "scale": _register(gm, base + "_w4_scale", scale),
+               "zero": _register(gm, base + "_w4_zero", zero_stored)}
+    stored = packed.numel() + scale.numel() * scale.element_size() + zero.numel() * zero.element_size()
+    return Prepared(buffers=buffers, constants={"group_size": group, "cpu_layout": False}, kernel=kernel,
+                    stored_bytes=stored)
+
+
+def w4a16(x, bias, *, group_size: int, cpu_layout: bool, out_dtype: torch.dtype, w_packed=None, scale=None,
+          zero=None, packed=None, scale_zeros=None, **_):
+    """Float activations x 4-bit per-group weights (two per byte), float accumulation."""
+    if cpu_layout:
+        y = torch.ops.qcompiler.int4_gemm_cpu(x, packed, scale_zeros, group_size)
+    else:
+        y = torch.ops.qcompiler.int4_gemm(x, w_packed, scale, zero, group_size)
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+_INT8 = Lowering(_prepare_int8, w8a8_dynamic_per_token)
+_INT8_STATIC = Lowering(_prepare_int8, w8a8_static_per_tensor)
+_INT4 = Lowering(_prepare_int4, w4a16)
+
+LOWERINGS: dict[QLinearKey, Lowering] = {
+    QLinearKey(8, True, "per_channel", "dynamic_per_token", 8, True): _INT8,
+    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, False): _INT8_STATIC,
+    QLinearKey(8, True, "per_channel", "static_per_tensor", 8, True): _INT8_STATIC,
+    **{QLinearKey(bits, sym, gran, None, None, None): _INT4
+       for bits in (2, 3, 4) for sym in (True, False) for gran in ("per_group", "per_channel")},
 }

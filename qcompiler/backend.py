@@ -50,7 +50,8 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
         graph_index=report.next_index(),
         recipe=opts.recipe.name,
         kernels=opts.kernels,
-        device_note=ops.kernel_for(device) if opts.kernels == "fast" else "reference quantize/dequantize ops",
+        device_note=(ops.kernel_for(device, opts.recipe.weight.bits) if opts.kernels == "fast"
+                     else "reference quantize/dequantize ops"),
     )
     steps = pipeline.build(opts, device, example_inputs)
     float_graph = _copy_graph(gm.graph)

@@ -56,7 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
     _add_calibration_args(cal, "--text")
     cal.add_argument("--out", required=True, help="folder to write the statistics to")
+    bench = sub.add_parser("bench", help="time qcompiler's kernels against their float baselines")
+    bench.add_argument("what", choices=["kernels"], help="what to benchmark")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--shapes", default=None,
+                       help="comma-separated MxNxK list (default: SmolLM2's layers and 4096x4096 at M=1,16,512)")
+    bench.add_argument("--repeats", type=int, default=30, help="interleaved timing repeats (median reported)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bench.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
     return parser
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: {item.strip()!r} is not MxNxK with positive integers (e.g. 1x4096x4096)")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from qcompiler import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = _parse_shapes(args.shapes) if args.shapes else bench.DEFAULT_SHAPES
+    result = bench.bench_kernels(args.device, shapes, repeats=args.repeats,
+                                 progress=lambda s: print(f"timing {s} ...", file=sys.stderr))
+    print(bench.format_table(result))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
 
 
 def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int):
@@ -128,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args, "smollm2-135m", "w8a8-dynamic", None, "fast")
         if args.command == "calibrate":
             return run_calibrate(args)
-    except (ValueError, TypeError, FileNotFoundError, QCompilerError) as exc:
+        if args.command == "bench":
+            return run_bench(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, QCompilerError) as exc:
         print(f"qcompiler: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -327,6 +327,22 @@ PRESETS.update({
     "w8a8-static-kl": _static("w8a8-static-kl", "kl"),
 })
 
+
+
+def _weight_only(name: str, bits: int = 4, group_size: int = 128, **kwargs) -> Recipe:
+    return Recipe(
+        name=name,
+        weight=WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False),
+        activation=None,
+        **kwargs,
+    )
+
+
+PRESETS.update({
+    # 4-bit weights in groups of 128 along the input dimension (asymmetric), float activations
+    "w4a16-rtn": _weight_only("w4a16-rtn"),
+})
+
 DEFAULT_RECIPE = "w8a8-dynamic"
 
 

@@ -133,7 +133,12 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport) -> fx.Grap
         if step.name == "insert_qdq":
             report.layers.extend(result.details)
         elif step.name == "lower":
-            report.kernel_of.update({module: (kernel, why) for module, kernel, why in result.details})
+            repacked = {}
+            for module, kernel, why, decision in result.details:
+                report.kernel_of[module] = (kernel, why)
+                if decision is not None:
+                    repacked[module] = decision
+            report.layers[:] = [repacked.get(d.module, d) for d in report.layers]
         elif result.details:
             report.transforms[step.name] = list(result.details)
         done.append(step.name)

@@ -1,6 +1,11 @@
 import os
 import sys
 
+# Triton kernels are tested on CPU tensors under the interpreter. triton.jit reads this when a kernel
+# module is imported, so it is set before anything imports them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

@@ -210,3 +210,64 @@ def int8_gemm(x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: 
     else:
         out = _fbgemm_gemm(x2d, x_zero_point, packed)
     return out.reshape(*lead, packed.n)
+
+
+# --- int4 weight-only ------------------------------------------------------------------------------
+#
+# ATen's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 weight-only layout
+# uses) takes 4-bit integers ``q`` in [0, 15] packed in its own tile order and computes
+# ``x @ ((q - 8) * scale + zero).T`` per group, with a float ``zero`` offset. Our format is
+# ``(q - z) * s``: the same weight with ``zero = (8 - z) * s``.
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the ATen kernel takes
+# Its fp32 path is not vectorized (measured 4-50x slower than bf16 on this machine), so activations,
+# scales and offsets go in as bf16; accumulation is fp32 either way.
+INT4_COMPUTE_DTYPE = torch.bfloat16
+
+
+def int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def int4_supported(n: int, k: int, group_size: int) -> str | None:
+    """None when the fast CPU int4 kernel takes an ``[n, k]`` weight; otherwise why not."""
+    if not int4_available():
+        return "this torch build has no CPU int4 kernel"
+    if n % 16:
+        return f"N={n} output channels is not a multiple of 16 (the CPU int4 kernel's tile)"
+    if group_size not in INT4_GROUPS:
+        return f"group size {group_size} is not one of {INT4_GROUPS} (the CPU int4 kernel's)"
+    if k % group_size:
+        return f"K={k} is not a multiple of the group size {group_size}"
+    return None
+
+
+def pack_int4_for_cpu(w_int: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w_int [N, K]`` in [0, 15], ``scale``/``zero [N, K // group]`` (``w = (w_int - zero) * scale``)
+    -> the ATen kernel's packed weight and its ``[K // group, N, 2]`` scales-and-offsets in
+    :data:`INT4_COMPUTE_DTYPE`, the dtype the kernel computes in."""
+    if w_int.dim() != 2 or w_int.numel() and (int(w_int.min()) < 0 or int(w_int.max()) > 15):
+        raise ValueError("pack_int4_for_cpu: expected [N, K] integers in [0, 15]")
+    if w_int.shape[0] % 16:
+        raise ValueError(f"pack_int4_for_cpu: N={w_int.shape[0]} rows is not a multiple of 16 (the kernel's tile)")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w_int.to(torch.int32).contiguous(), 1)
+    scale = scale.to(torch.float32)
+    offset = (8.0 - zero.to(torch.float32)) * scale
+    scale_zeros = torch.stack([scale.t(), offset.t()], dim=-1).to(INT4_COMPUTE_DTYPE).contiguous()
+    return packed, scale_zeros
+
+
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x [..., K]`` (fp32/bf16/fp16) times the packed weight -> ``[..., N]`` in ``x``'s dtype.
+
+    ``x`` is rounded to the scales' dtype (:data:`INT4_COMPUTE_DTYPE`) on the way in.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = scale_zeros.shape[1]
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] == 0:
+        return x.new_zeros((*lead, n))
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x2d.to(scale_zeros.dtype).contiguous(), packed, group_size, scale_zeros)
+    return out.to(x.dtype).reshape(*lead, n)

@@ -15,3 +15,33 @@ def int8_gemm(x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, w_scale: 
         raise ValueError(f"K={k} is too large for the exact float64 reference (max {_MAX_EXACT_K})")
     acc = (x_q.to(torch.float64) - x_zero_point) @ w_q.to(torch.float64).t()
     return acc.to(torch.float32) * w_scale.to(torch.float32)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` integers in [0, 15] -> ``[N, K // 2]`` uint8: byte ``j`` holds ``q[:, 2j]`` in its low
+    nibble and ``q[:, 2j + 1]`` in its high nibble (K even)."""
+    if q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"pack_int4: expected [N, K] with K even, got {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("pack_int4: values must lie in [0, 15] (store symmetric int4 as q + 8)")
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """``[N, K // 2]`` uint8, two 4-bit values per byte (low nibble first) -> ``[N, K]`` uint8 in [0, 15]."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def int4_gemm(a: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [M, K] @ W.T`` with ``W = (unpack(w_packed) - zero) * scale`` per group, in fp32; ``a``'s dtype out."""
+    w_int = unpack_int4(w_packed).to(torch.float32)
+    n, k = w_int.shape
+    groups = w_int.reshape(n, k // group_size, group_size)
+    w = ((groups - zero.float()[..., None]) * scale.float()[..., None]).reshape(n, k)
+    out = a.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(a.dtype)

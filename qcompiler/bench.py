@@ -1,0 +1,228 @@
+"""``qcompiler bench kernels``: each ``qcompiler::`` kernel against its float baseline, side by side.
+
+For every shape ``(M, N, K)`` (``M`` rows of activations, an ``[N, K]`` weight) one process times, in
+interleaved repeats (so drift hits both alike) and reports medians:
+
+- ``w8a8``: ``qcompiler::int8_gemm`` on per-token int8 activations, times the per-token scale (the
+  op and epilogue the lowering emits; the activation rounding before it is fused by Inductor into
+  the preceding op in a compiled model, so it is not timed here) against ``F.linear`` in the float
+  dtype; on CUDA also the bare Triton int8 GEMM against ``torch._int_mm`` (cuBLAS int8) on the same
+  int8 operands, and the Triton per-token quantization kernel against the same math in eager torch.
+- ``w4a16``: the 4-bit weight-only layer (group 128) against ``F.linear``: ATen's int4 kernel on CPU,
+  the Triton kernel on CUDA.
+
+Ratios are ``baseline time / kernel time`` (above 1: the kernel is faster). Achieved TFLOP/s count
+``2 M N K`` operations; GB/s count the bytes of the weight as the kernel stores it plus activations
+in and out, the number that matters at ``M = 1``.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qcompiler import primitives
+from qcompiler.lowering import ops
+from qcompiler.lowering.kernels import cpu, reference
+
+DEFAULT_SHAPES = (
+    # SmolLM2-135M's layers (hidden 576, MLP 1536) and a 7B-class square layer
+    (1, 1536, 576), (1, 576, 1536), (1, 4096, 4096),
+    (16, 1536, 576), (16, 4096, 4096),
+    (512, 1536, 576), (512, 576, 1536), (512, 4096, 4096),
+)
+
+
+@dataclass
+class Row:
+    op: str
+    m: int
+    n: int
+    k: int
+    kernel: str
+    baseline: str
+    kernel_us: float
+    baseline_us: float
+    ratio: float  # baseline / kernel
+    kernel_tflops: float
+    kernel_gbps: float
+    max_abs_error: float  # kernel vs its exact reference (not vs float: that is the quantization error)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pair(kernel: Callable, baseline: Callable, device: torch.device, repeats: int,
+              budget_s: float = 5.0) -> tuple[float, float]:
+    """Median seconds of ``kernel`` and ``baseline``, alternating calls; fewer repeats if slow."""
+    for fn in (kernel, baseline, kernel, baseline):  # warm-up (and compile / autotune)
+        fn()
+    _sync(device)
+    times: tuple[list[float], list[float]] = ([], [])
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        for fn, out in ((kernel, times[0]), (baseline, times[1])):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+        if i >= 4 and time.perf_counter() - start_all > budget_s:
+            break
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _int8_weight(n: int, k: int, device: torch.device, gen: torch.Generator):
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w_scale = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    limit = ops.int8_pair_limit(device)
+    if limit is not None:
+        from qcompiler.passes.weight_rounding import limit_pair_sums
+
+        w_q, _ = limit_pair_sums(w_q, limit)
+    return w_q.to(device), w_scale.to(device)
+
+
+def _row(op, m, n, k, kernel, baseline, t_kernel, t_base, stored_bytes, act_bytes, error) -> Row:
+    return Row(op, m, n, k, kernel, baseline, t_kernel * 1e6, t_base * 1e6, t_base / t_kernel,
+               2 * m * n * k / t_kernel / 1e12, (stored_bytes + act_bytes) / t_kernel / 1e9, error)
+
+
+def bench_w8a8(m, n, k, device, dtype, repeats, gen, triton: bool = False) -> list[Row]:
+    w_q, w_scale = _int8_weight(n, k, device, gen)
+    w_float = (w_q.float() * w_scale[:, None]).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    handle = ops.prepare_weight(w_q, w_scale)
+    block = primitives.per_token(2)
+    x_scale, _ = primitives.choose_qparams_math(x.float(), block, -127, 127, True)
+    x_q = primitives.quantize_math(x.float(), x_scale, None, block, -127, 127, torch.int8)
+
+    def layer():
+        return (torch.ops.qcompiler.int8_gemm(x_q, 0, w_q, w_scale, handle) * x_scale).to(dtype)
+
+    exact = (reference.int8_gemm(x_q.cpu(), 0, w_q.cpu(), w_scale.cpu()) * x_scale.cpu()).to(dtype)
+    error = float((layer().cpu().float() - exact.float()).abs().max())
+    t_k, t_b = time_pair(layer, lambda: F.linear(x, w_float), device, repeats)
+    weight_bytes = w_q.numel() + 4 * n
+    rows = [_row("w8a8", m, n, k, ops.kernel_for(device), f"F.linear {str(dtype).removeprefix('torch.')}",
+                 t_k, t_b, weight_bytes, x_q.numel() + m * n * x.element_size(), error)]
+    if triton:
+        from qcompiler.lowering.kernels import triton_int8, triton_quant
+
+        def eager_quant():
+            s, _ = primitives.choose_qparams_math(x, block, -127, 127, True)
+            return primitives.quantize_math(x, s, None, block, -127, 127, torch.int8)
+
+        q_triton, _ = triton_quant.quantize_per_token(x)
+        mismatch = float((q_triton.float() - x_q.float()).abs().max())
+        t_k, t_b = time_pair(lambda: triton_quant.quantize_per_token(x), eager_quant, device, repeats)
+        rows.append(_row("quant/token", m, 0, k, "Triton quantize_per_token", "eager torch absmax + round", t_k, t_b,
+                         0, x.numel() * x.element_size() + x.numel() + 4 * m, mismatch))
+
+        mm_m = max(m, 17)  # torch._int_mm needs more than 16 rows
+        x_mm = torch.randint(-127, 128, (mm_m, k), generator=gen, dtype=torch.int8).to(device)
+        w_t = w_q.t()  # [K, N], column-major: the layout cuBLAS takes without a copy
+        ones_m, ones_n = torch.ones(mm_m, device=device), torch.ones(n, device=device)
+
+        def triton_gemm():
+            return triton_int8.int8_gemm(x_mm, ones_m, w_q, ones_n)
+
+        exact = float((triton_gemm() - torch._int_mm(x_mm, w_t).float()).abs().max())
+        t_k, t_b = time_pair(triton_gemm, lambda: torch._int_mm(x_mm, w_t), device, repeats)
+        rows.append(_row("int8 GEMM", mm_m, n, k, "Triton int8_gemm", "torch._int_mm (cuBLAS int8)", t_k, t_b,
+                         w_q.numel(), x_mm.numel() + 4 * mm_m * n, exact))
+    return rows
+
+
+def bench_w4a16(m, n, k, device, dtype, repeats, gen, triton: bool = False, group: int = 128) -> list[Row]:
+    w_int = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    w_float = ((w_int.float() - zero.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1))
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    exact = reference.int4_gemm(x.cpu().float(), reference.pack_int4(w_int), scale, zero, group)
+    if device.type == "cpu" and not triton:
+        why = ops.int4_cpu_reason(n, k, group)
+        if why is not None:
+            return []
+        packed, scale_zeros = cpu.pack_int4_for_cpu(w_int, scale, zero)
+        stored = packed.numel() * packed.element_size() + scale_zeros.numel() * scale_zeros.element_size()
+
+        def layer():
+            return torch.ops.qcompiler.int4_gemm_cpu(x, packed, scale_zeros, group)
+
+        kernel = ops.kernel_for(device, 4)
+    else:
+        from qcompiler.lowering.kernels import triton_int4
+
+        kernel = "Triton int4_gemm"
+        packed = reference.pack_int4(w_int).to(device)
+        scale_d, zero_d = scale.to(device), zero.to(device)
+        stored = packed.numel() + 8 * scale.numel()
+
+        def layer():
+            return triton_int4.int4_gemm(x, packed, scale_d, zero_d, group)
+    w_dev = w_float.to(device, dtype)
+    error = float((layer().cpu().float() - exact).abs().max())
+    t_k, t_b = time_pair(layer, lambda: F.linear(x, w_dev), device, repeats)
+    return [_row("w4a16 g128", m, n, k, kernel, f"F.linear {str(dtype).removeprefix('torch.')}",
+                 t_k, t_b, stored, x.numel() * x.element_size() + m * n * x.element_size(), error)]
+
+
+def bench_kernels(device: str = "cpu", shapes=DEFAULT_SHAPES, repeats: int = 30, dtype: torch.dtype | None = None,
+                  progress: Callable[[str], None] | None = None, triton: bool | None = None) -> dict:
+    """Time every kernel on ``device`` for each shape. ``triton`` (default: on CUDA) adds the Triton
+    kernels' rows; on CPU tensors they run only under ``TRITON_INTERPRET=1`` (tests, not timing)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"bench kernels runs on cpu or cuda, not {device!r}")
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    triton = dev.type == "cuda" if triton is None else triton
+    gen = torch.Generator().manual_seed(0)
+    rows: list[Row] = []
+    for m, n, k in shapes:
+        if progress:
+            progress(f"M={m} N={n} K={k}")
+        with torch.inference_mode():
+            rows += bench_w8a8(m, n, k, dev, dtype, repeats, gen, triton)
+            rows += bench_w4a16(m, n, k, dev, dtype, repeats, gen, triton)
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "device": device, "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "dtype": str(dtype), "repeats": repeats, "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['device']} ({result['machine']}), torch {result['torch']}, {result['threads']} threads, "
+             f"medians of up to {result['repeats']} interleaved repeats"]
+    head = f"{'op':<11} {'M':>4} {'N':>5} {'K':>5}  {'kernel us':>10} {'base us':>10} {'ratio':>6} {'TFLOP/s':>8} {'GB/s':>7}  baseline"
+    lines.append(head)
+    for r in result["rows"]:
+        lines.append(f"{r['op']:<11} {r['m']:>4} {r['n']:>5} {r['k']:>5}  {r['kernel_us']:>10.1f} {r['baseline_us']:>10.1f} "
+                     f"{r['ratio']:>5.2f}x {r['kernel_tflops']:>8.3f} {r['kernel_gbps']:>7.1f}  {r['baseline']}")
+    kernels = sorted({(r["op"], r["kernel"]) for r in result["rows"]})
+    lines.extend(f"  {op}: {kernel}" for op, kernel in kernels)
+    return "\n".join(lines)
