@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler import primitives
-from qcompiler.config import LayerScheme, Recipe
+from qcompiler.config import HQQ, LayerScheme, Recipe
 from qcompiler.errors import StatsError
 from qcompiler.ir import (
     DECISION,
@@ -41,7 +41,10 @@ from qcompiler.ir import (
     linear_weight,
     tensor_info,
 )
+from qcompiler.passes.graph_utils import same_tensor_info
 from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
+from qcompiler.passes.weight_rounding.hqq import hqq_quantize
+from qcompiler.passes.weight_rounding.sequential import check_rounded
 from qcompiler.observers import ActivationRanges
 from qcompiler.weight_cache import WEIGHTS, WeightCache
 
@@ -152,15 +155,45 @@ def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: Mapping[str, A
         )
 
 
+def _rounded_weight(site, scheme, weight, owner, weight_key, recipe: Recipe, rounded, cache, limit):
+    """``(QuantizedWeight, AWQ input scale or None, note)`` by the recipe's rounding method."""
+    method = recipe.rounding
+    if isinstance(method, HQQ):
+        qw = cache.get(owner, ("hqq", scheme.weight, method) + weight_key,
+                       lambda: hqq_quantize(weight.detach(), scheme.weight, method))
+        return qw, None, "HQQ zero points"
+    if recipe.data_driven_rounding:
+        problem = check_rounded(rounded or {}, site.module, weight)
+        if problem is not None:
+            raise StatsError(f"{site.module}: {problem}. Calibrate this model with the recipe "
+                             f"({recipe.name!r}) and pass those statistics.")
+        entry = rounded[site.module]
+        return entry.weight, entry.input_scale, f"{entry.method.upper()} {entry.note}".strip()
+    qw = cache.get(owner, ("rtn", scheme.weight, limit) + weight_key,
+                   lambda: round_to_nearest(weight.detach(), scheme.weight, pair_limit=limit))
+    return qw, None, ""
+
+
+def _divide_input(gm, graph, prefix: str, x: fx.Node, input_scale: torch.Tensor) -> fx.Node:
+    info = tensor_info(x)
+    dtype = info.dtype if info is not None else torch.float32
+    gm.register_buffer(prefix + "_x_inv_scale", (1.0 / input_scale).to(dtype))
+    scaled = graph.call_function(torch.mul, (x, graph.get_attr(prefix + "_x_inv_scale")))
+    same_tensor_info(scaled, x)
+    return scaled
+
+
 def insert_qdq(
     gm: fx.GraphModule,
     recipe: Recipe,
     int8_pair_limit: int | None = None,
     cache: WeightCache = WEIGHTS,
     ranges: Mapping[str, ActivationRanges] | None = None,
+    rounded: Mapping | None = None,
 ) -> PassResult:
     """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate.
-    ``ranges``: calibrated statistics of the linears' inputs by module, required for static layers."""
+    ``ranges``: calibrated statistics of the linears' inputs by module, required for static layers.
+    ``rounded``: GPTQ/AWQ weights by module (``CalibrationStats.weights``), required by those recipes."""
     _check_stats_cover(gm, recipe, ranges)
     graph = gm.graph
     decisions = []
@@ -185,14 +218,13 @@ def insert_qdq(
             decisions.append(decision)
             continue
         limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
-        qw = cache.get(
-            owner,
-            ("rtn", scheme.weight, limit) + weight_key,
-            lambda: round_to_nearest(weight.detach(), scheme.weight, pair_limit=limit),
-        )
+        qw, input_scale, rounding_note = _rounded_weight(site, scheme, weight, owner, weight_key, recipe, rounded,
+                                                         cache, limit)
         prefix = _buffer_prefix(gm, site.module)
         with graph.inserting_before(node):
             w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
+            if input_scale is not None:  # AWQ: the layer reads x / s
+                x = _divide_input(gm, graph, prefix, x, input_scale)
             new_x, act_kind, act_names = x, None, (None, None)
             act = scheme.activation
             if act is not None:
@@ -218,6 +250,7 @@ def insert_qdq(
             x_zero_point=act_names[1],
         )
         note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
+        note = "; ".join(filter(None, [rounding_note, note]))
         float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
         if float_side:
             note = "; ".join(filter(None, [note, f"{float_side} bytes of outlier columns kept in float"]))

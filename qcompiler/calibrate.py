@@ -84,6 +84,8 @@ def calibrate(
         sample_rows = SAMPLE_ROWS if recipe.smoothquant is not None and recipe.smoothquant.alpha == "auto" else 0
 
     start = time.perf_counter()
+    if recipe.data_driven_rounding:
+        return _calibrate_rounding(model, batches, recipe, bins, progress, start)
     raw, count, tokens = _observe(model, batches, recipe, lambda inputs: pipeline.transform_steps(recipe, None)[:1],
                                   bins, sample_rows, progress, "calibrating")
     info = {
@@ -102,6 +104,53 @@ def calibrate(
     if transformed is None:
         return CalibrationStats(raw, info)
     return CalibrationStats(transformed, info, raw=raw)
+
+
+def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: bool, start: float) -> CalibrationStats:
+    """GPTQ/AWQ: round every layer's weight on the batches, layer by layer (and observe the inputs too
+    when the recipe also has static activation ranges)."""
+    from qcompiler.passes.weight_rounding import sequential
+
+    if not batches:
+        raise CalibrationError("no calibration batches: pass a non-empty list of batches (e.g. 128 x 512 tokens)")
+    canonicalize_step = pipeline.transform_steps(recipe, None)[0]
+
+    def prepare(gm, example_inputs):
+        capture.bind_parameters(gm, example_inputs)
+        canonicalize_step.run(gm)
+
+    use_cache_kw = _accepts(model, "use_cache")
+    for batch in batches:  # type errors first, before capturing
+        if not isinstance(batch, (torch.Tensor, Mapping)) and not (
+                isinstance(batch, (tuple, list)) and all(isinstance(b, torch.Tensor) for b in batch)):
+            _run(None, batch, use_cache_kw)
+    gm, calls = sequential.record(model, batches, lambda compiled, batch: _run(compiled, batch, use_cache_kw), prepare)
+    weights = sequential.round_weights(gm, calls, recipe, progress)
+    if not weights:
+        raise CalibrationError(
+            "no linear layer could be rounded (none found, all skipped by the recipe's skip list "
+            f"{recipe.skip}, or none whose width is a multiple of the group size)"
+        )
+    activations = {}
+    if recipe.has_static_activations:
+        activations, _, _ = _observe(model, batches, recipe, lambda inputs: pipeline.transform_steps(recipe, None)[:1],
+                                     bins, 0, progress, "calibrating")
+    tokens = sum(call_tokens(batch) for batch in batches)
+    info = {
+        "batches": len(batches), "tokens": tokens, "recipe": recipe.name, "bins": bins,
+        "transforms": repr(((), recipe.skip)), "rounding": recipe.rounding_fingerprint(),
+        "qcompiler_version": qcompiler.__version__, "seconds": round(time.perf_counter() - start, 2),
+    }
+    return CalibrationStats(activations, info, weights=weights)
+
+
+def call_tokens(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, Mapping):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return 0 if first is None else first.numel()
+    return batch[0].numel() if batch else 0
 
 
 def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int, progress: bool, desc: str):

@@ -226,6 +226,70 @@ class MixedInt8:
 
 
 @dataclass(frozen=True)
+class GPTQ:
+    """GPTQ weight rounding (Frantar et al. 2022) from the Hessian ``X^T X`` of each layer's inputs.
+
+    ``damp``: fraction of the mean Hessian diagonal added to it; ``block_size``: columns per lazy
+    update; ``act_order``: round columns by decreasing Hessian diagonal; ``static_groups``: group
+    scales from the original weight up front (always so with ``act_order``).
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
+            raise ValueError(f"GPTQ.damp must be in (0, 1), got {self.damp!r}")
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"GPTQ.block_size must be a positive int, got {self.block_size!r}")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """Activation-aware weight quantization (Lin et al. 2023): per input channel scales
+    ``s = mean|X|^alpha`` (``alpha`` searched on ``grid`` points in [0, 1]) applied to the weight
+    columns (and ``1/s`` to the layer's input), then a per-group clipping search over ``clip_grid``
+    ratios down to ``min_clip``; both minimize the layer's output error on the calibration inputs."""
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    min_clip: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.grid, int) and self.grid >= 1):
+            raise ValueError(f"AWQ.grid must be a positive int, got {self.grid!r}")
+        if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1):
+            raise ValueError(f"AWQ.clip_grid must be a positive int, got {self.clip_grid!r}")
+        if not 0 < self.min_clip <= 1:
+            raise ValueError(f"AWQ.min_clip must be in (0, 1], got {self.min_clip!r}")
+
+
+@dataclass(frozen=True)
+class HQQ:
+    """Half-quadratic quantization (Badri & Shaji 2023), data-free: the zero point of each group is
+    optimized for a sparsity-promoting ``lp_norm`` (< 1) of the weight error by alternating a
+    generalized soft-threshold with a closed-form zero update, ``iters`` times, ``beta`` growing by
+    ``kappa`` each step. Needs asymmetric weights (it moves the zero point)."""
+
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.iters, int) and self.iters >= 1):
+            raise ValueError(f"HQQ.iters must be a positive int, got {self.iters!r}")
+        if not 0 < self.lp_norm <= 1:
+            raise ValueError(f"HQQ.lp_norm must be in (0, 1], got {self.lp_norm!r}")
+
+
+ROUNDINGS = (GPTQ, AWQ, HQQ)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What to quantize and how. Module-name patterns use fnmatch syntax (``*.mlp.*``, ``lm_head``)."""
 
@@ -237,12 +301,22 @@ class Recipe:
     smoothquant: SmoothQuant | None = None
     split_outliers: OutlierSplit | None = None
     mixed_int8: MixedInt8 | None = None
+    rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest
 
     def __post_init__(self) -> None:
         for name, kind in (("smoothquant", SmoothQuant), ("split_outliers", OutlierSplit), ("mixed_int8", MixedInt8)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise TypeError(f"Recipe.{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+        if self.rounding is not None and not isinstance(self.rounding, ROUNDINGS):
+            raise TypeError(f"Recipe.rounding must be GPTQ(), AWQ(), HQQ() or None (round to nearest), got "
+                            f"{type(self.rounding).__name__}")
+        if self.rounding is not None and self.transforms:
+            raise ValueError("Recipe: GPTQ/AWQ/HQQ rounding cannot be combined with SmoothQuant, outlier splitting "
+                             "or LLM.int8() in one recipe yet; use one or the other")
+        if isinstance(self.rounding, HQQ) and self.weight.symmetric:
+            raise ValueError("Recipe: HQQ optimizes the zero point, so it needs asymmetric weights "
+                             "(WeightScheme(symmetric=False))")
         if not isinstance(self.weight, WeightScheme):
             raise TypeError(f"Recipe.weight must be a WeightScheme, got {type(self.weight).__name__}")
         if self.activation is not None and not isinstance(self.activation, ActivationScheme):
@@ -284,10 +358,19 @@ class Recipe:
         return tuple(t for t in (self.smoothquant, self.split_outliers, self.mixed_int8) if t is not None)
 
     @property
+    def data_driven_rounding(self) -> bool:
+        """GPTQ and AWQ round weights from calibration inputs (HQQ and RTN need none)."""
+        return isinstance(self.rounding, (GPTQ, AWQ))
+
+    @property
     def needs_calibration(self) -> bool:
-        """True when a static activation range or a data-driven transform needs statistics."""
+        """True when a static activation range, a data-driven transform or rounding needs statistics."""
         data_driven = [t for t in self.transforms if not (isinstance(t, OutlierSplit) and t.mode == "weight")]
-        return self.has_static_activations or bool(data_driven)
+        return self.has_static_activations or bool(data_driven) or self.data_driven_rounding
+
+    def rounding_fingerprint(self) -> str:
+        """Identifies what GPTQ/AWQ results depend on: the method, the weight schemes, the skip list."""
+        return repr((self.rounding, self.weight, tuple((o.pattern, o.weight) for o in self.overrides), self.skip))
 
     def transform_fingerprint(self) -> str:
         """Identifies the transforms (and the skip list) that statistics after transforms depend on."""
@@ -341,6 +424,9 @@ def _weight_only(name: str, bits: int = 4, group_size: int = 128, **kwargs) -> R
 PRESETS.update({
     # 4-bit weights in groups of 128 along the input dimension (asymmetric), float activations
     "w4a16-rtn": _weight_only("w4a16-rtn"),
+    "w4a16-gptq": _weight_only("w4a16-gptq", rounding=GPTQ()),
+    "w4a16-awq": _weight_only("w4a16-awq", rounding=AWQ()),
+    "w4a16-hqq": _weight_only("w4a16-hqq", rounding=HQQ()),
 })
 
 DEFAULT_RECIPE = "w8a8-dynamic"
@@ -382,8 +468,10 @@ class BackendOptions:
         _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
         object.__setattr__(self, "stats", stats_mod.resolve(self.stats))
         if self.recipe.needs_calibration and self.stats is None:
+            why = ("rounds weights on calibration data (GPTQ/AWQ)" if self.recipe.data_driven_rounding
+                   else "quantizes activations with static ranges")
             raise ValueError(
-                f"recipe {self.recipe.name!r} quantizes activations with static ranges and needs calibration "
+                f"recipe {self.recipe.name!r} {why} and needs calibration "
                 "statistics: stats = qcompiler.calibrate(model, batches, recipe), then "
                 "options={'recipe': ..., 'stats': stats} (or a folder saved with stats.save(path))"
             )

@@ -90,13 +90,29 @@ def static_ranges(options: BackendOptions) -> Mapping[str, ActivationRanges] | N
     )
 
 
+def rounded_weights(options: BackendOptions):
+    """GPTQ/AWQ weights from the statistics, checked to be for this recipe's rounding and schemes."""
+    recipe, stats = options.recipe, options.stats
+    if not recipe.data_driven_rounding:
+        return None
+    if stats is None:
+        raise StatsError(f"recipe {recipe.name!r} rounds weights on calibration data: pass "
+                         "options={'stats': qcompiler.calibrate(model, batches, recipe)} (or a saved folder)")
+    if stats.info.get("rounding") != recipe.rounding_fingerprint():
+        raise StatsError(f"these statistics were not calibrated with recipe {recipe.name!r}'s rounding and weight "
+                         f"scheme (they say {stats.info.get('rounding')!r}); calibrate with this recipe")
+    return stats.weights
+
+
 def build(options: BackendOptions, device, example_inputs=None) -> list[Step]:
     stats = options.stats
     steps = transform_steps(options.recipe, None if stats is None else stats.raw, example_inputs)
     ranges = static_ranges(options)
+    rounded = rounded_weights(options)
     steps.append(Step(
         "insert_qdq",
-        lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device), ranges=ranges),
+        lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device), ranges=ranges,
+                              rounded=rounded),
         requires=("canonicalize",),
     ))
     if options.kernels == "fast":

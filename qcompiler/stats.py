@@ -47,6 +47,39 @@ def _unpack(prefix: str, layers: dict, tensors: dict) -> dict[str, ActivationRan
     return out
 
 
+def _pack_weights(weights: Mapping, tensors: dict) -> dict:
+    layers = {}
+    for i, (module, r) in enumerate(sorted(weights.items())):
+        qw = r.weight
+        tensors[f"w{i}.q"] = qw.q.contiguous()
+        tensors[f"w{i}.scale"] = qw.scale.contiguous()
+        if qw.zero_point is not None:
+            tensors[f"w{i}.zero_point"] = qw.zero_point.contiguous()
+        if r.input_scale is not None:
+            tensors[f"w{i}.input_scale"] = r.input_scale.contiguous()
+        layers[module] = {"index": i, "method": r.method, "checksum": r.checksum, "note": r.note,
+                          "bits": qw.bits, "symmetric": qw.symmetric, "block_size": list(qw.block_size),
+                          "zero_point": qw.zero_point is not None, "input_scale": r.input_scale is not None}
+    return layers
+
+
+def _unpack_weights(layers: dict, tensors: dict) -> dict:
+    from qcompiler.passes.weight_rounding import QuantizedWeight
+    from qcompiler.passes.weight_rounding.sequential import RoundedLayer
+
+    out = {}
+    for module, e in layers.items():
+        i = e["index"]
+        qw = QuantizedWeight(
+            q=tensors[f"w{i}.q"], scale=tensors[f"w{i}.scale"],
+            zero_point=tensors[f"w{i}.zero_point"] if e["zero_point"] else None,
+            block_size=tuple(int(b) for b in e["block_size"]), bits=int(e["bits"]), symmetric=bool(e["symmetric"]),
+        )
+        out[module] = RoundedLayer(qw, str(e["method"]), float(e["checksum"]),
+                                   tensors[f"w{i}.input_scale"] if e["input_scale"] else None, str(e.get("note", "")))
+    return out
+
+
 @dataclass(frozen=True)
 class CalibrationStats:
     """Per-layer input statistics from :func:`qcompiler.calibrate`, keyed by the linear's module name.
@@ -54,18 +87,21 @@ class CalibrationStats:
     ``activations`` are the linear inputs as the quantized graph computes them (after the recipe's
     transforms: SmoothQuant, outlier splitting, LLM.int8() decomposition); static ranges come from
     them. ``raw`` are the inputs of the float model, which the transforms are computed from; without
-    transforms they are the same statistics.
+    transforms they are the same statistics. ``weights`` are the layers' weights as GPTQ/AWQ rounded
+    them on the calibration data (``RoundedLayer``), for recipes with data-driven rounding.
     """
 
     activations: Mapping[str, ActivationRanges]
     info: Mapping[str, object] = field(default_factory=dict)
     raw: Mapping[str, ActivationRanges] | None = None
+    weights: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
         raw = self.activations if self.raw is None else MappingProxyType(dict(self.raw))
         object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
 
     def __contains__(self, module: str) -> bool:
         return module in self.activations
@@ -86,6 +122,8 @@ class CalibrationStats:
                "layers": _pack("", self.activations, tensors)}
         if self.raw is not self.activations:
             doc["raw_layers"] = _pack("raw.", self.raw, tensors)
+        if self.weights:
+            doc["rounded_weights"] = _pack_weights(self.weights, tensors)
         save_file(tensors, str(folder / TENSORS_FILE))
         (folder / JSON_FILE).write_text(json.dumps(doc, indent=1))
         return folder
@@ -115,9 +153,10 @@ class CalibrationStats:
         try:
             activations = _unpack("", doc["layers"], tensors)
             raw = _unpack("raw.", doc["raw_layers"], tensors) if "raw_layers" in doc else None
-        except (KeyError, TypeError) as exc:
+            weights = _unpack_weights(doc.get("rounded_weights", {}), tensors)
+        except (KeyError, TypeError, ValueError) as exc:
             raise StatsError(f"{folder}: the JSON and the tensors do not match (missing {exc}); {hint}") from exc
-        return cls(activations, doc.get("info", {}), raw)
+        return cls(activations, doc.get("info", {}), raw, weights)
 
 
 def resolve(stats) -> CalibrationStats | None:

@@ -1,0 +1,59 @@
+"""Helpers the rounding methods share: group views, min-max parameters per group, the output error."""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler import primitives
+from qcompiler.config import WeightScheme
+
+
+def group_size_of(scheme: WeightScheme, in_features: int) -> int:
+    """Columns per quantization group: ``group_size`` for per-group, all of them per channel."""
+    if scheme.granularity == "per_group":
+        if in_features % scheme.group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {scheme.group_size}")
+        return scheme.group_size
+    if scheme.granularity == "per_channel":
+        return in_features
+    raise ValueError(f"weight rounding methods take per-channel or per-group schemes, not {scheme.granularity!r}")
+
+
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, K // group, group]`` (a view)."""
+    n, k = w.shape
+    return w.reshape(n, k // group, group)
+
+
+def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Tensor | float = 1.0):
+    """Scale and zero point per group of ``w_groups [..., g]`` from its min/max, shrunk by ``ratio``."""
+    qmin, qmax = scheme.qrange
+    lo, hi = w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio
+    return primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
+
+
+def quantize_groups(w_groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
+    """Integers ``round(w / scale) + zero``, clamped, per group; float ``zero`` allowed (HQQ)."""
+    qmin, qmax = scheme.qrange
+    q = torch.round(w_groups / scale[..., None])
+    if zero is not None and not scheme.symmetric:
+        q = q + zero[..., None]
+    return q.clamp(qmin, qmax)
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
+    if zero is not None and not scheme.symmetric:
+        q = q - zero[..., None]
+    return q * scale[..., None]
+
+
+def fake_quant(w: torch.Tensor, scheme: WeightScheme, group: int, ratio=1.0) -> torch.Tensor:
+    """Min-max round-trip of ``w [N, K]`` per group (RTN), optionally with clipped ranges."""
+    g = grouped(w, group)
+    scale, zero = minmax_qparams(g, scheme, ratio)
+    return dequantize_groups(quantize_groups(g, scale, zero, scheme), scale, zero, scheme).reshape(w.shape)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``sum_n delta_n^T H delta_n``: the squared output error over the samples that built ``H = X^T X``."""
+    return ((delta @ hessian) * delta).sum()

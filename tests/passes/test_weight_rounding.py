@@ -1,0 +1,122 @@
+"""GPTQ, AWQ and HQQ on single layers, against round-to-nearest on the same data."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.config import AWQ, GPTQ, HQQ, WeightScheme
+from qcompiler.lowering.kernels import reference
+from qcompiler.passes.weight_rounding import round_to_nearest
+from qcompiler.passes.weight_rounding.awq import awq_quantize
+from qcompiler.passes.weight_rounding.common import output_error
+from qcompiler.passes.weight_rounding.gptq import gptq_quantize
+from qcompiler.passes.weight_rounding.hqq import hqq_quantize, lp_error
+
+W4G32 = WeightScheme(bits=4, granularity="per_group", group_size=32, symmetric=False)
+
+
+def _layer(seed: int, n: int = 48, k: int = 128, rows: int = 512, outliers: bool = True):
+    """A weight and inputs like an LLM layer's: correlated channels, a few large ones."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)
+    x = torch.randn(rows, k, generator=gen) @ mix
+    if outliers:
+        x[:, torch.randperm(k, generator=gen)[:4]] *= 20
+    return w, x
+
+
+def _out_err(qw, w, x, input_scale=None):
+    w_hat = qw.dequantize()
+    if input_scale is not None:
+        w_hat = w_hat / input_scale
+    return float(output_error(w_hat - w, x.t() @ x))
+
+
+schemes = st.sampled_from([
+    W4G32,
+    WeightScheme(bits=4, granularity="per_group", group_size=64, symmetric=True),
+    WeightScheme(bits=3, granularity="per_group", group_size=32, symmetric=False),
+    WeightScheme(bits=4, granularity="per_channel", symmetric=False),
+])
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), scheme=schemes, act_order=st.booleans())
+def test_gptq_beats_rtn_on_the_layer_output(seed, scheme, act_order):
+    w, x = _layer(seed)
+    h = x.t() @ x
+    gptq = gptq_quantize(w, h, scheme, GPTQ(act_order=act_order))
+    rtn = round_to_nearest(w, scheme)
+    assert gptq.q.shape == rtn.q.shape and gptq.scale.shape == rtn.scale.shape
+    qmin, qmax = scheme.qrange
+    assert int(gptq.q.min()) >= qmin and int(gptq.q.max()) <= qmax
+    assert _out_err(gptq, w, x) < 0.9 * _out_err(rtn, w, x)
+
+
+def test_gptq_with_an_identity_hessian_is_round_to_nearest():
+    w, _ = _layer(0)
+    for scheme in (W4G32, WeightScheme(bits=4, granularity="per_channel", symmetric=True)):
+        gptq = gptq_quantize(w, torch.eye(w.shape[1]), scheme, GPTQ(damp=0.01))
+        rtn = round_to_nearest(w, scheme)
+        assert torch.equal(gptq.q, rtn.q) and torch.equal(gptq.scale, rtn.scale)
+
+
+def test_gptq_handles_dead_inputs_and_rejects_bad_hessians():
+    w, x = _layer(1)
+    x[:, 5] = 0  # an input channel that is always zero
+    qw = gptq_quantize(w, x.t() @ x, W4G32)
+    assert torch.isfinite(qw.dequantize()).all()
+    with pytest.raises(ValueError, match="do not match"):
+        gptq_quantize(w, torch.eye(7), W4G32)
+    h = x.t() @ x
+    h[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inf/NaN"):
+        gptq_quantize(w, h, W4G32)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), scheme=schemes)
+def test_awq_beats_rtn_on_the_layer_output(seed, scheme):
+    w, x = _layer(seed)
+    result = awq_quantize(w, x.t() @ x, x.abs().mean(0), scheme, AWQ(grid=10, clip_grid=10))
+    rtn = round_to_nearest(w, scheme)
+    assert result.errors[result.alpha] <= result.errors[0.0]  # alpha = 0 is RTN
+    assert _out_err(result.weight, w, x, result.input_scale) < _out_err(rtn, w, x)
+    assert result.input_scale.shape == (w.shape[1],) and (result.input_scale > 0).all()
+
+
+def test_awq_function_is_preserved_before_rounding():
+    w, x = _layer(3)
+    s = awq_quantize(w, x.t() @ x, x.abs().mean(0), W4G32).input_scale.double()
+    torch.testing.assert_close((x.double() / s) @ (w.double() * s).t(), x.double() @ w.double().t())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([32, 64, 128]))
+def test_hqq_never_loses_to_rtn_on_its_objective_and_usually_wins(seed, bits, group):
+    w, _ = _layer(seed, outliers=False)
+    w = w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) ** 3  # heavy tails
+    scheme = WeightScheme(bits=bits, granularity="per_group", group_size=group, symmetric=False)
+    hqq, rtn = hqq_quantize(w, scheme, HQQ()), round_to_nearest(w, scheme)
+    g = lambda t: t.reshape(w.shape[0], -1, group)  # noqa: E731
+    e_hqq = lp_error(g(w), g(hqq.dequantize()), 0.7)
+    e_rtn = lp_error(g(w), g(rtn.dequantize()), 0.7)
+    assert (e_hqq <= e_rtn + 1e-5).all()
+    assert e_hqq.sum() < e_rtn.sum()
+    assert hqq.zero_point.dtype == torch.float32
+
+
+def test_hqq_needs_asymmetric_weights():
+    with pytest.raises(ValueError, match="asymmetric"):
+        hqq_quantize(torch.randn(4, 32), WeightScheme(bits=4, granularity="per_group", group_size=32, symmetric=True))
+
+
+@given(q=st.lists(st.lists(st.integers(0, 15), min_size=4, max_size=4), min_size=1, max_size=6).map(
+    lambda rows: torch.tensor(rows)), reps=st.integers(1, 8))
+def test_int4_packing_round_trips(q, reps):
+    q = q.repeat(1, reps)
+    packed = reference.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (q.shape[0], q.shape[1] // 2)
+    assert torch.equal(reference.unpack_int4(packed).long(), q)

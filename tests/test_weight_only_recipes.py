@@ -1,0 +1,107 @@
+"""4-bit (and 3-bit) weight-only recipes end to end on a tiny Llama: RTN, GPTQ, AWQ, HQQ."""
+
+import pytest
+import torch
+from graphs import tiny_llama
+
+import qcompiler
+from qcompiler import AWQ, GPTQ, HQQ, Recipe, WeightScheme
+
+W3 = WeightScheme(bits=3, granularity="per_group", group_size=32, symmetric=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (1, 32), generator=gen) for _ in range(8)]
+    ids = torch.randint(0, 128, (2, 32), generator=gen)
+    with torch.inference_mode():
+        ref = model(ids).logits
+    return model, batches, ids, ref
+
+
+def _recipe(rounding, weight=W3):
+    return Recipe(name=type(rounding).__name__.lower() if rounding else "rtn", weight=weight, activation=None,
+                  rounding=rounding)
+
+
+def _logits(model, ids, recipe, stats=None):
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        return torch.compile(model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(ids).logits
+
+
+def _mse(a, b):
+    return float((a - b).pow(2).mean())
+
+
+def test_gptq_and_awq_beat_rtn_on_the_model_and_round_trip_through_saved_stats(setup, tmp_path):
+    model, batches, ids, ref = setup
+    rtn_err = _mse(_logits(model, ids, _recipe(None)), ref)
+    for rounding in (GPTQ(), AWQ()):
+        recipe = _recipe(rounding)
+        stats = qcompiler.calibrate(model, batches, recipe, progress=False)
+        assert len(stats.weights) == 14 and stats.info["batches"] == 8
+        out = _logits(model, ids, recipe, stats)
+        rep = qcompiler.last_report()
+        assert rep.passes[-1].counts == {"lowered": 14, "not_lowered": 0}
+        assert all(d.reason.startswith(type(rounding).__name__) for d in rep.quantized)
+        assert _mse(out, ref) < 0.8 * rtn_err
+        folder = stats.save(tmp_path / type(rounding).__name__)
+        assert torch.equal(_logits(model, ids, recipe, str(folder)), out)
+
+
+def test_awq_layers_divide_their_input_by_the_searched_scale(setup):
+    model, batches, ids, _ = setup
+    recipe = _recipe(AWQ(grid=4, clip=False))
+    stats = qcompiler.calibrate(model, batches, recipe, progress=False)
+    q = stats.weights["model.layers.0.self_attn.q_proj"]
+    assert q.input_scale.shape == (64,) and (q.input_scale > 0).all()
+    ref_out = _logits(model, ids, recipe, stats)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        qdq = torch.compile(model, backend="qcompiler",
+                            options={"recipe": recipe, "stats": stats, "kernels": "reference"})(ids).logits
+    assert (ref_out - qdq).abs().max() < 0.1 * (qdq.abs().max())
+
+
+def test_hqq_needs_no_calibration_and_beats_rtn_on_weight_error(setup):
+    model, _, ids, ref = setup
+    out = _logits(model, ids, _recipe(HQQ()))
+    rep = qcompiler.last_report()
+    assert all(d.reason.startswith("HQQ") for d in rep.quantized)
+    assert torch.isfinite(out).all() and _mse(out, ref) < 10 * _mse(_logits(model, ids, _recipe(None)), ref)
+
+
+def test_rounding_recipes_check_their_statistics(setup):
+    model, batches, ids, _ = setup
+    gptq = _recipe(GPTQ())
+    with pytest.raises(Exception, match="rounds weights on calibration data"):
+        _logits(model, ids, gptq)
+    awq_stats = qcompiler.calibrate(model, batches, _recipe(AWQ(grid=2, clip=False)), progress=False)
+    with pytest.raises(Exception, match="not calibrated with recipe 'gptq'"):
+        _logits(model, ids, gptq, awq_stats)
+    stats = qcompiler.calibrate(model, batches, gptq, progress=False)
+    other = tiny_llama(seed=1)  # same shapes, other weights
+    with pytest.raises(Exception, match="changed since it was rounded"):
+        _logits(other, ids, gptq, stats)
+
+
+def test_recipe_validation_for_rounding():
+    with pytest.raises(TypeError, match="GPTQ"):
+        Recipe(rounding="gptq")
+    with pytest.raises(ValueError, match="asymmetric"):
+        Recipe(weight=WeightScheme(bits=4, granularity="per_group", group_size=32, symmetric=True), rounding=HQQ())
+    with pytest.raises(ValueError, match="damp"):
+        GPTQ(damp=0)
+    for name in ("w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w4a16-hqq"):
+        preset = qcompiler.PRESETS[name]
+        assert preset.weight.bits == 4 and preset.weight.group_size == 128 and preset.activation is None
+    assert qcompiler.PRESETS["w4a16-gptq"].needs_calibration and not qcompiler.PRESETS["w4a16-hqq"].needs_calibration
