@@ -210,3 +210,43 @@ def test_smoothquant_closes_half_the_static_gap_on_smollm2(smollm2):
     gap = ppl["w8a8-static"] - ppl["fp32"]
     assert ppl["w8a8-smoothquant-auto"] < ppl["fp32"] + gap / 2, ppl
     print("perplexities:", ppl)
+
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "w4a16-hqq", "w4a16-gptq", "w4a16-awq"])
+def test_every_w4a16_preset_compiles_smollm2_whole_onto_the_int4_kernel(smollm2, preset):
+    from qcompiler.calibrate import text_batches
+
+    recipe = qcompiler.PRESETS[preset]
+    stats = None
+    if recipe.needs_calibration:
+        batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 4, 128)
+        torch._dynamo.reset()
+        stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False)
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    ids = torch.randint(0, 1000, (1, 64))
+    with torch.inference_mode():
+        out = torch.compile(smollm2.model, backend="qcompiler", fullgraph=True,
+                            options={"recipe": preset, "stats": stats})(input_ids=ids, use_cache=False)
+    rep = qcompiler.last_report()
+    assert len(rep.quantized) == 210 and torch.isfinite(out.logits).all()
+    assert {p.name: p.counts for p in rep.passes}["lower"] == {"lowered": 210, "not_lowered": 0}
+    assert all(d.bits_per_weight == pytest.approx(4.25) for d in rep.quantized)  # 4 bits + bf16 scale/offset per 128
+
+
+def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):
+    from qcompiler import evaluate
+    from qcompiler.calibrate import text_batches
+    from qcompiler.config import BackendOptions
+
+    batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 16, 512)
+    cfg = evaluate.EvalConfig(tokens=4096, speed=False, progress=False)
+    ppl = {}
+    for preset in ("w4a16-rtn", "w4a16-gptq", "w4a16-awq"):
+        torch._dynamo.reset()
+        stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False) if preset != "w4a16-rtn" else None
+        torch._dynamo.reset()
+        result = evaluate.evaluate(smollm2, BackendOptions(recipe=preset, stats=stats), models.default_text(), cfg)
+        ppl[preset] = result.quantized["perplexity"]
+    print("perplexities:", ppl)
+    assert ppl["w4a16-gptq"] < ppl["w4a16-rtn"] and ppl["w4a16-awq"] < ppl["w4a16-rtn"], ppl

@@ -95,7 +95,7 @@ def awq_quantize(weight: torch.Tensor, hessian: torch.Tensor, act_mean: torch.Te
     qw = QuantizedWeight(
         q=q.to(primitives.storage_dtype(qmin, qmax)),
         scale=scale.to(torch.float32),
-        zero_point=None if scheme.symmetric else zero.to(torch.int32),
+        zero_point=None if scheme.symmetric else zero.to(torch.float32),
         block_size=scheme.block_size(),
         bits=scheme.bits,
         symmetric=scheme.symmetric,

@@ -25,20 +25,45 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(n, k // group, group)
 
 
-def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Tensor | float = 1.0):
-    """Scale and zero point per group of ``w_groups [..., g]`` from its min/max, shrunk by ``ratio``."""
+def weight_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+    """Scale and zero point mapping a weight block's range ``[lo, hi]`` onto ``[qmin, qmax]``.
+
+    Symmetric: as for activations (zero point 0). Asymmetric weights take a *float* zero point
+    ``qmin - lo / scale``: ``lo`` and ``hi`` land exactly on ``qmin`` and ``qmax``, the range is not
+    widened to include 0 and the zero point is not rounded (the convention of HQQ and of the int4
+    kernels, which take float zeros). A constant block gets a scale from its magnitude.
+    """
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    if symmetric:
+        return primitives.qparams_from_range(lo, hi, qmin, qmax, True)
+    width = hi - lo
+    fallback = torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0) / (qmax - qmin)
+    scale = torch.where(width > 0, width / (qmax - qmin), fallback).clamp_min(primitives.MIN_SCALE)
+    return scale, qmin - lo / scale
+
+
+def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Tensor | float = 1.0,
+                   float_zero: bool = True):
+    """Scale and zero point per group of ``w_groups [..., g]`` from its min/max, shrunk by ``ratio``.
+
+    ``float_zero=False``: the range widened to include 0 and an integer zero point (GPTQ, whose
+    error feedback moves later columns of a group after its grid is fixed: the slack keeps them on it).
+    """
     qmin, qmax = scheme.qrange
     lo, hi = w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio
-    return primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
+    if not float_zero:
+        scale, zero = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
+        return scale, zero.to(torch.float32)
+    return weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
 
 
 def quantize_groups(w_groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
-    """Integers ``round(w / scale) + zero``, clamped, per group; float ``zero`` allowed (HQQ)."""
+    """Integers ``round(w / scale + zero)``, clamped, per group (float or integer ``zero``)."""
     qmin, qmax = scheme.qrange
-    q = torch.round(w_groups / scale[..., None])
+    x = w_groups / scale[..., None]
     if zero is not None and not scheme.symmetric:
-        q = q + zero[..., None]
-    return q.clamp(qmin, qmax)
+        x = x + zero[..., None]
+    return torch.round(x).clamp(qmin, qmax)
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):

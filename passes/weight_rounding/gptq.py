@@ -59,10 +59,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     w[:, dead] = 0
 
     if config.static_groups or config.act_order:
-        scale_all, zero_all = minmax_qparams(grouped(w, group), scheme)  # [N, G] from the original weight
+        scale_all, zero_all = minmax_qparams(grouped(w, group), scheme, float_zero=False)  # [N, G], original W
     else:
         scale_all = torch.empty(n, k // group)
-        zero_all = torch.empty(n, k // group, dtype=torch.int32)
+        zero_all = torch.empty(n, k // group)
     perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -85,7 +85,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
             g = orig // group
             if not (config.static_groups or config.act_order) and orig % group == 0:
                 cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scale_all[:, g], zero_all[:, g] = (t[:, 0] for t in minmax_qparams(cols[:, None, :], scheme))
+                scale_all[:, g], zero_all[:, g] = (t[:, 0] for t in minmax_qparams(cols[:, None, :], scheme,
+                                                                                    float_zero=False))
             scale, zero = scale_all[:, g], zero_all[:, g]
             wc = w1[:, i]
             qc = quantize_groups(wc[:, None], scale, zero, scheme)[:, 0]
@@ -104,7 +105,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     return QuantizedWeight(
         q=q.to(primitives.storage_dtype(qmin, qmax)),
         scale=scale_all.to(torch.float32),
-        zero_point=None if scheme.symmetric else zero_all.to(torch.int32),
+        zero_point=None if scheme.symmetric else zero_all.to(torch.float32),
         block_size=scheme.block_size(),
         bits=scheme.bits,
         symmetric=scheme.symmetric,

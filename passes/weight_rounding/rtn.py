@@ -8,6 +8,7 @@ import torch
 
 from qcompiler import observers, primitives
 from qcompiler.config import WeightScheme
+from qcompiler.passes.weight_rounding.common import weight_qparams
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,26 +73,36 @@ def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
     return out, changed
 
 
+def _quantize_blocks(w, scale, zero, block_size, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(w / scale + zero))`` per block (``zero`` may be a float), in the storage dtype."""
+    blocked, broadcast, _ = primitives._blocked_shapes(w.shape, block_size)
+    x = w.to(torch.float32).reshape(blocked) / scale.reshape(broadcast)
+    if zero is not None:
+        x = x + zero.reshape(broadcast)
+    return torch.round(x).clamp(qmin, qmax).reshape(w.shape).to(primitives.storage_dtype(qmin, qmax))
+
+
 def round_to_nearest(
     weight: torch.Tensor, scheme: WeightScheme, pair_limit: int | None = None
 ) -> QuantizedWeight:
     """Range per block by ``scheme.observer`` (min-max by default), then round to nearest.
 
-    ``weight`` is ``[out, in]``.
+    ``weight`` is ``[out, in]``. Asymmetric weights get a float zero point (``common.weight_qparams``).
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     block_size = scheme.block_size()
     qmin, qmax = scheme.qrange
     w = weight.detach()
-    if scheme.observer == "minmax":
+    if scheme.symmetric and scheme.observer == "minmax":
         scale, zero_point = primitives.choose_qparams(w, block_size, scheme.bits, scheme.symmetric)
+        q = primitives.quantize(w, scale, zero_point, block_size, scheme.bits, scheme.symmetric)
     else:
         primitives.check_finite(w, "weight")
         lo, hi = observers.weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric,
                                         scheme.percentile)
-        scale, zero_point = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
-    q = primitives.quantize(w, scale, zero_point, block_size, scheme.bits, scheme.symmetric)
+        scale, zero_point = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+        q = _quantize_blocks(w, scale, None if scheme.symmetric else zero_point, block_size, qmin, qmax)
     changed = 0
     if pair_limit is not None:
         if not scheme.symmetric:
