@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from qcompiler import primitives  # noqa: E402  (registers the qcompiler:: ops)
+from qcompiler import debug  # noqa: E402
 from qcompiler.calibrate import calibrate  # noqa: E402
 from qcompiler.config import (  # noqa: E402
     AWQ,
@@ -42,6 +43,7 @@ __all__ = [
     "SmoothQuant",
     "WeightScheme",
     "calibrate",
+    "debug",
     "clear_reports",
     "last_report",
     "primitives",

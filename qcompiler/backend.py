@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from qcompiler import capture, pipeline, report
+from qcompiler import capture, debug, pipeline, report
 from qcompiler.config import BackendOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.lowering import ops
@@ -55,8 +55,10 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     )
     steps = pipeline.build(opts, device, example_inputs)
     float_graph = _copy_graph(gm.graph)
+    folder = debug.dump_dir(opts.debug)
+    dumper = debug.Dumper(folder, rep.graph_index, gm, example_inputs) if folder is not None else None
     try:
-        gm = pipeline.run(gm, steps, rep)
+        gm = pipeline.run(gm, steps, rep, dumper)
     except pipeline.PassFailed as exc:
         # A bug of ours must not take the user's model down: run this graph in float, loudly.
         rep.error = str(exc)

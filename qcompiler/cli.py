@@ -4,6 +4,8 @@
     qcompiler demo
     qcompiler calibrate --model smollm2-135m --recipe w8a8-static --samples 128 --seq-len 512 --out stats/
     qcompiler eval --model smollm2-135m --recipe w8a8-static --stats stats/
+    qcompiler explain --model smollm2-135m --recipe w8a8-smoothquant
+    qcompiler bench kernels
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
     _add_calibration_args(cal, "--text")
     cal.add_argument("--out", required=True, help="folder to write the statistics to")
+    explain = sub.add_parser("explain", help="the plan per layer (scheme, bpw, transforms, kernel) and the error table")
+    explain.add_argument("--model", required=True, help=MODEL_HELP)
+    explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    explain.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    _add_calibration_args(explain, "--calib-text")
+    explain.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
+    explain.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
+    explain.add_argument("--top", type=int, default=5, help="worst layers to attribute by keeping each in float")
+    explain.add_argument("--no-errors", action="store_true", help="print the plan only, skip the error table")
     bench = sub.add_parser("bench", help="time qcompiler's kernels against their float baselines")
     bench.add_argument("what", choices=["kernels"], help="what to benchmark")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -75,6 +86,53 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"--shapes: {item.strip()!r} is not MxNxK with positive integers (e.g. 1x4096x4096)")
         shapes.append(tuple(int(p) for p in parts))
     return shapes
+
+
+def format_plan(rep) -> str:
+    """The compile report as a terminal table: one row per linear layer, then the transforms' notes."""
+    rows = [("layer", "scheme", "bpw", "kernel / why float", "notes")]
+    for d in rep.layers:
+        if d.quantized:
+            kernel, _ = rep.kernel_of.get(d.module, ("quantize/dequantize graph", ""))
+            rows.append((d.module, d.scheme, f"{d.bits_per_weight:.2f}", kernel, d.reason))
+        else:
+            rows.append((d.module, "float", "", d.reason, ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"recipe {rep.recipe}: {len(rep.quantized)} linear layers quantized, {len(rep.kept_float)} kept in float"]
+    for i, r in enumerate(rows):
+        lines.append(("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for name, notes in rep.transforms.items():
+        lines.append(f"\n{name}:")
+        lines.extend(f"  {note}" for note in notes)
+    return "\n".join(lines)
+
+
+def run_explain(args) -> int:
+    import torch
+
+    import qcompiler
+    from qcompiler import evaluate, models
+    from qcompiler.config import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe)
+    loaded = models.load_model(args.model)
+    stats = args.stats
+    if stats is None and recipe.needs_calibration:
+        stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
+    text = Path(args.text) if args.text else models.default_text()
+    ids = evaluate.read_tokens(text, loaded.tokenizer, args.tokens).unsqueeze(0)
+    batch = {"input_ids": ids} if loaded.kind == "encoder" else {"input_ids": ids, "use_cache": False}
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    with torch.inference_mode():
+        torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(**batch)
+    print(format_plan(qcompiler.last_report()))
+    if not args.no_errors:
+        print()
+        print(qcompiler.debug.compare(loaded.model, recipe, batch, stats=stats, top=args.top))
+    return 0
 
 
 def run_bench(args) -> int:
@@ -166,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "explain":
+            return run_explain(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, QCompilerError) as exc:
         print(f"qcompiler: {exc}", file=sys.stderr)
         return 2

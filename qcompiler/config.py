@@ -8,6 +8,7 @@ takes either.
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
@@ -454,18 +455,23 @@ class BackendOptions:
     recipe:  preset name or :class:`Recipe` (default ``w8a8-dynamic``).
     kernels: ``"fast"`` lowers quantized linears to integer kernels; ``"reference"`` leaves the
              quantize/dequantize graph as written (slow, for checking the kernels against).
-    stats:   calibration statistics (or their folder) for recipes with static activation ranges.
+    stats:   calibration statistics (or their folder) for recipes with static activation ranges
+             or GPTQ/AWQ rounding.
+    debug:   a folder to write pass-by-pass dumps to (``qcompiler/debug.py``); also ``QCOMPILER_DUMP``.
     """
 
     recipe: Recipe = field(default_factory=lambda: PRESETS[DEFAULT_RECIPE])
     kernels: str = "fast"
     stats: object = None  # CalibrationStats or a folder written by CalibrationStats.save
+    debug: object = None  # str or Path
 
     def __post_init__(self) -> None:
         from qcompiler import stats as stats_mod
 
         object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
+        if self.debug is not None and not isinstance(self.debug, (str, os.PathLike)):
+            raise TypeError(f"option 'debug' must be a folder path, got {type(self.debug).__name__}")
         object.__setattr__(self, "stats", stats_mod.resolve(self.stats))
         if self.recipe.needs_calibration and self.stats is None:
             why = ("rounds weights on calibration data (GPTQ/AWQ)" if self.recipe.data_driven_rounding

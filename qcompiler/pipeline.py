@@ -132,20 +132,28 @@ def check_order(steps: list[Step]) -> None:
         seen.append(step.name)
 
 
-def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport) -> fx.GraphModule:
+def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=None) -> fx.GraphModule:
+    """Run ``steps`` in order; ``dumper`` (``qcompiler.debug.Dumper``) records each pass when debugging."""
     done: list[str] = []
     for step in steps:
+        if dumper is not None:
+            dumper.before(gm)
         start = time.perf_counter()
         try:
             result = step.run(gm)
-        except QCompilerError:
-            raise  # the user's to fix: the message says how
         except Exception as exc:
+            if dumper is not None:
+                dumper.failed(step.name, f"{type(exc).__name__}: {exc}", done)
+            if isinstance(exc, QCompilerError):
+                raise  # the user's to fix: the message says how
             raise PassFailed(
                 f"qcompiler pass {step.name!r} failed after {done or 'no passes'}: {type(exc).__name__}: {exc}"
             ) from exc
         gm = result.graph_module
-        report.passes.append(PassRecord(step.name, time.perf_counter() - start, result.modified, dict(result.counts)))
+        seconds = time.perf_counter() - start
+        report.passes.append(PassRecord(step.name, seconds, result.modified, dict(result.counts)))
+        if dumper is not None:
+            dumper.after(step.name, gm, seconds, result.modified, dict(result.counts), done)
         if step.name == "insert_qdq":
             report.layers.extend(result.details)
         elif step.name == "lower":
