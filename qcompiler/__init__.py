@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from qcompiler import primitives  # noqa: E402  (registers the qcompiler:: ops)
 from qcompiler import debug  # noqa: E402
+from qcompiler.artifact import load  # noqa: E402
 from qcompiler.calibrate import calibrate  # noqa: E402
 from qcompiler.config import (  # noqa: E402
     AWQ,
@@ -44,6 +45,7 @@ __all__ = [
     "WeightScheme",
     "calibrate",
     "debug",
+    "load",
     "clear_reports",
     "last_report",
     "primitives",

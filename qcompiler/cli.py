@@ -5,6 +5,7 @@
     qcompiler calibrate --model smollm2-135m --recipe w8a8-static --samples 128 --seq-len 512 --out stats/
     qcompiler eval --model smollm2-135m --recipe w8a8-static --stats stats/
     qcompiler explain --model smollm2-135m --recipe w8a8-smoothquant
+    qcompiler quantize --model smollm2-135m --recipe w8a8-ocs-llm-int8 --out smol-int8/
     qcompiler bench kernels
 """
 
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
     _add_calibration_args(cal, "--text")
     cal.add_argument("--out", required=True, help="folder to write the statistics to")
+    quant = sub.add_parser("quantize", help="quantize a model and save the artifact (weights + manifest)")
+    quant.add_argument("--model", required=True, help=MODEL_HELP)
+    quant.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    quant.add_argument("--out", required=True, help="artifact folder to write")
+    quant.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    _add_calibration_args(quant, "--calib-text")
+    quant.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
+    quant.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
     explain = sub.add_parser("explain", help="the plan per layer (scheme, bpw, transforms, kernel) and the error table")
     explain.add_argument("--model", required=True, help=MODEL_HELP)
     explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
@@ -113,7 +122,7 @@ def run_explain(args) -> int:
     import torch
 
     import qcompiler
-    from qcompiler import evaluate, models
+    from qcompiler import models
     from qcompiler.config import resolve_recipe
 
     recipe = resolve_recipe(args.recipe)
@@ -121,9 +130,7 @@ def run_explain(args) -> int:
     stats = args.stats
     if stats is None and recipe.needs_calibration:
         stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
-    text = Path(args.text) if args.text else models.default_text()
-    ids = evaluate.read_tokens(text, loaded.tokenizer, args.tokens).unsqueeze(0)
-    batch = {"input_ids": ids} if loaded.kind == "encoder" else {"input_ids": ids, "use_cache": False}
+    batch = _example_batch(loaded, args.text, args.tokens)
     torch._dynamo.reset()
     qcompiler.clear_reports()
     with torch.inference_mode():
@@ -132,6 +139,32 @@ def run_explain(args) -> int:
     if not args.no_errors:
         print()
         print(qcompiler.debug.compare(loaded.model, recipe, batch, stats=stats, top=args.top))
+    return 0
+
+
+def _example_batch(loaded, text, tokens: int) -> dict:
+    from qcompiler import evaluate, models
+
+    path = Path(text) if text else models.default_text()
+    ids = evaluate.read_tokens(path, loaded.tokenizer, tokens).unsqueeze(0)
+    return {"input_ids": ids} if loaded.kind == "encoder" else {"input_ids": ids, "use_cache": False}
+
+
+def run_quantize(args) -> int:
+    from qcompiler import artifact, models
+    from qcompiler.config import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe)
+    loaded = models.load_model(args.model)
+    stats = args.stats
+    if stats is None and recipe.needs_calibration:
+        stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
+    folder = artifact.quantize(loaded.model, recipe, _example_batch(loaded, args.text, args.tokens), args.out, stats)
+    manifest = json.loads((folder / artifact.MANIFEST).read_text())
+    quantized = [layer for layer in manifest["layers"] if layer["quantized"]]
+    size = (folder / artifact.WEIGHTS).stat().st_size
+    print(f"wrote {folder}: {len(quantized)} quantized layers, {size / 1e6:.1f} MB of tensors, "
+          f"logits KL on the example batch {manifest['logits_kl_on_example']:.4g}")
     return 0
 
 
@@ -226,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         if args.command == "explain":
             return run_explain(args)
+        if args.command == "quantize":
+            return run_quantize(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, QCompilerError) as exc:
         print(f"qcompiler: {exc}", file=sys.stderr)
         return 2

@@ -458,12 +458,15 @@ class BackendOptions:
     stats:   calibration statistics (or their folder) for recipes with static activation ranges
              or GPTQ/AWQ rounding.
     debug:   a folder to write pass-by-pass dumps to (``qcompiler/debug.py``); also ``QCOMPILER_DUMP``.
+    artifact: a folder written by ``qcompiler quantize`` (``qcompiler/artifact.py``): its recipe,
+             statistics and saved tensors are used, nothing is recalibrated.
     """
 
     recipe: Recipe = field(default_factory=lambda: PRESETS[DEFAULT_RECIPE])
     kernels: str = "fast"
     stats: object = None  # CalibrationStats or a folder written by CalibrationStats.save
     debug: object = None  # str or Path
+    artifact: object = None  # a folder; an artifact.Artifact once resolved
 
     def __post_init__(self) -> None:
         from qcompiler import stats as stats_mod
@@ -473,6 +476,15 @@ class BackendOptions:
         if self.debug is not None and not isinstance(self.debug, (str, os.PathLike)):
             raise TypeError(f"option 'debug' must be a folder path, got {type(self.debug).__name__}")
         object.__setattr__(self, "stats", stats_mod.resolve(self.stats))
+        if self.artifact is not None:
+            from qcompiler.artifact import Artifact
+
+            if not isinstance(self.artifact, Artifact):
+                if not isinstance(self.artifact, (str, os.PathLike)):
+                    raise TypeError(f"option 'artifact' must be a folder path, got {type(self.artifact).__name__}")
+                object.__setattr__(self, "artifact", Artifact(self.artifact))
+            object.__setattr__(self, "recipe", self.artifact.recipe)
+            object.__setattr__(self, "stats", self.artifact.stats)
         if self.recipe.needs_calibration and self.stats is None:
             why = ("rounds weights on calibration data (GPTQ/AWQ)" if self.recipe.data_driven_rounding
                    else "quantizes activations with static ranges")
@@ -497,4 +509,48 @@ class BackendOptions:
                 f"unknown qcompiler option(s) {', '.join(map(repr, unknown))}; valid options are: "
                 f"{', '.join(valid)}"
             )
+        if options.get("artifact") is not None and ({"recipe", "stats"} & set(options)):
+            raise ValueError("option 'artifact' brings its own recipe and statistics: do not pass 'recipe' or "
+                             "'stats' with it")
         return cls(**options)
+
+
+# --- recipes as JSON (artifacts, manifests) --------------------------------------------------------
+
+_JSON_TYPES = {cls.__name__: cls for cls in (WeightScheme, ActivationScheme, LayerOverride, SmoothQuant,
+                                              OutlierSplit, MixedInt8, GPTQ, AWQ, HQQ, Recipe)}
+
+
+def recipe_to_json(value):
+    """A recipe (or any of its parts) as plain JSON data: ``{"type": ..., field: ...}``."""
+    if isinstance(value, tuple(_JSON_TYPES.values())):
+        out = {"type": type(value).__name__}
+        for f in fields(value):
+            out[f.name] = recipe_to_json(getattr(value, f.name))
+        return out
+    if isinstance(value, (tuple, list)):
+        return [recipe_to_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot write {type(value).__name__} into a recipe JSON")
+
+
+def recipe_from_json(data):
+    """Inverse of :func:`recipe_to_json`; validates through the dataclasses' own checks."""
+    if isinstance(data, dict):
+        kind = data.get("type")
+        if kind not in _JSON_TYPES:
+            raise ValueError(f"unknown recipe part {kind!r} in recipe JSON")
+        cls = _JSON_TYPES[kind]
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names - {"type"}
+        if unknown:
+            raise ValueError(f"recipe JSON: {kind} has no field(s) {sorted(unknown)}")
+        kwargs = {k: recipe_from_json(v) for k, v in data.items() if k != "type"}
+        for k, v in kwargs.items():
+            if isinstance(v, list):
+                kwargs[k] = tuple(v)
+        return cls(**kwargs)
+    if isinstance(data, list):
+        return [recipe_from_json(v) for v in data]
+    return data

@@ -115,6 +115,8 @@ def build(options: BackendOptions, device, example_inputs=None) -> list[Step]:
                               rounded=rounded),
         requires=("canonicalize",),
     ))
+    if options.artifact is not None:
+        steps.append(Step("load_artifact", options.artifact.apply, requires=("insert_qdq",)))
     if options.kernels == "fast":
         steps.append(Step("lower", fuse.lower, requires=("insert_qdq",)))
     check_order(steps)

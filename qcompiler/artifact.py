@@ -1,0 +1,200 @@
+"""Saved quantized models: ``qcompiler quantize`` writes one, ``qcompiler.load`` rebuilds from it.
+
+An artifact folder holds:
+
+- ``weights.safetensors``: every tensor the passes computed for the graph in its quantize/dequantize
+  form: integer weights, their scales and zero points, static activation ranges, transformed norm
+  weights and split/smoothed weights, AWQ input scales (by buffer name);
+- ``stats/`` (when the recipe was calibrated): the calibration statistics, GPTQ/AWQ results included;
+- ``manifest.json``: format and version, the recipe (as JSON), the model's parameter names and
+  shapes, per layer the scheme, bits per weight, notes (alpha, GPTQ/AWQ settings, outlier columns)
+  and SQNR of its output on the example batch, the transforms' notes, library versions, and the
+  SHA-256 of every file.
+
+Loading runs the same passes with the saved recipe and statistics (nothing is recalibrated) and then
+replaces each computed tensor by the saved one, checking names, shapes and dtypes; a file whose
+checksum differs from the manifest, a model whose parameters differ, or a buffer the artifact lacks is
+an :class:`ArtifactError`. Only JSON and safetensors are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+import qcompiler
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import PassResult
+
+FORMAT = "qcompiler-artifact"
+VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+STATS = "stats"
+
+
+class ArtifactError(QCompilerError):
+    """An artifact folder is missing, corrupted, tampered with, or made for another model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    out = {"qcompiler": qcompiler.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "transformers", "safetensors"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def parameter_fingerprint(named_tensors) -> dict[str, list[int]]:
+    return {name: list(t.shape) for name, t in named_tensors}
+
+
+def save(folder: Path, gm: fx.GraphModule, options, report, comparison, params: dict) -> Path:
+    """Write an artifact for the graph ``gm`` in QDQ form (after ``insert_qdq``)."""
+    from safetensors.torch import save_file
+
+    from qcompiler.config import recipe_to_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: buf.detach().contiguous().clone() for name, buf in gm.named_buffers()}
+    save_file(tensors, str(folder / WEIGHTS))
+    files = {WEIGHTS: _sha256(folder / WEIGHTS)}
+    if options.stats is not None:
+        options.stats.save(folder / STATS)
+        for path in sorted((folder / STATS).iterdir()):
+            files[f"{STATS}/{path.name}"] = _sha256(path)
+    sqnr = {e.module: e.sqnr_db for e in comparison.layers} if comparison is not None else {}
+    layers = []
+    for d in report.layers:
+        layers.append({
+            "module": d.module, "quantized": d.quantized, "scheme": d.scheme, "bits_per_weight": d.bits_per_weight,
+            "weight_bytes": d.weight_bytes, "notes": d.reason,
+            "sqnr_db": None if d.module not in sqnr or sqnr[d.module] == float("inf") else round(sqnr[d.module], 3),
+        })
+    manifest = {
+        "format": FORMAT, "version": VERSION, "recipe": recipe_to_json(options.recipe),
+        "parameters": params, "buffers": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()},
+        "layers": layers, "transforms": report.transforms,
+        "logits_kl_on_example": comparison.kl if comparison is not None else None,
+        "versions": _versions(), "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+class Artifact:
+    """A verified artifact folder: its recipe, statistics and saved tensors."""
+
+    def __init__(self, folder) -> None:
+        from qcompiler.config import recipe_from_json
+
+        self.folder = Path(folder)
+        hint = "write it again with `qcompiler quantize`"
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{self.folder} is not a qcompiler artifact: {MANIFEST} is missing; {hint}")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); {hint}") from exc
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{manifest_path} is not a qcompiler artifact manifest; {hint}")
+        if self.manifest.get("version") != VERSION:
+            raise ArtifactError(f"{manifest_path} has version {self.manifest.get('version')}, this qcompiler "
+                                f"reads {VERSION}; {hint}")
+        for name, digest in self.manifest.get("files", {}).items():
+            path = self.folder / name
+            if not path.is_file():
+                raise ArtifactError(f"{path} is missing from the artifact; {hint}")
+            if _sha256(path) != digest:
+                raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was changed or "
+                                    f"corrupted after it was written; {hint}")
+        if WEIGHTS not in self.manifest.get("files", {}):
+            raise ArtifactError(f"{MANIFEST} lists no {WEIGHTS}; {hint}")
+        try:
+            self.recipe = recipe_from_json(self.manifest["recipe"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{MANIFEST} has no valid recipe ({exc}); {hint}") from exc
+        from safetensors.torch import load_file
+
+        self.tensors = load_file(str(self.folder / WEIGHTS))
+        self.stats = None
+        if (self.folder / STATS).is_dir():
+            from qcompiler.stats import CalibrationStats
+
+            self.stats = CalibrationStats.load(self.folder / STATS)
+
+    def check_parameters(self, named_tensors) -> None:
+        """Raise unless the model's parameters have the names and shapes the artifact was made for."""
+        expected = self.manifest.get("parameters", {})
+        have = parameter_fingerprint(named_tensors)
+        wrong = [n for n, shape in expected.items() if n in have and have[n] != shape]
+        missing = [n for n in expected if n not in have]
+        if wrong or missing:
+            shown = ", ".join((wrong + missing)[:5])
+            raise ArtifactError(f"the artifact {self.folder} was made for another model: parameters {shown} "
+                                "differ or are missing; quantize this model")
+
+    def apply(self, gm: fx.GraphModule) -> PassResult:
+        """Replace the tensors the passes computed by the saved ones (names, shapes and dtypes checked)."""
+        from qcompiler.capture import PARAM_META
+
+        params = [(n.meta[PARAM_META].name, n.meta[PARAM_META].tensor) for n in gm.graph.nodes
+                  if n.op == "placeholder" and PARAM_META in n.meta]
+        expected = self.manifest.get("parameters", {})
+        wrong = [name for name, t in params if name in expected and expected[name] != list(t.shape)]
+        if wrong:
+            raise ArtifactError(f"the artifact {self.folder} was made for another model: parameters {wrong[:5]} "
+                                "have other shapes; quantize this model")
+        replaced = 0
+        for name, buf in list(gm.named_buffers()):
+            saved = self.tensors.get(name)
+            if saved is None:
+                raise ArtifactError(f"the artifact {self.folder} has no tensor {name!r} for this graph: it was made "
+                                    "for another model or recipe; quantize this model")
+            if saved.shape != buf.shape or saved.dtype != buf.dtype:
+                raise ArtifactError(f"tensor {name!r} of the artifact is {saved.dtype} {tuple(saved.shape)}, this graph "
+                                    f"needs {buf.dtype} {tuple(buf.shape)}: the artifact was made for another model")
+            gm.register_buffer(name, saved.to(buf.device))
+            replaced += 1
+        return PassResult(gm, modified=replaced > 0, counts={"tensors_loaded": replaced})
+
+
+def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True) -> Path:
+    """Quantize ``model`` with ``recipe`` on one example ``batch`` and write the artifact to ``out``."""
+    from qcompiler import capture, debug, pipeline
+    from qcompiler.config import BackendOptions
+    from qcompiler.report import CompileReport
+
+    options = BackendOptions(recipe=recipe, stats=stats, kernels="reference")
+    gm, inputs = debug.capture_graph(model, batch)
+    bound = capture.bind_parameters(gm, inputs)
+    device = next((info.tensor.device for info in bound.values()), torch.device("cpu"))
+    report = CompileReport(0, options.recipe.name, options.kernels)
+    gm = pipeline.run(gm, pipeline.build(options, device, inputs), report)
+    comparison = debug.compare(model, options.recipe, batch, stats=options.stats, top=0) if errors else None
+    return save(Path(out), gm, options, report, comparison,
+                parameter_fingerprint(model.named_parameters()))
+
+
+def load(folder, model: torch.nn.Module, **options):
+    """``torch.compile(model, backend="qcompiler", options={"artifact": folder, ...})`` after checking
+    that ``model`` is the one the artifact was made for."""
+    Artifact(folder).check_parameters(model.named_parameters())
+    return torch.compile(model, backend="qcompiler", options={"artifact": str(folder), **options})

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+from graphs import tiny_llama
+
+import qcompiler
+from qcompiler import artifact, cli
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128, (1, 32), generator=gen) for _ in range(4)]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-smoothquant", "w4a16-gptq-g32"])
+def test_save_and_load_give_bit_identical_logits(tmp_path, recipe):
+    model = tiny_llama()
+    if recipe == "w4a16-gptq-g32":
+        recipe = qcompiler.Recipe(name="w4a16-gptq-g32", activation=None, rounding=qcompiler.GPTQ(),
+                                  weight=qcompiler.WeightScheme(bits=4, granularity="per_group", group_size=32,
+                                                                symmetric=False))
+    resolved = qcompiler.config.resolve_recipe(recipe)
+    stats = qcompiler.calibrate(model, _batches(), resolved, progress=False) if resolved.needs_calibration else None
+    ids = torch.randint(0, 128, (2, 24))
+    folder = artifact.quantize(model, resolved, ids[:1], tmp_path / "art", stats)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == resolved.name and "torch" in manifest["versions"]
+    assert len([entry for entry in manifest["layers"] if entry["quantized"]]) == 14
+    assert all(entry["sqnr_db"] is None or entry["sqnr_db"] > 0 for entry in manifest["layers"])
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        direct = torch.compile(model, backend="qcompiler", options={"recipe": resolved, "stats": stats})(ids).logits
+        torch._dynamo.reset()
+        loaded = qcompiler.load(folder, model)(ids).logits
+    assert torch.equal(direct, loaded)
+    rep = qcompiler.last_report()
+    assert {p.name: p.counts for p in rep.passes}["load_artifact"]["tensors_loaded"] > 0
+
+
+def test_saved_tensors_are_the_ones_used(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    folder = artifact.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "weights.safetensors"))
+    name = next(n for n in tensors if n.endswith("_w_scale"))
+    tensors[name] = tensors[name] * 2  # a different (but well-formed) artifact
+    save_file(tensors, str(folder / "weights.safetensors"))
+    with pytest.raises(artifact.ArtifactError, match="checksum"):
+        artifact.Artifact(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["weights.safetensors"] = artifact._sha256(folder / "weights.safetensors")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with torch.inference_mode():
+        reference = torch.compile(model, backend="qcompiler")(ids).logits
+        torch._dynamo.reset()
+        changed = qcompiler.load(folder, model)(ids).logits
+    assert not torch.equal(reference, changed)
+
+
+def test_corrupted_tampered_and_mismatched_artifacts_are_clear_errors(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    folder = artifact.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
+    with pytest.raises(artifact.ArtifactError, match="missing"):
+        artifact.Artifact(tmp_path / "nowhere")
+    with pytest.raises(artifact.ArtifactError, match="another model"):
+        qcompiler.load(folder, tiny_llama_other())
+    blob = bytearray((folder / "weights.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (folder / "weights.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(artifact.ArtifactError, match="changed or corrupted"):
+        qcompiler.load(folder, model)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(artifact.ArtifactError, match="not valid JSON"):
+        artifact.Artifact(folder)
+    with pytest.raises(ValueError, match="brings its own recipe"):
+        qcompiler.BackendOptions.from_user({"artifact": str(folder), "recipe": "w8a8-dynamic"})
+
+
+def tiny_llama_other():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_cli_writes_an_artifact(tmp_path, capsys):
+    out = tmp_path / "stories"
+    assert cli.main(["quantize", "--model", "stories260k", "--recipe", "w8a8-dynamic", "--out", str(out),
+                     "--tokens", "32"]) == 0
+    assert "35 quantized layers" in capsys.readouterr().out
+    assert artifact.Artifact(out).recipe.name == "w8a8-dynamic"
