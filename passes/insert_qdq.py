@@ -32,6 +32,7 @@ from qcompiler.errors import StatsError
 from qcompiler.ir import (
     DECISION,
     FLOAT_SIDE_BYTES,
+    FLOAT_WEIGHT,
     LINEAR,
     QLINEAR,
     LayerDecision,
@@ -234,6 +235,7 @@ def insert_qdq(
                 new_x = _fake_quant_activation_nodes(graph, x, act, value.ndim, value.dtype, scale, zero_point)
                 act_kind = act.kind
         node.args = (new_x, w_dq, bias)
+        node.meta[FLOAT_WEIGHT] = w_node
         node.meta[QLINEAR] = QLinearSpec(
             module=site.module,
             weight_bits=scheme.weight.bits,

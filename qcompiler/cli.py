@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(quant, "--calib-text")
     quant.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
     quant.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
+    rep = sub.add_parser("report", help="an HTML page with plots: outliers, per-layer SQNR, perplexity vs bits")
+    rep.add_argument("--model", required=True, help=MODEL_HELP)
+    rep.add_argument("--recipe", default="w8a8-smoothquant", help=f"preset: {', '.join(sorted(PRESETS))}")
+    rep.add_argument("--out", required=True, help="folder for index.html and the PNGs")
+    rep.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    _add_calibration_args(rep, "--calib-text")
+    rep.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
+    rep.add_argument("--tokens", type=int, default=2048,
+                     help="tokens of the evaluation text for the perplexity plot (default 2048)")
+    rep.add_argument("--recipes", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"],
+                     help="calibration-free recipes to place on the perplexity/bits plot beside --recipe")
     explain = sub.add_parser("explain", help="the plan per layer (scheme, bpw, transforms, kernel) and the error table")
     explain.add_argument("--model", required=True, help=MODEL_HELP)
     explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
@@ -168,6 +179,35 @@ def run_quantize(args) -> int:
     return 0
 
 
+def run_report(args) -> int:
+    import torch
+
+    import qcompiler
+    from qcompiler import models, report_html
+    from qcompiler.config import resolve_recipe
+    from qcompiler.stats import resolve
+
+    recipe = resolve_recipe(args.recipe)
+    loaded = models.load_model(args.model)
+    stats = resolve(args.stats)
+    if stats is None and recipe.needs_calibration:
+        stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
+    others = {name: (resolve_recipe(name), None) for name in args.recipes}
+    bad = [name for name, (r, _) in others.items() if r.needs_calibration]
+    if bad:
+        raise ValueError(f"--recipes takes calibration-free recipes only; {bad} need statistics")
+    batch = _example_batch(loaded, args.text, 256)
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    with torch.inference_mode():
+        torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(**batch)
+    plan = format_plan(qcompiler.last_report())
+    path = report_html.build(loaded, recipe, stats, Path(args.out), batch, {recipe.name: (recipe, stats), **others},
+                             args.tokens, plan)
+    print(f"wrote {path}")
+    return 0
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -261,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_explain(args)
         if args.command == "quantize":
             return run_quantize(args)
+        if args.command == "report":
+            return run_report(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, QCompilerError) as exc:
         print(f"qcompiler: {exc}", file=sys.stderr)
         return 2

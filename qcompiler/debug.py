@@ -19,7 +19,6 @@ quantized linear's output, and "keep one layer in float" attribution for the wor
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
@@ -169,7 +168,7 @@ class PassError:
 class Attribution:
     module: str
     kl_with_layer_in_float: float
-    kl_gain: float  # how much the logits' KL drops when only this layer stays float
+    kl_gain: float  # how much the logits' KL (of the QDQ graph) drops when only this layer stays float
 
 
 @dataclass
@@ -252,13 +251,40 @@ def _run_output(gm, inputs):
         return _main_output(gm(*inputs))
 
 
+def _qdq_graph(gm0, inputs, steps) -> fx.GraphModule:
+    from qcompiler import pipeline
+    from qcompiler.report import CompileReport
+
+    return pipeline.run(_fresh(gm0, inputs), steps, CompileReport(0, "", "reference"))
+
+
+def _keep_in_float(gm: fx.GraphModule, module: str) -> None:
+    """Make every QDQ linear of ``module`` read its float input and float weight again."""
+    from qcompiler.ir import FLOAT_WEIGHT, QLINEAR
+
+    dq, q = torch.ops.qcompiler.dequantize.default, torch.ops.qcompiler.quantize.default
+    for node in gm.graph.nodes:
+        spec = node.meta.get(QLINEAR)
+        if spec is None or spec.module != module:
+            continue
+        x = node.args[0]
+        if x.op == "call_function" and x.target is dq and x.args[0].target is q:
+            x = x.args[0].args[0]
+        if x.op == "call_function" and x.target is torch.mul and getattr(x.args[1], "target", "").endswith("_x_inv_scale"):
+            x = x.args[0]  # AWQ's 1/s belongs to the rounded weight
+        node.args = (x, node.meta[FLOAT_WEIGHT]) + tuple(node.args[2:])
+    gm.recompile()
+
+
 def compare(model: torch.nn.Module, recipe="w8a8-dynamic", batch=None, stats=None, top: int = 5,
             steps=None) -> Comparison:
     """Where does quantization error come from? Per pass and per layer, on one ``batch``.
 
     ``batch``: input ids (or a dict of keyword inputs, or a tuple of positional ones). ``top``: how
-    many of the worst layers to attribute by keeping each alone in float (0: none). ``steps``:
-    override the pipeline (for testing a pass). The model is not changed.
+    many of the worst layers to attribute by keeping each alone in float (0: none): the layer's QDQ
+    is undone in the quantize/dequantize graph (the recipe's transforms stay, so the rest of the
+    model is exactly as quantized). ``steps``: override the pipeline (for testing a pass). The model
+    is not changed.
     """
     from qcompiler import pipeline
     from qcompiler.config import BackendOptions
@@ -295,16 +321,23 @@ def compare(model: torch.nn.Module, recipe="w8a8-dynamic", batch=None, stats=Non
                 per_pass.append(PassError(step.name, *_logit_metrics(reference_out, _run_output(gm, inputs))))
         return gm, per_pass, layer_values or []
 
-    if options.recipe.data_driven_rounding:
-        top = 0  # GPTQ/AWQ results are tied to the recipe's skip list: no per-layer recompiles
     gm, per_pass, layers = run_pipeline(options, True)
     final_kl = _logit_metrics(reference_out, _run_output(gm, inputs))[1]
     layers.sort(key=lambda e: e.sqnr_db)
     result = Comparison(options.recipe.name, layers, per_pass, [], final_kl)
-    for e in layers[:top]:
-        kept = dataclasses.replace(options.recipe, skip=options.recipe.skip + (e.module,))
-        gm_k, _, _ = run_pipeline(dataclasses.replace(options, recipe=kept), False)
-        kl = _logit_metrics(reference_out, _run_output(gm_k, inputs))[1]
-        result.attribution.append(Attribution(e.module, kl, final_kl - kl))
+    if top:
+        # keep one layer in float: in the QDQ graph, that layer reads its float input and float weight
+        upto = []
+        for step in (steps or pipeline.build(options, torch.device("cpu"), inputs)):
+            upto.append(step)
+            if step.name == "insert_qdq":
+                break
+        base = _qdq_graph(gm0, inputs, upto)
+        base_kl = _logit_metrics(reference_out, _run_output(base, inputs))[1]
+        for e in layers[:top]:
+            gm_k = _qdq_graph(gm0, inputs, upto)
+            _keep_in_float(gm_k, e.module)
+            kl = _logit_metrics(reference_out, _run_output(gm_k, inputs))[1]
+            result.attribution.append(Attribution(e.module, kl, base_kl - kl))
     result.attribution.sort(key=lambda a: -a.kl_gain)
     return result

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 # node.meta keys
 LINEAR = "qcompiler.linear"  # LinearSite, on canonical linear nodes (canonicalize)
+FLOAT_WEIGHT = "qcompiler.float_weight"  # fx.Node of the float weight a QDQ linear replaced (insert_qdq)
 DECISION = "qcompiler.decision"  # LayerDecision, on canonical linear nodes (insert_qdq)
 QLINEAR = "qcompiler.qlinear"  # QLinearSpec, on linear nodes whose inputs are QDQ (insert_qdq)
 DERIVED = "qcompiler.derived"  # DerivedWeight, on get_attr nodes of transformed weights
