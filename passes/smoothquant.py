@@ -4,7 +4,8 @@ For a group (a producer whose output feeds consumer linears only) the pass compu
 
     s_c = max|X_c| ** alpha / max_consumers |W[:, c]| ** (1 - alpha)
 
-and folds ``1 / s`` into the producer and ``s`` into the consumers' weight columns, so
+and folds ``1 / s`` into the producer (for ``attention`` groups: multiplies the input by it) and ``s``
+into the consumers' weight columns, so
 ``X W^T = (X / s)(W s)^T`` holds exactly in float while ``X / s`` has a flatter channel range.
 
 Groups are found in the graph, never from model classes:
@@ -14,9 +15,11 @@ Groups are found in the graph, never from model classes:
   through reshapes that keep the channel dimension;
 - ``linear``: a linear ``U`` whose only use is an elementwise product ``a * U(x)`` read only by a
   linear ``D`` (up -> down through ``act(gate) * up``): ``U``'s rows and bias are divided by ``s``;
-- ``attention``: a linear ``V`` whose output reaches a linear ``O`` only as the value of an attention,
-  through views, transposes and head repeats (v -> o). Which ``V`` channel feeds each ``O`` input
-  channel is probed by running the graph once on the example inputs (:func:`probe_channel_maps`).
+- ``attention``: a linear ``O`` reading an attention's output through views and transposes (o_proj).
+  Its ``1 / s`` can not be folded into the value projection: that output also goes into the KV cache
+  the model returns (and a graph with a cache must compute what the calibration graph, without one,
+  computed). So ``O``'s input is multiplied by ``1 / s`` in the graph, a multiply Inductor fuses
+  into the activation's quantization, and ``s`` is free per channel of ``O``'s input.
 
 Reads ``meta["qcompiler.channels"]`` (the input's calibrated channel range, and sample rows for
 ``alpha="auto"``) and updates it to the smoothed range.
@@ -35,10 +38,12 @@ from qcompiler import primitives
 from qcompiler.config import Recipe, SmoothQuant
 from qcompiler.ir import CHANNELS, LINEAR, PassResult, linear_weight
 from qcompiler.passes.graph_utils import (
+    add_buffer,
     bias_of,
     constant_value,
     replace_arg_with_tensor,
     replace_linear_weight,
+    same_tensor_info,
     scale_channels,
 )
 
@@ -55,11 +60,10 @@ MIN_VALUE = 1e-5
 @dataclass
 class Group:
     kind: str  # "norm", "linear" or "attention"
-    producer: fx.Node
+    producer: fx.Node  # attention: the attention op (the consumer's input is divided, nothing is folded)
     consumers: list[fx.Node]
     weight_index: int | None = None  # norm: position of the weight argument
     bias_index: int | None = None  # norm: position of the bias argument
-    channel_map: torch.Tensor | None = None  # attention: consumer input channel -> producer output channel
 
     @property
     def name(self) -> str:
@@ -149,21 +153,18 @@ def _linear_group(node: fx.Node) -> Group | None:
 
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
-_MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "expand", "to", "flatten", "unsqueeze"}
-_MOVE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, operator.getitem}
+_MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "to", "flatten"}
+_MOVE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten}
 
 
-def _attention_producer(consumer: fx.Node) -> fx.Node | None:
-    """The linear whose output reaches ``consumer``'s input only as the value of an attention,
-    through ops that move channels without mixing them (views, transposes, head repeats)."""
-    node, through_attention = consumer.args[0], False
+def _reads_attention(consumer: fx.Node) -> fx.Node | None:
+    """The attention whose output reaches ``consumer``'s input only through views and transposes
+    (the per-head outputs laid side by side: o_proj, GPT-2's c_proj, BERT's attention output)."""
+    node = consumer.args[0]
     while isinstance(node, fx.Node) and len(node.users) == 1:
-        if LINEAR in node.meta:
-            return node if through_attention else None
         if node.op == "call_function" and node.target in _SDPA:
-            value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-            node, through_attention = value, True
-        elif (node.op == "call_method" and node.target in _MOVE_METHODS) or (
+            return node
+        if (node.op == "call_method" and node.target in _MOVE_METHODS) or (
                 node.op == "call_function" and node.target in _MOVE_FUNCTIONS):
             node = node.args[0]
         else:
@@ -171,58 +172,14 @@ def _attention_producer(consumer: fx.Node) -> fx.Node | None:
     return None
 
 
-def probe_channel_maps(gm: fx.GraphModule, example_inputs, pairs: list[tuple[fx.Node, fx.Node]]) -> dict:
-    """For (producer, consumer) pairs, which producer channel feeds each consumer input channel.
-
-    Runs the graph once with each producer's output replaced by its channel number + 1, the same for
-    every token: attention averages over tokens with weights summing to 1, views and head repeats only
-    move values, so each consumer input channel reads the number of its source channel.
-    """
-    producers = {p: p.meta[LINEAR].out_features for p, _ in pairs}
-    consumers = {c for _, c in pairs}
-    seen: dict[fx.Node, torch.Tensor] = {}
-
-    class Prober(fx.Interpreter):
-        def run_node(self, n):
-            if n in consumers:
-                seen[n] = self.env[n.args[0]].detach()
-            out = super().run_node(n)
-            if n in producers:
-                code = torch.arange(1, producers[n] + 1, dtype=out.dtype, device=out.device)
-                out = code.expand_as(out).contiguous()
-            return out
-
-    with torch.no_grad():
-        Prober(gm).run(*example_inputs)
-    maps = {}
-    for producer, consumer in pairs:
-        value = seen.get(consumer)
-        if value is None:
-            continue
-        rows = value.double().reshape(-1, value.shape[-1])
-        codes = rows[0].round()
-        exact = torch.isfinite(rows).all() and (rows - codes).abs().max() < 1e-3
-        if exact and codes.min() >= 1 and codes.max() <= producers[producer]:
-            maps[consumer] = codes.long() - 1
-    return maps
-
-
-def find_groups(gm: fx.GraphModule, kinds: tuple[str, ...], example_inputs=None) -> tuple[list[Group], list[str]]:
-    """Smoothing groups in graph order, and notes on candidates that were rejected.
-
-    ``"attention"`` groups need ``example_inputs`` (real tensors) to probe the channel map.
-    """
+def find_groups(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Group], list[str]]:
+    """Smoothing groups in graph order, and notes on candidates that were rejected."""
     groups, notes = [], []
+    attention = {}
     if "attention" in kinds:
-        pairs = [(p, n) for n in gm.graph.nodes if LINEAR in n.meta and (p := _attention_producer(n)) is not None]
-        maps = probe_channel_maps(gm, example_inputs, pairs) if pairs and example_inputs is not None else {}
-        attention = {}
-        for producer, consumer in pairs:
-            if consumer in maps:
-                attention[consumer] = Group("attention", producer, [consumer], channel_map=maps[consumer])
-            else:
-                notes.append(f"{producer.meta[LINEAR].module} -> {consumer.meta[LINEAR].module}: not smoothed, "
-                             "the channel map through the attention could not be established")
+        for node in gm.graph.nodes:
+            if LINEAR in node.meta and (sdpa := _reads_attention(node)) is not None:
+                attention[node] = Group("attention", sdpa, [node])
     for node in gm.graph.nodes:
         if "attention" in kinds and node in attention:
             groups.append(attention[node])
@@ -284,24 +241,7 @@ def _fake_quant_activation(x: torch.Tensor, scheme, lo: torch.Tensor, hi: torch.
     return primitives.dequantize_math(q, scale, zp, block, x.dtype)
 
 
-def group_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float,
-                 channel_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s for the consumers' input channels, s for the producer's output channels)``.
-
-    With a channel map (several consumer channels may read one producer channel, as repeated
-    attention heads do) the statistics are reduced to the producer's channels first.
-    """
-    if channel_map is None:
-        s = smoothing_scales(act_absmax, w_absmax, alpha)
-        return s, s
-    n = int(channel_map.max()) + 1
-    act = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, channel_map, act_absmax.double(), "amax")
-    w = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, channel_map, w_absmax.double(), "amax")
-    s = smoothing_scales(act, w, alpha)
-    return s[channel_map], s
-
-
-def search_alpha(samples, cmin, cmax, weights, schemes, grid, channel_map=None) -> tuple[float | None, dict]:
+def search_alpha(samples, cmin, cmax, weights, schemes, grid) -> tuple[float | None, dict]:
     """The alpha of ``grid`` with the smallest output error of the group after quantization.
 
     ``None`` (no smoothing, ``s = 1``) is a candidate too: it wins when no alpha helps.
@@ -315,7 +255,7 @@ def search_alpha(samples, cmin, cmax, weights, schemes, grid, channel_map=None) 
         if alpha is None:
             s = torch.ones_like(act_absmax, dtype=torch.float64)
         else:
-            s, _ = group_scales(act_absmax, w_absmax, alpha, channel_map)
+            s = smoothing_scales(act_absmax, w_absmax, alpha)
         err = 0.0
         for w, ref, scheme in zip(weights, refs, schemes):
             w_q = _fake_quant_weight(w.detach().double() * s, scheme.weight)
@@ -326,11 +266,22 @@ def search_alpha(samples, cmin, cmax, weights, schemes, grid, channel_map=None) 
     return best, errors
 
 
-def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, s_producer: torch.Tensor, tag: tuple) -> None:
+def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, tag: tuple) -> None:
     for consumer in group.consumers:
         weight, _, _ = linear_weight(gm, consumer.args[1])
         replace_linear_weight(gm, consumer, weight.detach() * s.to(weight.dtype), ("smooth_in",) + tag)
         scale_channels(consumer, s)
+    if group.kind == "attention":
+        # the value projection's output also goes into the KV cache the model returns, which must
+        # stay as it is: divide the consumer's input instead (Inductor fuses the multiply into the
+        # activation's quantization)
+        consumer = group.consumers[0]
+        x = consumer.args[0]
+        inv_s = add_buffer(gm, f"{group.name}_inv_s", (1.0 / s).to(weight.dtype), consumer)
+        with gm.graph.inserting_before(consumer):
+            scaled = same_tensor_info(gm.graph.call_function(operator.mul, (x, inv_s)), x)
+        consumer.update_arg(0, scaled)
+        return
     producer = group.producer
     if group.kind == "norm":
         w = constant_value(gm, producer.args[group.weight_index])
@@ -340,15 +291,15 @@ def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, s_producer: torch.
             replace_arg_with_tensor(gm, producer, group.bias_index, b.detach() / s.to(b.dtype), f"{group.name}_norm_b")
         return
     weight, _, _ = linear_weight(gm, producer.args[1])
-    replace_linear_weight(gm, producer, weight.detach() / s_producer.to(weight.dtype)[:, None], ("smooth_out",) + tag)
+    replace_linear_weight(gm, producer, weight.detach() / s.to(weight.dtype)[:, None], ("smooth_out",) + tag)
     bias = bias_of(producer)
     if isinstance(bias, fx.Node):
         b = constant_value(gm, bias)
-        replace_arg_with_tensor(gm, producer, 2, b.detach() / s_producer.to(b.dtype), f"{producer.meta[LINEAR].module}_b")
+        replace_arg_with_tensor(gm, producer, 2, b.detach() / s.to(b.dtype), f"{producer.meta[LINEAR].module}_b")
 
 
-def smoothquant(gm: fx.GraphModule, recipe: Recipe, config: SmoothQuant, example_inputs=None) -> PassResult:
-    groups, notes = find_groups(gm, config.groups, example_inputs)
+def smoothquant(gm: fx.GraphModule, recipe: Recipe, config: SmoothQuant) -> PassResult:
+    groups, notes = find_groups(gm, config.groups)
     details = list(notes)
     applied = 0
     for group in groups:
@@ -367,15 +318,15 @@ def smoothquant(gm: fx.GraphModule, recipe: Recipe, config: SmoothQuant, example
                 details.append(f"{group.name}: not smoothed, alpha='auto' needs sample rows: calibrate with this recipe")
                 continue
             alpha, _ = search_alpha(stats.samples, stats.channel_min, stats.channel_max, weights, schemes,
-                                    config.alpha_grid, group.channel_map)
+                                    config.alpha_grid)
             if alpha is None:
                 details.append(f"{group.name}: {group.kind} group, not smoothed: no alpha beats s = 1")
                 continue
         else:
             alpha = float(config.alpha)
         w_absmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0)
-        s, s_producer = group_scales(stats.absmax, w_absmax, alpha, group.channel_map)
-        _apply(gm, group, s, s_producer, (group.kind, alpha, hashlib.sha1(s.numpy().tobytes()).hexdigest()[:16]))
+        s = smoothing_scales(stats.absmax, w_absmax, alpha)
+        _apply(gm, group, s, (group.kind, alpha, hashlib.sha1(s.numpy().tobytes()).hexdigest()[:16]))
         details.append(f"{group.name}: {group.kind} group, alpha {alpha:g}, s in [{float(s.min()):.3g}, {float(s.max()):.3g}]")
         applied += 1
     if applied:

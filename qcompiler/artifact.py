@@ -187,7 +187,7 @@ def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: boo
     bound = capture.bind_parameters(gm, inputs)
     device = next((info.tensor.device for info in bound.values()), torch.device("cpu"))
     report = CompileReport(0, options.recipe.name, options.kernels)
-    gm = pipeline.run(gm, pipeline.build(options, device, inputs), report)
+    gm = pipeline.run(gm, pipeline.build(options, device), report)
     comparison = debug.compare(model, options.recipe, batch, stats=options.stats, top=0) if errors else None
     return save(Path(out), gm, options, report, comparison,
                 parameter_fingerprint(model.named_parameters()))

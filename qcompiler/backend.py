@@ -53,10 +53,12 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
         device_note=(ops.kernel_for(device, opts.recipe.weight.bits) if opts.kernels == "fast"
                      else "reference quantize/dequantize ops"),
     )
-    steps = pipeline.build(opts, device, example_inputs)
+    steps = pipeline.build(opts, device)
     float_graph = _copy_graph(gm.graph)
     folder = debug.dump_dir(opts.debug)
-    dumper = debug.Dumper(folder, rep.graph_index, gm, example_inputs) if folder is not None else None
+    dumper = None
+    if folder is not None:  # the dumps run the graph eagerly: sizes as ints
+        dumper = debug.Dumper(folder, rep.graph_index, gm, capture.concrete_inputs(example_inputs))
     try:
         gm = pipeline.run(gm, steps, rep, dumper)
     except pipeline.PassFailed as exc:

@@ -86,7 +86,7 @@ def calibrate(
     start = time.perf_counter()
     if recipe.data_driven_rounding:
         return _calibrate_rounding(model, batches, recipe, bins, progress, start)
-    raw, count, tokens = _observe(model, batches, recipe, lambda inputs: pipeline.transform_steps(recipe, None)[:1],
+    raw, count, tokens = _observe(model, batches, recipe, lambda: pipeline.transform_steps(recipe, None)[:1],
                                   bins, sample_rows, progress, "calibrating")
     info = {
         "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins,
@@ -95,8 +95,8 @@ def calibrate(
     transformed = None
     if recipe.transforms and recipe.has_static_activations:
         # the static ranges must be those of the transformed inputs: observe again, after the transforms
-        def steps(inputs):
-            return pipeline.transform_steps(recipe, raw, inputs)
+        def steps():
+            return pipeline.transform_steps(recipe, raw)
 
         transformed, _, _ = _observe(model, batches, recipe, steps, bins, 0, progress, "calibrating (transformed)")
         info["transforms"] = recipe.transform_fingerprint()
@@ -133,7 +133,7 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
         )
     activations = {}
     if recipe.has_static_activations:
-        activations, _, _ = _observe(model, batches, recipe, lambda inputs: pipeline.transform_steps(recipe, None)[:1],
+        activations, _, _ = _observe(model, batches, recipe, lambda: pipeline.transform_steps(recipe, None)[:1],
                                      bins, 0, progress, "calibrating")
     tokens = sum(call_tokens(batch) for batch in batches)
     info = {
@@ -162,7 +162,7 @@ def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int,
 
     def calibration_backend(gm, example_inputs, **_):
         capture.bind_parameters(gm, example_inputs)
-        for step in steps(example_inputs):
+        for step in steps():
             step.run(gm)
         insert_observers(gm, observer_for, skip=lambda m: recipe.scheme_for(m) is None)
         return gm.forward

@@ -72,3 +72,15 @@ def module_name(node: fx.Node) -> str | None:
 
 def strip_root(path: str) -> str:
     return _ROOT.sub("", path)
+
+
+def concrete_inputs(example_inputs) -> list:
+    """``example_inputs`` with every symbolic size replaced by the value it has in this call.
+
+    When Dynamo recompiles a frame with dynamic shapes (a second sequence length), the sizes it
+    passes are ``torch.SymInt``; running the graph eagerly (to dump per-node errors) needs plain
+    ints. The original list still goes to Inductor.
+    """
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return [optimization_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]

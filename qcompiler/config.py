@@ -174,8 +174,8 @@ class SmoothQuant:
     the group's output error after quantization, on sample rows kept during calibration.
     ``groups`` says which producer -> consumer groups to smooth: ``"norm"`` (a norm's weight into
     the linears it feeds: q/k/v, gate/up), ``"linear"`` (a linear into another through an
-    elementwise product, as up -> down through ``act(gate) * up``) and ``"attention"`` (v -> o
-    through the attention).
+    elementwise product, as up -> down through ``act(gate) * up``) and ``"attention"`` (a linear
+    reading an attention's output, as o_proj: its input is multiplied by ``1 / s``).
     """
 
     alpha: float | str = 0.5

@@ -300,7 +300,7 @@ def compare(model: torch.nn.Module, recipe="w8a8-dynamic", batch=None, stats=Non
     def run_pipeline(opts, record_passes: bool):
         gm = _fresh(gm0, inputs)
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        build = steps or pipeline.build(opts, device, inputs)
+        build = steps or pipeline.build(opts, device)
         report, per_pass, layer_values = CompileReport(0, opts.recipe.name, opts.kernels), [], None
         float_values = None
         for step in build:
@@ -328,7 +328,7 @@ def compare(model: torch.nn.Module, recipe="w8a8-dynamic", batch=None, stats=Non
     if top:
         # keep one layer in float: in the QDQ graph, that layer reads its float input and float weight
         upto = []
-        for step in (steps or pipeline.build(options, torch.device("cpu"), inputs)):
+        for step in (steps or pipeline.build(options, torch.device("cpu"))):
             upto.append(step)
             if step.name == "insert_qdq":
                 break

@@ -49,10 +49,8 @@ class Step:
     requires: tuple[str, ...] = ()
 
 
-def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None, example_inputs=None) -> list[Step]:
-    """canonicalize and the recipe's function-preserving transforms (shared with calibration).
-
-    ``example_inputs`` (the real inputs Dynamo gave the backend) let SmoothQuant probe channel maps."""
+def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None) -> list[Step]:
+    """canonicalize and the recipe's function-preserving transforms (shared with calibration)."""
     steps = [Step("canonicalize", canonicalize)]
     if not recipe.transforms:
         return steps
@@ -60,7 +58,7 @@ def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None, 
         skip = lambda module: recipe.scheme_for(module) is None  # noqa: E731
         steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw, skip), requires=("canonicalize",)))
     if recipe.smoothquant is not None:
-        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant, example_inputs),
+        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant),
                           requires=("canonicalize", "attach_stats")))
     if recipe.split_outliers is not None:
         needs = ("attach_stats",) if recipe.split_outliers.mode == "activation" else ()
@@ -104,9 +102,9 @@ def rounded_weights(options: BackendOptions):
     return stats.weights
 
 
-def build(options: BackendOptions, device, example_inputs=None) -> list[Step]:
+def build(options: BackendOptions, device) -> list[Step]:
     stats = options.stats
-    steps = transform_steps(options.recipe, None if stats is None else stats.raw, example_inputs)
+    steps = transform_steps(options.recipe, None if stats is None else stats.raw)
     ranges = static_ranges(options)
     rounded = rounded_weights(options)
     steps.append(Step(

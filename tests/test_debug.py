@@ -43,6 +43,22 @@ def test_debug_option_dumps_every_pass_with_code_diff_counts_and_errors(tmp_path
     assert 5 < min(sqnr.values()) < float("inf")
 
 
+def test_dumps_of_a_graph_with_dynamic_sizes_run_on_the_real_sizes(tmp_path):
+    # the second sequence length makes Dynamo recompile with symbolic sizes: the per-node error table
+    # runs the graph eagerly, on the sizes of that call
+    model = tiny_llama()
+    with torch.inference_mode():
+        compiled = torch.compile(model, backend="qcompiler", options={"debug": str(tmp_path)})
+        for length in (8, 13):
+            compiled(torch.randint(0, 128, (1, length)))
+    reports = qcompiler.reports()
+    assert len(reports) == 2 and not any(r.error for r in reports)
+    graph = tmp_path / f"graph_{reports[-1].graph_index}"
+    assert "s" in (graph / "float.py").read_text().split("def forward", 1)[1].split(")", 1)[0]  # a size input
+    rows = (graph / "03_lower" / "errors.tsv").read_text().splitlines()[1:]
+    assert any(line.split("\t")[1] not in ("", "inf") for line in rows)
+
+
 def test_environment_variable_turns_dumps_on_and_a_failing_pass_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOMPILER_DUMP", str(tmp_path))
 

@@ -90,3 +90,27 @@ def test_stats_gathered_without_the_transforms_are_rejected(model):
             torch.compile(model, backend="qcompiler",
                           options={"recipe": "w8a8-smoothquant", "stats": plain})(torch.randint(0, 128, (1, 8)))
     assert issubclass(StatsError, qcompiler.errors.QCompilerError)
+
+
+def test_smoothquant_survives_dynamic_shapes_in_calibration_and_compile(model):
+    """A second sequence length makes Dynamo recompile with symbolic sizes; the attention probe
+    (which runs the graph) must still run, in calibration and in the backend, with no float fallback."""
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        plain = torch.compile(model, backend="eager")
+        for length in (8, 12):  # the frame is now marked dynamic for whatever compiles it next
+            plain(torch.randint(0, 128, (1, length)))
+    stats = qcompiler.calibrate(model, _batches(), "w8a8-smoothquant", progress=False)
+    qcompiler.clear_reports()
+    with torch.inference_mode():
+        compiled = torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-smoothquant", "stats": stats})
+        for length in (8, 13, 21):
+            ids = torch.randint(0, 128, (1, length))
+            out = compiled(ids).logits
+            cosine = torch.nn.functional.cosine_similarity(out.flatten(), model(ids).logits.flatten(), dim=0)
+            assert cosine > 0.95
+    reports = qcompiler.reports()
+    assert all(not r.error for r in reports), [r.error for r in reports]
+    for r in reports:
+        kinds = [d.split(":")[1].split()[0] for d in r.transforms["smoothquant"] if " group, " in d]
+        assert kinds.count("attention") == 2, r.transforms["smoothquant"]  # o_proj of both layers, with a KV cache

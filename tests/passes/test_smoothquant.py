@@ -25,35 +25,77 @@ def _prepared(model, ids, sample_rows=0):
     return gm, example_inputs
 
 
-def _group_names(gm, example_inputs=None):
-    groups, notes = find_groups(gm, ("norm", "linear", "attention"), example_inputs)
+def _group_names(gm):
+    groups, notes = find_groups(gm, ("norm", "linear", "attention"))
     return sorted((g.kind, g.name) for g in groups), notes
 
 
 def test_llama_groups_are_found_from_the_graph():
-    gm, example_inputs = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
-    names, _ = _group_names(gm, example_inputs)
+    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
+    names, _ = _group_names(gm)
     assert ("norm", "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj") in names
     assert ("norm", "model.layers.1.mlp.gate_proj+model.layers.1.mlp.up_proj") in names
     assert ("linear", "model.layers.0.mlp.down_proj") in names
     assert ("attention", "model.layers.1.self_attn.o_proj") in names
-    assert len(names) == 8  # per layer: qkv, gate/up, up->down, v->o
+    assert len(names) == 8  # per layer: qkv, gate/up, up->down, attention->o
 
 
-def test_attention_channel_map_follows_grouped_query_heads():
-    gm, example_inputs = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
-    groups, _ = find_groups(gm, ("attention",), example_inputs)
-    group = next(g for g in groups if g.name == "model.layers.0.self_attn.o_proj")
-    # 4 query heads share 2 kv heads of 16 channels: o input head h reads v head h // 2
-    expected = torch.cat([torch.arange(16) + 16 * (h // 2) for h in range(4)])
-    assert torch.equal(group.channel_map, expected)
+def _o_proj_inputs(model, ids, use_cache):
+    """Every o_proj's input after smoothing, from the graph captured with or without a KV cache."""
+    model = copy.deepcopy(model).double()
+    torch._dynamo.reset()
+    stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False)
+    torch._dynamo.reset()
+    gm, example_inputs = capture_graph(model, ids, use_cache=use_cache)
+    canonicalize(gm)
+    attach_stats(gm, stats.raw)
+    result = smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
+    o_projs = [n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("o_proj")]
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n in o_projs:
+                seen[n.meta[LINEAR].module] = self.env[n.args[0]]
+            return super().run_node(n)
+
+    with torch.inference_mode():
+        Recorder(gm).run(*example_inputs)
+    return seen, result
 
 
-def test_attention_groups_need_example_inputs():
-    gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
-    names, notes = _group_names(gm)
-    assert not any(kind == "attention" for kind, _ in names)
-    assert any("channel map" in n for n in notes)
+def test_attention_groups_do_not_depend_on_the_kv_cache():
+    # The cache graph writes the value projection into the cache it returns: smoothing must leave that
+    # alone and give o_proj the same smoothed input as the graph without a cache (calibration's graph).
+    ids = torch.randint(0, 128, (1, 12))
+    model = tiny_llama()
+    without, result = _o_proj_inputs(model, ids, use_cache=False)
+    with_cache, cached_result = _o_proj_inputs(model, ids, use_cache=True)
+    assert result.counts == cached_result.counts == {"groups": 8, "smoothed": 8}
+    assert sorted(without) == sorted(with_cache) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    for name in without:
+        torch.testing.assert_close(with_cache[name], without[name], rtol=1e-12, atol=1e-12)
+    # the input is divided by s: its calibrated channel ranges are flattened, channel by channel
+    assert any(float(x.abs().amax()) < 1.0 for x in without.values())
+
+
+def test_kv_cache_returned_by_a_smoothed_graph_is_unchanged():
+    ids = torch.randint(0, 128, (1, 12))
+    model = tiny_llama().double()
+    torch._dynamo.reset()
+    stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False)
+    torch._dynamo.reset()
+    gm, example_inputs = capture_graph(model, ids, use_cache=True)
+    canonicalize(gm)
+    attach_stats(gm, stats.raw)
+    with torch.inference_mode():
+        expected = copy.deepcopy(gm)(*example_inputs)
+        smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
+        got = gm(*example_inputs)
+    leaves = list(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)))
+    assert len(leaves) > 1  # logits and the cache's keys and values
+    for e, g in leaves:
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
 def test_gpt2_layernorm_groups_are_found_through_conv1d_views():
@@ -70,7 +112,7 @@ def test_smoothing_preserves_the_function_in_float64(factory, alpha):
     before = copy.deepcopy(gm)
     with torch.inference_mode():
         expected = before(*example_inputs)
-        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha), example_inputs)
+        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha))
         gm.graph.lint()
         got = gm(*example_inputs)
     assert result.modified and result.counts["smoothed"] >= 2
