@@ -59,6 +59,26 @@ def test_gptq_and_awq_beat_rtn_on_the_model_and_round_trip_through_saved_stats(s
         assert torch.equal(_logits(model, ids, recipe, str(folder)), out)
 
 
+def test_sequential_rounding_keeps_no_autograd_graph(setup, monkeypatch):
+    # the model's parameters require grad; an activation that carried an autograd graph would keep
+    # every earlier activation alive (the whole calibration set, layer after layer)
+    from qcompiler.passes.weight_rounding import sequential
+
+    model, batches, _, _ = setup
+    assert all(p.requires_grad for p in model.parameters())
+    tracked = []
+    original = sequential._run_node
+
+    def run_node(gm, node, env, j):
+        out = original(gm, node, env, j)
+        tracked.append(isinstance(out, torch.Tensor) and out.requires_grad)
+        return out
+
+    monkeypatch.setattr(sequential, "_run_node", run_node)
+    qcompiler.calibrate(model, batches[:2], _recipe(GPTQ()), progress=False)
+    assert tracked and not any(tracked)
+
+
 def test_awq_layers_divide_their_input_by_the_searched_scale(setup):
     model, batches, ids, _ = setup
     recipe = _recipe(AWQ(grid=4, clip=False))

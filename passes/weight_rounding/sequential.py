@@ -114,6 +114,7 @@ def _hessian(xs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor
     return h, abs_sum / max(rows, 1), rows
 
 
+@torch.no_grad()  # the parameters require grad: without this every activation would be kept for backward
 def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: bool = True) -> dict[str, RoundedLayer]:
     """Run the graph node by node over ``calls`` and round every quantizable linear's weight."""
     method = recipe.rounding
@@ -123,12 +124,13 @@ def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: boo
     frees = _last_uses(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     env: dict[fx.Node, list] = {node: [call[i] for call in calls] for i, node in enumerate(placeholders)}
-    sites = [n for n in graph.nodes if LINEAR in n.meta]
+    sites = [n for n in graph.nodes if LINEAR in n.meta and recipe.scheme_for(n.meta[LINEAR].module) is not None]
+    needed = _ancestors(sites)  # what runs after the last rounded layer (the LM head, the logits) is not needed
     results: dict[str, RoundedLayer] = {}
     hessians: dict[fx.Node, tuple] = {}  # by input node: q/k/v (gate/up) share one
     bar = tqdm(total=len(sites), desc=f"{type(method).__name__} rounding", disable=not progress)
     for node in graph.nodes:
-        if node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output") or (node not in needed and node not in sites):
             continue
         if node.op == "get_attr":
             value = getattr(gm, node.target)
@@ -139,7 +141,8 @@ def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: boo
             rounded = _round_site(gm, node, site, recipe, env, hessians)
             if rounded is not None:
                 results[site.module] = rounded
-            bar.update(1)
+            if node in sites:
+                bar.update(1)
         else:
             env[node] = [_run_node(gm, node, env, j) for j in range(len(calls))]
         for dead in frees.get(node, ()):
@@ -147,6 +150,17 @@ def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: boo
             hessians.pop(dead, None)  # its last reader has run: no linear needs its Hessian any more
     bar.close()
     return results
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    frontier = [inp for node in nodes for inp in node.all_input_nodes]
+    while frontier:
+        node = frontier.pop()
+        if node not in seen:
+            seen.add(node)
+            frontier.extend(node.all_input_nodes)
+    return seen
 
 
 def _run_node(gm: fx.GraphModule, node: fx.Node, env, j: int):
