@@ -11,7 +11,8 @@ passes; Inductor's compile time is not counted).
     python examples/weight_only_table.py --model smollm2-135m --json smol.json
     python examples/weight_only_table.py --model minilm-l6 --json minilm.json
 
-torchao is optional: ``pip install --no-deps torchao`` (next to torch 2.13) to get its rows.
+torchao is optional: ``pip install --no-deps torchao`` (next to torch 2.13) to get its rows. Its int4
+layers get bf16 activations, as qcompiler's do (``--torchao-fp32``: fp32, far slower on CPU).
 """
 
 import argparse
@@ -36,20 +37,31 @@ def recipe_for(method: str, bits: int, group: int) -> Recipe:
     return Recipe(name=f"w{bits}a16-{method}", weight=weight, activation=None, rounding=METHODS[method])
 
 
-def torchao_variants(model, group: int):
+def torchao_variants(model, group: int, bf16_linears: bool):
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import quantize_
     except ImportError:
         print("torchao not installed: its rows are skipped (pip install --no-deps torchao)", file=sys.stderr)
         return {}
+    def selected(mod, fqn):
+        return (isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn and mod.out_features % 16 == 0
+                and mod.in_features % group == 0)
+
     out = {}
     for alg in ("tinygemm", "hqq"):
         start = time.perf_counter()
         m = copy.deepcopy(model)
+        if bf16_linears:
+            # ATen's CPU int4 kernel is vectorized for bf16 activations (fp32 ones ran ~100x slower here);
+            # qcompiler's int4 layers round their input to bf16 the same way, the rest of the model stays fp32
+            for fqn, mod in m.named_modules():
+                if selected(mod, fqn):
+                    mod.to(torch.bfloat16)
+                    mod.register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16),) + args[1:])
+                    mod.register_forward_hook(lambda _, args, result: result.float())
         quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=group, int4_choose_qparams_algorithm=alg),
-                  filter_fn=lambda mod, fqn: (isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn
-                                              and mod.out_features % 16 == 0 and mod.in_features % group == 0))
+                  filter_fn=selected)
         seconds = time.perf_counter() - start
         bits, count = 0, 0
         for mod in m.modules():
@@ -72,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--torchao-fp32", action="store_true",
+                        help="give torchao's int4 layers fp32 activations (default: bf16, as qcompiler's int4 kernel)")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
 
@@ -111,7 +125,7 @@ def main(argv=None) -> int:
             print(f"{recipe.name}: {len(quantized)} layers, {bpw:.3f} bpw, {seconds + rep.seconds:.1f} s",
                   file=sys.stderr)
     if not args.no_torchao and 4 in args.bits:
-        variants.update(torchao_variants(loaded.model, args.group))
+        variants.update(torchao_variants(loaded.model, args.group, bf16_linears=not args.torchao_fp32))
 
     results = {name: {k: v for k, v in info.items() if k != "model"} for name, info in variants.items()}
     with torch.inference_mode():

@@ -207,9 +207,15 @@ def insert_qdq(
         weight, owner, weight_key = linear_weight(gm, w_node)
         float_bytes = owner.numel() * owner.element_size()  # the parameter as the user's model stores it
         scheme = recipe.scheme_for(site.module)
+        group_note = ""
         if scheme is None:
             reason = f"skipped by the recipe's skip pattern {recipe.skip_pattern_for(site.module)!r}"
         else:
+            fitted = scheme.fitted(site.in_features)
+            if fitted is not scheme:
+                group_note = (f"group {fitted.weight.group_size}: in_features {site.in_features} is not a multiple "
+                              f"of {scheme.weight.group_size}")
+            scheme = fitted
             reason = _why_not_quantizable(site, scheme, weight, x)
         if reason is not None:
             decision = LayerDecision(site.module, False, site.weight_param, scheme.describe() if scheme else "",
@@ -252,7 +258,7 @@ def insert_qdq(
             x_zero_point=act_names[1],
         )
         note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
-        note = "; ".join(filter(None, [rounding_note, note]))
+        note = "; ".join(filter(None, [rounding_note, group_note, note]))
         float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
         if float_side:
             note = "; ".join(filter(None, [note, f"{float_side} bytes of outlier columns kept in float"]))

@@ -44,6 +44,9 @@ class WeightScheme:
     symmetric: bool = True
     observer: str = "minmax"  # range per block: minmax, percentile or mse (computed on the weight itself)
     percentile: float = 99.99
+    # per_group: a layer whose in_features is not a multiple of group_size takes the largest power-of-two
+    # group (>= 32) that divides it, instead of staying in float (see fitted)
+    fit_group: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "WeightScheme")
@@ -61,6 +64,17 @@ class WeightScheme:
                 f"group_size={self.group_size} only applies to granularity 'per_group', not "
                 f"{self.granularity!r}"
             )
+        if self.fit_group and self.granularity != "per_group":
+            raise ValueError(f"fit_group=True only applies to granularity 'per_group', not {self.granularity!r}")
+
+    def fitted(self, in_features: int) -> WeightScheme:
+        """The scheme for a layer with ``in_features`` inputs: with ``fit_group``, a group size that does
+        not divide ``in_features`` becomes the largest power of two of at least 32 that does (64 for
+        SmolLM2's 576-wide layers at group 128); unchanged when none does."""
+        if not self.fit_group or in_features % self.group_size == 0:
+            return self
+        fits = [2**p for p in range(5, 16) if 2**p < self.group_size and in_features % 2**p == 0]
+        return replace(self, group_size=max(fits)) if fits else self
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -144,6 +158,11 @@ class LayerScheme:
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "float activations"
         return f"W: {self.weight.describe()}; A: {act}"
+
+    def fitted(self, in_features: int) -> LayerScheme:
+        """This scheme for a layer of ``in_features`` inputs (:meth:`WeightScheme.fitted`)."""
+        weight = self.weight.fitted(in_features)
+        return self if weight is self.weight else LayerScheme(weight, self.activation)
 
 
 @dataclass(frozen=True)
@@ -416,7 +435,8 @@ PRESETS.update({
 def _weight_only(name: str, bits: int = 4, group_size: int = 128, **kwargs) -> Recipe:
     return Recipe(
         name=name,
-        weight=WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False),
+        weight=WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False,
+                            fit_group=True),
         activation=None,
         **kwargs,
     )

@@ -126,3 +126,30 @@ def test_recipe_validation_for_rounding():
         preset = qcompiler.PRESETS[name]
         assert preset.weight.bits == 4 and preset.weight.group_size == 128 and preset.activation is None
     assert qcompiler.PRESETS["w4a16-gptq"].needs_calibration and not qcompiler.PRESETS["w4a16-hqq"].needs_calibration
+
+
+def test_fit_group_takes_the_largest_power_of_two_that_divides_the_width():
+    scheme = WeightScheme(bits=4, granularity="per_group", group_size=128, symmetric=False, fit_group=True)
+    assert scheme.fitted(1536) is scheme
+    assert scheme.fitted(576).group_size == 64  # SmolLM2's hidden width
+    assert scheme.fitted(96).group_size == 32
+    assert scheme.fitted(100) is scheme  # nothing fits: the layer stays in float, with the reason
+    assert WeightScheme(bits=4, granularity="per_group", group_size=128).fitted(576).group_size == 128
+    with pytest.raises(ValueError, match="fit_group"):
+        WeightScheme(bits=4, fit_group=True)
+
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "w4a16-gptq"])
+def test_presets_fit_the_group_to_layers_128_does_not_divide(setup, preset):
+    # tiny_llama's widths are 64 and 96: at group 128 every layer would stay in float
+    model, batches, ids, ref = setup
+    recipe = qcompiler.PRESETS[preset]
+    stats = qcompiler.calibrate(model, batches, recipe, progress=False) if recipe.needs_calibration else None
+    out = _logits(model, ids, recipe, stats)
+    rep = qcompiler.last_report()
+    assert len(rep.quantized) == 14 and [d.module for d in rep.kept_float] == ["lm_head"]
+    groups = {d.module.rsplit(".", 1)[-1]: d.scheme for d in rep.quantized}
+    assert "g64" in groups["q_proj"] and "g32" in groups["down_proj"]
+    assert all("not a multiple of 128" in d.reason for d in rep.quantized)
+    assert {d.bits_per_weight for d in rep.quantized} == {4.5, 5.0}  # 4 + 32/64 and 4 + 32/32: ATen's bf16 pair
+    assert _mse(out, ref) < 0.1 * float(ref.pow(2).mean())

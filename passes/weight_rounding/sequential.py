@@ -180,6 +180,7 @@ def _round_site(gm, node: fx.Node, site: LinearSite, recipe: Recipe, env, hessia
     bias_node = node.args[2] if len(node.args) > 2 else None
     weight, _, _ = linear_weight(gm, w_node)
     scheme = recipe.scheme_for(site.module)
+    scheme = None if scheme is None else scheme.fitted(site.in_features)
     usable = scheme is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     if usable:
         try:
