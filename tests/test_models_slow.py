@@ -231,7 +231,10 @@ def test_every_w4a16_preset_compiles_smollm2_whole_onto_the_int4_kernel(smollm2,
     rep = qcompiler.last_report()
     assert len(rep.quantized) == 210 and torch.isfinite(out.logits).all()
     assert {p.name: p.counts for p in rep.passes}["lower"] == {"lowered": 210, "not_lowered": 0}
-    assert all(d.bits_per_weight == pytest.approx(4.25) for d in rep.quantized)  # 4 bits + bf16 scale/offset per 128
+    # 4 bits + a bf16 scale and offset per group: of 128 on the 1536-wide down_proj inputs, of 64 (the group
+    # fitted to 576) on the others
+    bpw = {d.module.rsplit(".", 1)[-1]: d.bits_per_weight for d in rep.quantized}
+    assert bpw["down_proj"] == pytest.approx(4.25) and bpw["q_proj"] == pytest.approx(4.5), bpw
 
 
 def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):
