@@ -152,7 +152,8 @@ def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
     model = copy_mod.deepcopy(smollm2.model).double()
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
-    recipe = Recipe(smoothquant=SmoothQuant(alpha="auto"), split_outliers=OutlierSplit(), mixed_int8=MixedInt8())
+    # a low threshold: after smoothing and splitting few columns of these 24 tokens stay above 6.0
+    recipe = Recipe(smoothquant=SmoothQuant(alpha="auto"), split_outliers=OutlierSplit(), mixed_int8=MixedInt8(threshold=1.0))
     stats = qcompiler.calibrate(model, [ids], recipe, progress=False, sample_rows=16)
     torch._dynamo.reset()
     gm, example_inputs = capture_graph(model, input_ids=ids, use_cache=False)
