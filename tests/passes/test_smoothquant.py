@@ -14,12 +14,13 @@ from qcompiler.passes.smoothquant import find_groups, search_alpha, smoothing_sc
 RECIPE = qcompiler.PRESETS["w8a8-smoothquant"]
 
 
-def _prepared(model, ids, sample_rows=0):
+def _prepared(model, ids, sample_rows=0, use_cache=False):
     model = copy.deepcopy(model).double()
     torch._dynamo.reset()
     stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False, sample_rows=sample_rows)
     torch._dynamo.reset()
-    gm, example_inputs = capture_graph(model, ids, use_cache=False) if hasattr(model, "lm_head") else capture_graph(model, ids)
+    gm, example_inputs = (capture_graph(model, ids, use_cache=use_cache) if hasattr(model, "lm_head")
+                          else capture_graph(model, ids))
     canonicalize(gm)
     attach_stats(gm, stats.raw)
     return gm, example_inputs
@@ -42,13 +43,7 @@ def test_llama_groups_are_found_from_the_graph():
 
 def _o_proj_inputs(model, ids, use_cache):
     """Every o_proj's input after smoothing, from the graph captured with or without a KV cache."""
-    model = copy.deepcopy(model).double()
-    torch._dynamo.reset()
-    stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False)
-    torch._dynamo.reset()
-    gm, example_inputs = capture_graph(model, ids, use_cache=use_cache)
-    canonicalize(gm)
-    attach_stats(gm, stats.raw)
+    gm, example_inputs = _prepared(model, ids, use_cache=use_cache)
     result = smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
     o_projs = [n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("o_proj")]
     seen = {}
@@ -81,13 +76,7 @@ def test_attention_groups_do_not_depend_on_the_kv_cache():
 
 def test_kv_cache_returned_by_a_smoothed_graph_is_unchanged():
     ids = torch.randint(0, 128, (1, 12))
-    model = tiny_llama().double()
-    torch._dynamo.reset()
-    stats = qcompiler.calibrate(model, [ids], qcompiler.Recipe(), progress=False)
-    torch._dynamo.reset()
-    gm, example_inputs = capture_graph(model, ids, use_cache=True)
-    canonicalize(gm)
-    attach_stats(gm, stats.raw)
+    gm, example_inputs = _prepared(tiny_llama(), ids, use_cache=True)
     with torch.inference_mode():
         expected = copy.deepcopy(gm)(*example_inputs)
         smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
