@@ -120,3 +120,34 @@ def test_probe_reports_saturation_consistently_with_the_cpu():
     if cpu.has_int8_dot():
         assert not cpu.saturates()
     assert ops.int8_pair_limit(torch.device("cpu")) == (cpu.PAIR_LIMIT if cpu.saturates() else None)
+
+
+needs_onednn = pytest.mark.skipif(not cpu.use_onednn(), reason="the oneDNN int8 path needs AVX512-VNNI or AMX")
+
+
+@needs_onednn
+def test_onednn_path_is_exact_for_int8_activations():
+    torch.manual_seed(0)
+    x = torch.randint(-128, 128, (3 * cpu.SMALL_M, 96), dtype=torch.int8)
+    w = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
+    scale = torch.rand(40) + 0.5
+    out = torch.ops.qcompiler.int8_gemm(x, 0, w, scale, cpu.register_weight(w, scale))
+    torch.testing.assert_close(out, exact_int8_gemm(x, w, scale), rtol=1e-6, atol=0)
+
+
+@needs_onednn
+def test_onednn_is_only_given_uint8_activations(monkeypatch):
+    # int8 activations make oneDNN fall back to its reference GEMM (~1800x slower): they are shifted.
+    seen = []
+    real = cpu._onednn_qlinear
+
+    def spy(x_u8, zero_point, packed):
+        seen.append(x_u8.dtype)
+        return real(x_u8, zero_point, packed)
+
+    monkeypatch.setattr(cpu, "_onednn_qlinear", spy)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    scale = torch.ones(16)
+    x = torch.randint(-128, 128, (2 * cpu.SMALL_M, 32), dtype=torch.int8)
+    torch.ops.qcompiler.int8_gemm(x, 0, w, scale, cpu.register_weight(w, scale))
+    assert seen == [torch.uint8]
