@@ -53,7 +53,7 @@ def plot_outliers(stats, out: Path, layers: int = 4):
     worst = sorted(raw, key=lambda m: -outlier_ratio(raw[m]))[:layers]
     if not worst:
         return None
-    fig, axes = plt.subplots(len(worst), 1, figsize=(9, 2.4 * len(worst)), squeeze=False)
+    fig, axes = plt.subplots(len(worst), 1, figsize=(9, 2.4 * len(worst)), squeeze=False, layout="constrained")
     transformed = stats.activations is not stats.raw
     for ax, module in zip(axes[:, 0], worst):
         before = torch.maximum(raw[module].channel_min.abs(), raw[module].channel_max.abs())

@@ -1,6 +1,10 @@
 import base64
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
+
+import pytest
 
 from qcompiler import cli
 
@@ -16,10 +20,16 @@ class _Images(HTMLParser):
             self.images.append(dict(attrs)["src"])
 
 
-def test_report_cli_writes_html_with_its_plots(tmp_path, capsys):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
     assert cli.main(["report", "--model", "stories260k", "--recipe", "w8a8-smoothquant", "--out", str(out),
                      "--samples", "8", "--seq-len", "64", "--tokens", "512", "--recipes", "w8a8-dynamic"]) == 0
+    return out
+
+
+def test_report_cli_writes_html_with_its_plots(report_dir):
+    out = report_dir
     page = (out / "index.html").read_text()
     parser = _Images()
     parser.feed(page)
@@ -32,3 +42,21 @@ def test_report_cli_writes_html_with_its_plots(tmp_path, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "Per-layer SQNR" in page and "fp32" in page and "w8a8-dynamic" in page
     assert "model.layers.0.self_attn.q_proj" in page
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: the HTML check above still runs")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    from matplotlib.image import imread
+
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1100,2600", f"--screenshot={shot}", (report_dir / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2600, 1100)
+    # the page is drawn, plots included: a blank or broken-image page is nearly all white
+    coloured = (pixels.max(-1) - pixels.min(-1)) > 0.2
+    assert coloured.mean() > 0.02, coloured.mean()
