@@ -176,7 +176,8 @@ def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8"])
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8",
+                                    "w8a8-ocs-llm-int8"])
 def test_every_outlier_preset_compiles_smollm2_without_graph_breaks(smollm2, preset):
     from qcompiler.calibrate import text_batches
 
