@@ -95,7 +95,8 @@ def plot_perplexity_vs_bits(points: list[dict], out: Path):
         ax.scatter(p["bpw"], p["perplexity"], s=30)
         ax.annotate(p["recipe"], (p["bpw"], p["perplexity"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ticks = [b for b in (2, 3, 4, 6, 8, 16, 32) if min(p["bpw"] for p in points) * 0.9 <= b <= 34]
+    lowest = min(p["bpw"] for p in points)
+    ticks = [b for b in (2, 3, 4, 6, 8, 16, 32) if 0.9 * lowest <= b <= 34]
     ax.set_xticks(ticks, [str(b) for b in ticks])
     ax.set_xlabel("bits per weight of the quantized layers (scales and zero points included)")
     ax.set_ylabel("perplexity")

@@ -44,7 +44,7 @@ def test_report_cli_writes_html_with_its_plots(report_dir):
     assert "model.layers.0.self_attn.q_proj" in page
 
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: the HTML check above still runs")
