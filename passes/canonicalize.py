@@ -8,6 +8,11 @@ Matched (``P`` a 2-D parameter placeholder, possibly behind ``t`` / ``transpose`
 
 The function is unchanged (tested in float64). Each canonical node gets ``meta["qcompiler.linear"]``
 (a :class:`~qcompiler.ir.LinearSite`).
+
+A matrix product or convolution on a module parameter that does not fit that form (``P @ x``, a 3-D
+weight, ``addmm`` with ``alpha``/``beta``, ``bmm``/``einsum``/``conv`` on a parameter, an integer weight)
+stays as it is, in float, and comes back in ``details`` as a :class:`~qcompiler.ir.LayerDecision`
+with the reason, so the backend's report lists it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler import capture
-from qcompiler.ir import LINEAR, LinearSite, PassResult
+from qcompiler.ir import LINEAR, LayerDecision, LinearSite, PassResult
 
 LINEAR_TARGET = torch._C._nn.linear
 
@@ -95,6 +100,81 @@ def _match(node: fx.Node):
     return None
 
 
+# Ops that compute with a weight like a linear layer does; on a parameter that canonicalize cannot
+# rewrite they are reported as kept in float (embedding lookups are left out: not quantized by design).
+_PRODUCT_FUNCTIONS = {
+    torch.bmm: "bmm", torch.baddbmm: "baddbmm", torch.einsum: "einsum", torch.addmm: "addmm",
+    torch.nn.functional.conv1d: "conv1d", torch.nn.functional.conv2d: "conv2d", torch.nn.functional.conv3d: "conv3d",
+    torch.nn.functional.conv_transpose1d: "conv_transpose1d", torch.nn.functional.conv_transpose2d: "conv_transpose2d",
+    torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d", LINEAR_TARGET: "linear",
+    torch.Tensor.bmm: "bmm", **{f: "matmul" for f in _MATMUL_FUNCTIONS},
+}
+_PRODUCT_METHODS = {"bmm": "bmm", "baddbmm": "baddbmm", "addmm": "addmm", **{m: "matmul" for m in _MATMUL_METHODS}}
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "unsqueeze", "squeeze",
+                 "expand", "float", "half", "bfloat16"}
+_VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze,
+                   torch.Tensor.t, torch.Tensor.view, torch.Tensor.reshape}
+
+
+def _parameter_behind(node) -> fx.Node | None:
+    """The parameter placeholder ``node`` is a view/transpose/cast of, if any."""
+    while isinstance(node, fx.Node):
+        if node.op == "placeholder":
+            info = node.meta.get(capture.PARAM_META)
+            return node if info is not None and info.is_parameter else None
+        is_view = (
+            (node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+            or (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
+        )
+        if not is_view or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _why_not_linear(node: fx.Node, op: str, param: fx.Node) -> str:
+    tensor = param.meta[capture.PARAM_META].tensor
+    if not tensor.is_floating_point():
+        return f"{op} on a {tensor.dtype} parameter: only float weights are quantized"
+    if op in ("linear", "matmul", "addmm") and tensor.dim() != 2:
+        return f"{op} on a {tensor.dim()}-D parameter {tuple(tensor.shape)}: only 2-D weights are quantized"
+    if op == "addmm":
+        return "addmm with alpha/beta other than 1 or a bias that is not 1-D: not a linear layer"
+    if op in ("linear", "matmul"):
+        return f"{op} with the parameter as the left operand (P @ x): only x @ W forms are linear layers"
+    return f"{op} on a parameter has no quantized form in qcompiler (linear layers only)"
+
+
+def _unhandled_products(graph: fx.Graph) -> list[LayerDecision]:
+    """Products/convolutions on parameters that canonicalize left alone, as float decisions."""
+    decisions = []
+    for node in graph.nodes:
+        if LINEAR in node.meta:
+            continue
+        if node.op == "call_function":
+            op = _PRODUCT_FUNCTIONS.get(node.target)
+        elif node.op == "call_method":
+            op = _PRODUCT_METHODS.get(node.target)
+        else:
+            op = None
+        if op is None:
+            continue
+        args = list(node.args) + list(node.kwargs.values())
+        args = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))]
+        params = [p for p in (_parameter_behind(arg) for arg in args) if p is not None]
+        if not params:
+            continue
+        # the weight, not a bias: the first parameter with two or more dims if there is one
+        param = next((p for p in params if p.meta[capture.PARAM_META].tensor.dim() >= 2), params[0])
+        info = param.meta[capture.PARAM_META]
+        decisions.append(LayerDecision(
+            module=f"{_site_module(node, info.name)} [{op}]", quantized=False, param=info.name,
+            reason=_why_not_linear(node, op, param), float_weight_bytes=info.tensor.numel() * info.tensor.element_size(),
+        ))
+    return decisions
+
+
 def _is_canonical_weight(w_arg: fx.Node, param_node: fx.Node, param_is_in_out: bool) -> bool:
     if not param_is_in_out:
         return w_arg is param_node
@@ -159,4 +239,6 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
         graph.lint()
         gm.recompile()
     counts["rewritten"] = rewritten
-    return PassResult(gm, modified=rewritten > 0, counts=counts)
+    unhandled = _unhandled_products(graph)
+    counts["kept_float"] = len(unhandled)
+    return PassResult(gm, modified=rewritten > 0, counts=counts, details=tuple(unhandled))

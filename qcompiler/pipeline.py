@@ -154,15 +154,15 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=Non
         report.passes.append(PassRecord(step.name, seconds, result.modified, dict(result.counts)))
         if dumper is not None:
             dumper.after(step.name, gm, seconds, result.modified, dict(result.counts), done)
-        if step.name == "insert_qdq":
-            report.layers.extend(result.details)
+        if step.name in ("canonicalize", "insert_qdq"):
+            report.layers.extend(result.details)  # canonicalize: products on parameters it could not rewrite
         elif step.name == "lower":
             repacked = {}
             for module, kernel, why, decision in result.details:
                 report.kernel_of[module] = (kernel, why)
                 if decision is not None:
                     repacked[module] = decision
-            report.layers[:] = [repacked.get(d.module, d) for d in report.layers]
+            report.layers[:] = [repacked.get(d.module, d) if d.quantized else d for d in report.layers]
         elif result.details:
             report.transforms[step.name] = list(result.details)
         done.append(step.name)

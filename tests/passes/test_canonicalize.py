@@ -87,3 +87,59 @@ def test_matmul_between_activations_is_left_alone():
     gm, _ = capture_graph(Attn(), torch.randn(2, 4, 8), torch.randn(2, 4, 8))
     result = canonicalize(gm)
     assert not result.modified and not any(LINEAR in n.meta for n in gm.graph.nodes)
+    assert result.details == ()
+
+
+class ProductsThatAreNotLinears(torch.nn.Module):
+    """Products on parameters with no linear form: each stays in float and is reported with why."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = torch.nn.Parameter(torch.randn(8, 4))  # P @ x
+        self.cube = torch.nn.Parameter(torch.randn(2, 8, 8))  # 3-D weight: bmm
+        self.scaled = torch.nn.Parameter(torch.randn(8, 8))  # addmm with alpha
+        self.bias = torch.nn.Parameter(torch.randn(8))
+        self.mix = torch.nn.Parameter(torch.randn(8, 8))  # einsum
+        self.conv = torch.nn.Conv1d(4, 4, 1)
+        self.fc = torch.nn.Linear(8, 8)  # the one real linear
+
+    def forward(self, x):  # x [2, 4, 8]
+        a = self.left @ x  # [2, 8, 8]
+        b = torch.bmm(a, self.cube)
+        c = torch.addmm(self.bias, b.reshape(-1, 8), self.scaled, alpha=0.5).reshape(b.shape)
+        d = torch.einsum("bij,jk->bik", c, self.mix)
+        e = self.conv(x)  # [2, 4, 8]
+        return self.fc(d).sum() + e.sum()
+
+
+def test_products_on_parameters_that_are_not_linears_are_reported_with_the_reason():
+    model = ProductsThatAreNotLinears()
+    x = torch.randn(2, 4, 8)
+    result, gm = _check_equal_in_float64(model, x, expected_sites=1)
+    assert result.counts["kept_float"] == 5
+    why = {d.param: d.reason for d in result.details}
+    assert set(why) == {"left", "cube", "scaled", "mix", "conv.weight"}
+    assert all(not d.quantized for d in result.details)
+    assert "left operand" in why["left"]
+    assert "bmm on a parameter" in why["cube"]
+    assert "alpha/beta" in why["scaled"]
+    assert "einsum" in why["mix"]
+    assert "conv1d" in why["conv.weight"]
+    assert {d.module for d in result.details} >= {"conv [conv1d]"}
+
+
+def test_the_backend_report_lists_products_it_kept_in_float():
+    import qcompiler
+
+    model = ProductsThatAreNotLinears()
+    x = torch.randn(2, 4, 8)
+    qcompiler.clear_reports()
+    compiled = torch.compile(model, backend="qcompiler", fullgraph=True)
+    with torch.inference_mode():
+        expected, got = model(x), compiled(x)
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.5)
+    rep = qcompiler.last_report()
+    assert [d.module for d in rep.quantized] == ["fc"]
+    kept = {d.param: d.reason for d in rep.kept_float}
+    assert set(kept) == {"left", "cube", "scaled", "mix", "conv.weight"}
+    assert "conv [conv1d]" in str(rep) and "left operand" in str(rep)
