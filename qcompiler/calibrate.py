@@ -62,13 +62,17 @@ def calibrate(
     progress: bool = True,
     bins: int = DEFAULT_BINS,
     sample_rows: int | None = None,
+    channel_bins: int = 0,
 ) -> CalibrationStats:
     """Statistics of every linear layer's input over ``batches`` (layers the recipe skips are left out).
 
     With transforms (SmoothQuant, outlier splitting, LLM.int8()) and static activations the batches
     run twice: once for the float inputs the transforms are computed from, once after the transforms
     for the static ranges. ``sample_rows`` rows per layer input are kept for SmoothQuant's
-    ``alpha="auto"`` search (default: 128 when the recipe asks for it, else none).
+    ``alpha="auto"`` search (default: 128 when the recipe asks for it, else none). ``channel_bins`` > 0
+    also keeps a histogram per input channel (``C x channel_bins`` float32 counts per layer input; 1024
+    is a good size) so that ``stats[module].channel_range("percentile" | "mse" | "kl", ...)`` works;
+    per-channel min/max and their moving averages are always kept.
     The model's weights and outputs are not changed. Raises :class:`CalibrationError` on no batches,
     unsupported batch types, a model without linear layers, or inf/NaN in a layer's input (named).
     """
@@ -85,11 +89,11 @@ def calibrate(
 
     start = time.perf_counter()
     if recipe.data_driven_rounding:
-        return _calibrate_rounding(model, batches, recipe, bins, progress, start)
+        return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins)
     raw, count, tokens = _observe(model, batches, recipe, lambda: pipeline.transform_steps(recipe, None)[:1],
-                                  bins, sample_rows, progress, "calibrating")
+                                  bins, sample_rows, progress, "calibrating", channel_bins)
     info = {
-        "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins,
+        "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins, "channel_bins": channel_bins,
         "transforms": repr(((), recipe.skip)), "qcompiler_version": qcompiler.__version__,
     }
     transformed = None
@@ -98,7 +102,8 @@ def calibrate(
         def steps():
             return pipeline.transform_steps(recipe, raw)
 
-        transformed, _, _ = _observe(model, batches, recipe, steps, bins, 0, progress, "calibrating (transformed)")
+        transformed, _, _ = _observe(model, batches, recipe, steps, bins, 0, progress,
+                                     "calibrating (transformed)", channel_bins)
         info["transforms"] = recipe.transform_fingerprint()
     info["seconds"] = round(time.perf_counter() - start, 2)
     if transformed is None:
@@ -106,7 +111,8 @@ def calibrate(
     return CalibrationStats(transformed, info, raw=raw)
 
 
-def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: bool, start: float) -> CalibrationStats:
+def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: bool, start: float,
+                        channel_bins: int = 0) -> CalibrationStats:
     """GPTQ/AWQ: round every layer's weight on the batches, layer by layer (and observe the inputs too
     when the recipe also has static activation ranges)."""
     from qcompiler.passes.weight_rounding import sequential
@@ -134,7 +140,7 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
     activations = {}
     if recipe.has_static_activations:
         activations, _, _ = _observe(model, batches, recipe, lambda: pipeline.transform_steps(recipe, None)[:1],
-                                     bins, 0, progress, "calibrating")
+                                     bins, 0, progress, "calibrating", channel_bins)
     tokens = sum(call_tokens(batch) for batch in batches)
     info = {
         "batches": len(batches), "tokens": tokens, "recipe": recipe.name, "bins": bins,
@@ -153,12 +159,14 @@ def call_tokens(batch) -> int:
     return batch[0].numel() if batch else 0
 
 
-def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int, progress: bool, desc: str):
+def _observe(model, batches, recipe: Recipe, steps, bins: int, sample_rows: int, progress: bool, desc: str,
+             channel_bins: int = 0):
     """Run the batches through the model captured with ``steps`` and observers on the linear inputs."""
     observers: dict[str, ActivationObserver] = {}
 
     def observer_for(module: str):
-        return observers.setdefault(module, ActivationObserver(module, bins, sample_rows=sample_rows)).observe
+        return observers.setdefault(module, ActivationObserver(module, bins, sample_rows=sample_rows,
+                                                                          channel_bins=channel_bins)).observe
 
     def calibration_backend(gm, example_inputs, **_):
         capture.bind_parameters(gm, example_inputs)

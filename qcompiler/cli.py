@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
     _add_calibration_args(cal, "--text")
     cal.add_argument("--out", required=True, help="folder to write the statistics to")
+    cal.add_argument("--channel-bins", type=int, default=0,
+                     help="also keep a histogram per input channel with this many bins (e.g. 1024) for per-channel "
+                          "percentile/MSE/KL ranges (default 0: per-channel min/max and moving averages only)")
     quant = sub.add_parser("quantize", help="quantize a model and save the artifact (weights + manifest)")
     quant.add_argument("--model", required=True, help=MODEL_HELP)
     quant.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
@@ -226,7 +229,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int):
+def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int, channel_bins: int = 0):
     from qcompiler import models
     from qcompiler.calibrate import calibrate, text_batches
 
@@ -235,14 +238,14 @@ def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int
         raise FileNotFoundError(f"calibration text {path} not found (give it, or set QCOMPILER_DATA)")
     batches = text_batches(loaded.tokenizer, path, samples, seq_len, add_bos=loaded.add_bos)
     print(f"calibrating on {samples} x {seq_len} tokens of {path} ...", file=sys.stderr)
-    return calibrate(loaded.model, batches, recipe)
+    return calibrate(loaded.model, batches, recipe, channel_bins=channel_bins)
 
 
 def run_calibrate(args) -> int:
     from qcompiler import models
 
     loaded = models.load_model(args.model)
-    stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len)
+    stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len, args.channel_bins)
     stats.save(args.out)
     print(f"wrote statistics of {len(stats.activations)} layers to {args.out} "
           f"({stats.info['tokens']} tokens in {stats.info['seconds']} s)")

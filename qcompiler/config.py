@@ -42,7 +42,7 @@ class WeightScheme:
     granularity: str = "per_channel"
     group_size: int | None = None
     symmetric: bool = True
-    observer: str = "minmax"  # range per block: minmax, percentile or mse (computed on the weight itself)
+    observer: str = "minmax"  # range per block: minmax, percentile, mse or kl (computed on the weight itself)
     percentile: float = 99.99
     # per_group: a layer whose in_features is not a multiple of group_size takes the largest power-of-two
     # group (>= 32) that divides it, instead of staying in float (see fitted)

@@ -5,11 +5,13 @@ layer input, bounded-size statistics that every range method can use:
 
 - exact min/max (per tensor and per channel) and their moving averages over batches;
 - a :class:`Histogram` of values on a power-of-two grid, so that two histograms of the same data
-  merge exactly and memory stays fixed however long calibration runs.
+  merge exactly and memory stays fixed however long calibration runs; per tensor always, per
+  channel when asked (``channel_bins``: ``C x channel_bins`` counts per layer input).
 
-The methods (``minmax``, ``ema``, ``percentile``, ``mse``, ``kl``) turn those statistics into a range.
-Weights are static and small, so their ranges are computed on the tensor itself
-(:func:`weight_range`), per tensor or per output channel.
+The methods (``minmax``, ``ema``, ``percentile``, ``mse``, ``kl``) turn those statistics into a range:
+per tensor with :meth:`ActivationRanges.range` (what static activations use), per input channel
+with :meth:`ActivationRanges.channel_range`. Weights are static and small, so their ranges are
+computed on the tensor itself (:func:`weight_range`), per tensor, per output channel or per group.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from qcompiler import primitives
 from qcompiler.errors import CalibrationError
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
-WEIGHT_OBSERVERS = ("minmax", "percentile", "mse")
+WEIGHT_OBSERVERS = ("minmax", "percentile", "mse", "kl")
 DEFAULT_BINS = 2048
 DEFAULT_EMA_MOMENTUM = 0.1
 MSE_GRID = 100  # clipping ratios 0.01..1.00 of the full range
@@ -253,6 +255,10 @@ class ActivationRanges:
     hist_exponent: torch.Tensor  # [1]
     batches: int
     samples: torch.Tensor | None = None  # [n, C] rows kept by reservoir sampling (for searches)
+    channel_ema_min: torch.Tensor | None = None  # [C] moving average of per-batch channel min/max
+    channel_ema_max: torch.Tensor | None = None
+    channel_hist_counts: torch.Tensor | None = None  # [C, channel_bins], when calibrated with channel_bins
+    channel_hist_exponent: torch.Tensor | None = None  # [C]
 
     def histogram(self) -> Histogram:
         h = Histogram(1, self.hist_counts.shape[-1])
@@ -282,13 +288,58 @@ class ActivationRanges:
             return max(float(self.min), -t), min(float(self.max), t)
         raise ValueError(f"unknown observer {method!r}; choose one of {', '.join(OBSERVERS)}")
 
+    def channel_histogram(self) -> Histogram | None:
+        if self.channel_hist_counts is None:
+            return None
+        h = Histogram(self.channel_hist_counts.shape[0], self.channel_hist_counts.shape[-1])
+        h.counts = self.channel_hist_counts.clone().double()
+        h.exponent = self.channel_hist_exponent.clone().long()
+        return h
+
+    def channel_range(self, method: str, bits: int, symmetric: bool,
+                      percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-input-channel ``(lo [C], hi [C])`` by ``method``; each range contains 0.
+
+        ``minmax`` and ``ema`` are always available; ``percentile``, ``mse`` and ``kl`` need the
+        per-channel histograms (``qcompiler.calibrate(..., channel_bins=1024)``).
+        """
+        lo_exact, hi_exact = self.channel_min.double(), self.channel_max.double()
+        if method == "minmax":
+            lo, hi = lo_exact, hi_exact
+        elif method == "ema":
+            if self.channel_ema_min is None:
+                raise ValueError("these statistics hold no per-channel moving averages (saved by an older "
+                                 "qcompiler): calibrate again")
+            lo, hi = self.channel_ema_min.double(), self.channel_ema_max.double()
+        elif method in ("percentile", "mse", "kl"):
+            hist = self.channel_histogram()
+            if hist is None:
+                raise ValueError(f"per-channel {method!r} ranges need per-channel histograms: calibrate with "
+                                 "qcompiler.calibrate(model, batches, recipe, channel_bins=1024)")
+            if method == "percentile":
+                lo = torch.maximum(hist.percentile(100.0 - percentile), lo_exact)
+                hi = torch.minimum(hist.percentile(percentile), hi_exact)
+            elif method == "mse":
+                lo, hi = mse_clip(hist.centers(), hist.counts, lo_exact, hi_exact, bits, symmetric)
+            else:
+                t = kl_clip(hist, bits)
+                lo, hi = torch.maximum(lo_exact, -t), torch.minimum(hi_exact, t)
+        else:
+            raise ValueError(f"unknown observer {method!r}; choose one of {', '.join(OBSERVERS)}")
+        return lo.clamp_max(0).float(), hi.clamp_min(0).float()
+
 
 class ActivationObserver:
     """Accumulates :class:`ActivationRanges` for one layer input across calibration batches."""
 
     def __init__(self, name: str, bins: int = DEFAULT_BINS, momentum: float = DEFAULT_EMA_MOMENTUM,
-                 sample_rows: int = 0) -> None:
+                 sample_rows: int = 0, channel_bins: int = 0) -> None:
+        if channel_bins and (channel_bins < 2 or channel_bins & (channel_bins - 1)):
+            raise ValueError(f"channel_bins must be 0 (no per-channel histograms) or a power of two >= 2, "
+                             f"got {channel_bins}")
         self.name = name
+        self.channel_bins = channel_bins
+        self.channel_hist: Histogram | None = None
         self.momentum = momentum
         self.sample_rows = sample_rows
         self.samples: torch.Tensor | None = None
@@ -297,6 +348,7 @@ class ActivationObserver:
         self.hist = Histogram(1, bins)
         self.min = self.max = self.ema_min = self.ema_max = None
         self.channel_min = self.channel_max = None
+        self.channel_ema_min = self.channel_ema_max = None
         self.batches = 0
 
     def observe(self, x: torch.Tensor) -> None:
@@ -314,14 +366,26 @@ class ActivationObserver:
         if self.batches == 0:
             self.min, self.max, self.ema_min, self.ema_max = bmin, bmax, bmin, bmax
             self.channel_min, self.channel_max = cmin, cmax
+            self.channel_ema_min, self.channel_ema_max = cmin, cmax
+            if self.channel_bins:
+                self.channel_hist = Histogram(flat.shape[-1], self.channel_bins)
         else:
+            if cmin.shape != self.channel_min.shape:
+                raise CalibrationError(
+                    f"calibration: the input of layer {self.name!r} has {cmin.numel()} channels on batch "
+                    f"{self.batches}, {self.channel_min.numel()} before"
+                )
             self.min, self.max = torch.minimum(self.min, bmin), torch.maximum(self.max, bmax)
             m = self.momentum
             self.ema_min = (1 - m) * self.ema_min + m * bmin
             self.ema_max = (1 - m) * self.ema_max + m * bmax
             self.channel_min = torch.minimum(self.channel_min, cmin)
             self.channel_max = torch.maximum(self.channel_max, cmax)
+            self.channel_ema_min = (1 - m) * self.channel_ema_min + m * cmin
+            self.channel_ema_max = (1 - m) * self.channel_ema_max + m * cmax
         self.hist.update(flat)
+        if self.channel_hist is not None:
+            self.channel_hist.update(flat)
         if self.sample_rows:
             self._keep_samples(flat)
         self.batches += 1
@@ -353,6 +417,9 @@ class ActivationObserver:
             channel_min=self.channel_min.clone(), channel_max=self.channel_max.clone(),
             hist_counts=self.hist.counts.clone(), hist_exponent=self.hist.exponent.clone(), batches=self.batches,
             samples=self._final_samples(),
+            channel_ema_min=self.channel_ema_min.clone(), channel_ema_max=self.channel_ema_max.clone(),
+            channel_hist_counts=None if self.channel_hist is None else self.channel_hist.counts.float(),
+            channel_hist_exponent=None if self.channel_hist is None else self.channel_hist.exponent.clone(),
         )
 
 
@@ -361,7 +428,12 @@ class ActivationObserver:
 
 def weight_range(w: torch.Tensor, block_size, method: str, bits: int, symmetric: bool,
                  percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block ``(lo, hi)`` of a weight by ``method`` (minmax, percentile, mse), computed exactly."""
+    """Per-block ``(lo, hi)`` of a weight by ``method`` (:data:`WEIGHT_OBSERVERS`).
+
+    minmax, percentile and mse are computed on the values themselves; kl on a histogram of each block
+    (``DEFAULT_BINS`` bins, at most 64 candidate thresholds per block: one Python loop per block, so
+    it is the slow one, seconds per layer).
+    """
     blocked, _, out_shape = primitives._blocked_shapes(w.shape, block_size)
     # [blocks, values]: move the block-interior dims last
     nd = len(block_size)
@@ -376,6 +448,11 @@ def weight_range(w: torch.Tensor, block_size, method: str, bits: int, symmetric:
         lo, hi = qs[0], qs[1]
     elif method == "mse":
         lo, hi = mse_clip(groups, None, lo, hi, bits, symmetric)
+    elif method == "kl":
+        hist = Histogram(groups.shape[0], DEFAULT_BINS)
+        hist.update(groups.t())
+        t = kl_clip(hist, bits, max_candidates=64)
+        lo, hi = torch.maximum(lo, -t), torch.minimum(hi, t)
     else:
         raise ValueError(f"unknown weight observer {method!r}; choose one of {', '.join(WEIGHT_OBSERVERS)}")
     return lo.clamp_max(0).reshape(out_shape).float(), hi.clamp_min(0).reshape(out_shape).float()

@@ -22,7 +22,8 @@ FORMAT = "qcompiler-calibration"
 VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 JSON_FILE = "calibration.json"
-_TENSOR_FIELDS = [f.name for f in fields(ActivationRanges) if f.name not in ("batches", "samples")]
+_OPTIONAL_FIELDS = ["samples", "channel_ema_min", "channel_ema_max", "channel_hist_counts", "channel_hist_exponent"]
+_TENSOR_FIELDS = [f.name for f in fields(ActivationRanges) if f.name != "batches" and f.name not in _OPTIONAL_FIELDS]
 
 
 def _pack(prefix: str, ranges_by_module: Mapping[str, ActivationRanges], tensors: dict) -> dict:
@@ -30,9 +31,11 @@ def _pack(prefix: str, ranges_by_module: Mapping[str, ActivationRanges], tensors
     for i, (module, ranges) in enumerate(sorted(ranges_by_module.items())):
         for name in _TENSOR_FIELDS:
             tensors[f"{prefix}{i}.{name}"] = getattr(ranges, name).detach().cpu().contiguous()
-        if ranges.samples is not None:
-            tensors[f"{prefix}{i}.samples"] = ranges.samples.detach().cpu().contiguous()
+        optional = [name for name in _OPTIONAL_FIELDS if getattr(ranges, name) is not None]
+        for name in optional:
+            tensors[f"{prefix}{i}.{name}"] = getattr(ranges, name).detach().cpu().contiguous()
         layers[module] = {"index": i, "batches": ranges.batches, "samples": ranges.samples is not None,
+                          "optional": optional,
                           "min": float(ranges.min), "max": float(ranges.max)}
     return layers
 
@@ -42,8 +45,9 @@ def _unpack(prefix: str, layers: dict, tensors: dict) -> dict[str, ActivationRan
     for module, entry in layers.items():
         i = entry["index"]
         values = {name: tensors[f"{prefix}{i}.{name}"] for name in _TENSOR_FIELDS}
-        samples = tensors[f"{prefix}{i}.samples"] if entry.get("samples") else None
-        out[module] = ActivationRanges(**values, batches=int(entry["batches"]), samples=samples)
+        optional = set(entry.get("optional", ["samples"] if entry.get("samples") else []))
+        values.update({name: tensors[f"{prefix}{i}.{name}"] for name in _OPTIONAL_FIELDS if name in optional})
+        out[module] = ActivationRanges(**values, batches=int(entry["batches"]))
     return out
 
 
