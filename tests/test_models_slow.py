@@ -82,7 +82,7 @@ def test_eval_cli_on_smollm2_meets_the_accuracy_and_speed_bar(tmp_path):
     assert result["quantized"]["top1_agreement"] > 0.85
     assert result["weight_bytes"]["quantized"] < 0.5 * result["weight_bytes"]["float"]
     assert result["speed"]["decode_speedup"] > 1.0
-    assert result["speed"]["prefill_speedup"] > 0.95
+    assert result["speed"]["prefill_speedup"] >= 1.0  # not slower for a 512-token prefill (measured ~1.8x)
     print(proc.stdout)
 
 
@@ -244,14 +244,47 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):
     from qcompiler.calibrate import text_batches
     from qcompiler.config import BackendOptions
 
-    batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 16, 512)
+    # GPTQ on the full 128 x 512 calibration tokens (timed: under 10 minutes on 2 cores); AWQ on 16 x 512
+    full = text_batches(smollm2.tokenizer, models.default_calibration_text(), 128, 512)
     cfg = evaluate.EvalConfig(tokens=4096, speed=False, progress=False)
-    ppl = {}
-    for preset in ("w4a16-rtn", "w4a16-gptq", "w4a16-awq"):
+    ppl, seconds = {}, {}
+    for preset, batches in (("w4a16-rtn", None), ("w4a16-gptq", full), ("w4a16-awq", full[:16])):
         torch._dynamo.reset()
-        stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False) if preset != "w4a16-rtn" else None
+        stats = qcompiler.calibrate(smollm2.model, batches, preset, progress=False) if batches else None
+        if stats is not None:
+            seconds[preset] = stats.info["seconds"]
         torch._dynamo.reset()
         result = evaluate.evaluate(smollm2, BackendOptions(recipe=preset, stats=stats), models.default_text(), cfg)
         ppl[preset] = result.quantized["perplexity"]
-    print("perplexities:", ppl)
+    print("perplexities:", ppl, "quantization seconds:", seconds)
     assert ppl["w4a16-gptq"] < ppl["w4a16-rtn"] and ppl["w4a16-awq"] < ppl["w4a16-rtn"], ppl
+    assert seconds["w4a16-gptq"] < 600, seconds
+
+
+def test_gptq_and_awq_beat_rtn_on_minilm(minilm):
+    from qcompiler import evaluate
+    from qcompiler.calibrate import text_batches
+    from qcompiler.config import BackendOptions
+
+    batches = text_batches(minilm.tokenizer, models.default_calibration_text(), 32, 128, add_bos=minilm.add_bos)
+    cfg = evaluate.EvalConfig(speed=False, passages=64, progress=False)
+    cos = {}
+    for preset in ("w4a16-rtn", "w4a16-gptq", "w4a16-awq"):
+        torch._dynamo.reset()
+        stats = qcompiler.calibrate(minilm.model, batches, preset, progress=False) if preset != "w4a16-rtn" else None
+        torch._dynamo.reset()
+        result = evaluate.evaluate(minilm, BackendOptions(recipe=preset, stats=stats), models.default_text(), cfg)
+        cos[preset] = result.quantized["cosine_similarity"]
+    print("cosine similarities:", cos)
+    assert cos["w4a16-gptq"] > cos["w4a16-rtn"] and cos["w4a16-awq"] > cos["w4a16-rtn"], cos
+
+
+def test_demo_runs_as_the_readme_says(tmp_path):
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "demo", "--tokens", "2048", "--repeats", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "smollm2-135m" and result["recipe"] == "w8a8-dynamic"
+    assert result["quantized"]["perplexity"] < 1.05 * result["float"]["perplexity"]
+    assert "perplexity" in proc.stdout and "decode" in proc.stdout, proc.stdout
