@@ -1,9 +1,11 @@
-"""A small autotuner for the Triton kernels: configs keyed on (M bucket, N, K).
+"""A small autotuner for the Triton kernels: configs keyed on (name, M bucket, N, K).
 
-On a GPU, the first call for a key times every config that fits (``bench``, e.g.
-``triton.testing.do_bench``) and keeps the fastest. Without one (the CPU interpreter, or a caller that
-wants determinism) a heuristic picks by size: the smallest tile that covers M, so decode-sized calls
-get the skinny config. Results never depend on the choice: the tests run every config.
+On a GPU (a CUDA tensor, not under the interpreter) a launcher called without a config passes
+:func:`gpu_bench`: the first call for a key times every config with ``triton.testing.do_bench`` and
+keeps the fastest (a config that does not fit the GPU's shared memory or registers times as
+infinite). Elsewhere (the CPU interpreter, where ``do_bench`` needs a driver) a heuristic picks by
+size: the smallest tile that covers M, so decode-sized calls get the skinny config. Results never
+depend on the choice: the tests run every config of every list on one problem.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+import torch
 
 
 def interpreting() -> bool:
@@ -39,6 +43,31 @@ class Config:
 def m_bucket(m: int) -> int:
     """Calls with M in the same power-of-two bucket share a tuning result."""
     return 1 << max(0, (m - 1).bit_length())
+
+
+def timer_for(device: torch.device) -> Callable[[Callable[[], object]], float] | None:
+    """A function timing a launch (median ms, ``triton.testing.do_bench``) on a CUDA device outside the
+    interpreter; None elsewhere, where :func:`pick_config` uses its size heuristic."""
+    if device.type != "cuda" or interpreting():
+        return None
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    def time_launch(launch: Callable[[], object]) -> float:
+        try:
+            return do_bench(launch, warmup=5, rep=20)
+        except OutOfResources:  # the config does not fit this GPU
+            return float("inf")
+
+    return time_launch
+
+
+def gpu_bench(device: torch.device, launch: Callable[[Config], object]) -> Callable[[Config], float] | None:
+    """The ``bench`` for :func:`pick_config`: times ``launch(config)`` on ``device``, None where nothing is timed."""
+    timer = timer_for(device)
+    if timer is None:
+        return None
+    return lambda cfg: timer(lambda: launch(cfg))
 
 
 _cache: dict[tuple, Config] = {}

@@ -1,9 +1,11 @@
 """Compile the Triton kernels for CUDA targets without a GPU, and read what the compiler made.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32))`` builds PTX and a cubin with
-Triton's bundled ptxas. :func:`compile_all` does that for every kernel in its default configs and
-reports, per kernel and target: the tensor-core instructions in the PTX, shared memory, and the
-registers and spill bytes ``ptxas -v`` prints.
+Triton's bundled ptxas. :func:`compile_all` does that for every kernel in each of its default configs
+and each dtype variant the lowering launches (int8 GEMM: int8 or uint8 activations, fp16/bf16/fp32
+out; int4 GEMM: fp16 or bf16 activations; quantization: fp16/bf16/fp32 input) and reports, per
+kernel, variant and target: the tensor-core instructions in the PTX, approximate divisions,
+shared memory, and the registers and spill bytes ``ptxas -v`` prints.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qcompiler.lowering.kernels import triton_int4, triton_int8, triton_quant
 @dataclass(frozen=True)
 class CompiledKernel:
     name: str
+    variant: str  # the dtypes it was compiled for
     arch: int
     config: str
     ptx: str
@@ -51,6 +54,11 @@ class CompiledKernel:
     def float_mma(self) -> int:
         return len(re.findall(r"(?:mma\.sync|wgmma\.mma_async)[^\n]*\.(?:f16|bf16|tf32)", self.ptx))
 
+    @property
+    def approx_div(self) -> int:
+        """fp32 divisions that are not correctly rounded (``div.full`` / ``div.approx``; ``/`` in Triton)."""
+        return len(re.findall(r"div\.(?:full|approx)\.f32", self.ptx))
+
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
     from triton.backends.nvidia.compiler import get_ptxas
@@ -68,7 +76,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, sum(map(int, spills)) if spills else None)
 
 
-def compile_kernel(name: str, fn, signature: dict, constexprs: dict, arch: int, num_warps: int,
+def compile_kernel(name: str, variant: str, fn, signature: dict, constexprs: dict, arch: int, num_warps: int,
                    num_stages: int, config: str) -> CompiledKernel:
     if not isinstance(fn, JITFunction):
         raise RuntimeError("compiling for a GPU target needs TRITON_INTERPRET unset (the interpreter patches "
@@ -78,7 +86,7 @@ def compile_kernel(name: str, fn, signature: dict, constexprs: dict, arch: int, 
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_usage(ptx, arch)
-    return CompiledKernel(name, arch, config, ptx, compiled.metadata.shared, registers, spills)
+    return CompiledKernel(name, variant, arch, config, ptx, compiled.metadata.shared, registers, spills)
 
 
 def _int8_signature(out: str) -> dict:
@@ -92,33 +100,52 @@ def _int8_signature(out: str) -> dict:
     return sig
 
 
+def _int4_signature(act: str) -> dict:
+    # scales and zeros are fp32, as the lowering stores them; the bias goes in with the activations' dtype
+    sig = {"a_ptr": f"*{act}", "w_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "bias_ptr": f"*{act}",
+           "out_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_wn", "stride_wk",
+                                    "stride_sn", "stride_sg", "stride_os", "stride_om", "stride_on")})
+    sig.update({n: "constexpr" for n in ("GROUP", "HAS_BIAS", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                          "GROUP_M", "SPLIT_K")})
+    return sig
+
+
+def _quant_signature(x: str) -> dict:
+    return {"x_ptr": f"*{x}", "smooth_ptr": f"*{x}", "q_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32", "K": "i32",
+            "stride_xm": "i32", "stride_xk": "i32", "stride_qm": "i32", "stride_qk": "i32", "min_scale": "fp32",
+            "HAS_SMOOTH": "constexpr", "USE_RINT": "constexpr", "BLOCK_K": "constexpr"}
+
+
+_TL = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+INT8_VARIANTS = (("int8", "fp16"), ("uint8", "fp16"), ("int8", "bf16"), ("int8", "fp32"))  # activations, output
+INT4_VARIANTS = ("fp16", "bf16")  # activations
+QUANT_VARIANTS = ("fp16", "bf16", "fp32")  # input
+
+
 def compile_all(archs=(80, 90)) -> list[CompiledKernel]:
-    """Every kernel in each of its default configs, for each target."""
+    """Every kernel in each of its default configs and dtype variants, for each target."""
     out = []
     for arch in archs:
         for cfg in triton_int8.CONFIGS:
-            for uint8 in (False, True):
-                consts = dict(A_IS_UINT8=uint8, A_SCALE_PER_ROW=not uint8, HAS_BIAS=True, OUT_DTYPE=tl.float16,
+            for act, out_dtype in INT8_VARIANTS:
+                uint8 = act == "uint8"
+                consts = dict(A_IS_UINT8=uint8, A_SCALE_PER_ROW=not uint8, HAS_BIAS=True, OUT_DTYPE=_TL[out_dtype],
                               BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
-                name = f"int8_gemm[{'uint8' if uint8 else 'int8'}]"
-                out.append(compile_kernel(name, triton_int8.int8_gemm_kernel, _int8_signature("fp16"), consts, arch,
-                                          cfg.num_warps, cfg.num_stages, _describe(cfg)))
-        sig = {"x_ptr": "*fp16", "smooth_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_xk": "i32", "stride_qm": "i32", "stride_qk": "i32", "min_scale": "fp32",
-               "HAS_SMOOTH": "constexpr", "USE_RINT": "constexpr", "BLOCK_K": "constexpr"}
-        out.append(compile_kernel("quantize_per_token", triton_quant.quantize_per_token_kernel, sig,
-                                  dict(HAS_SMOOTH=True, USE_RINT=True, BLOCK_K=1024), arch, 4, 1, "BLOCK_K=1024"))
+                out.append(compile_kernel(f"int8_gemm[{act}]", f"{act} -> {out_dtype}", triton_int8.int8_gemm_kernel,
+                                          _int8_signature(out_dtype), consts, arch, cfg.num_warps, cfg.num_stages,
+                                          _describe(cfg)))
+        for x_dtype in QUANT_VARIANTS:
+            out.append(compile_kernel("quantize_per_token", f"{x_dtype} -> int8", triton_quant.quantize_per_token_kernel,
+                                      _quant_signature(x_dtype), dict(HAS_SMOOTH=True, USE_RINT=True, BLOCK_K=1024),
+                                      arch, 4, 1, "BLOCK_K=1024"))
         for cfg in triton_int4.CONFIGS:
-            sig = {"a_ptr": "*fp16", "w_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16",
-                   "out_ptr": "*fp32"}
-            sig.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_wn", "stride_wk",
-                                            "stride_sn", "stride_sg", "stride_os", "stride_om", "stride_on")})
-            sig.update({n: "constexpr" for n in ("GROUP", "HAS_BIAS", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                                  "GROUP_M", "SPLIT_K")})
-            consts = dict(GROUP=128, HAS_BIAS=False, DOT_DTYPE=tl.float16, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K)
-            out.append(compile_kernel("int4_gemm", triton_int4.int4_gemm_kernel, sig, consts, arch, cfg.num_warps,
-                                      cfg.num_stages, _describe(cfg)))
+            for act in INT4_VARIANTS:
+                consts = dict(GROUP=128, HAS_BIAS=False, DOT_DTYPE=_TL[act], BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                              BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K)
+                out.append(compile_kernel("int4_gemm", f"{act} x int4", triton_int4.int4_gemm_kernel,
+                                          _int4_signature(act), consts, arch, cfg.num_warps, cfg.num_stages,
+                                          _describe(cfg)))
     return out
 
 
@@ -128,10 +155,11 @@ def _describe(cfg) -> str:
 
 
 def format_report(kernels: list[CompiledKernel]) -> str:
-    lines = [f"{'kernel':<22} {'arch':>5} {'config':<28} {'regs':>5} {'spill B':>7} {'smem B':>7} {'int8 mma':>8} {'fp mma':>7}"]
+    lines = [f"{'kernel':<20} {'variant':<14} {'arch':>5} {'config':<28} {'regs':>5} {'spill B':>7} {'smem B':>7} "
+             f"{'int8 mma':>8} {'fp mma':>7}"]
     for k in kernels:
-        lines.append(f"{k.name:<22} sm_{k.arch:<2} {k.config:<28} {k.registers!s:>5} {k.spill_bytes!s:>7} "
-                     f"{k.shared_bytes:>7} {k.int8_mma:>8} {k.float_mma:>7}")
+        lines.append(f"{k.name:<20} {k.variant:<14} sm_{k.arch:<2} {k.config:<28} {k.registers!s:>5} "
+                     f"{k.spill_bytes!s:>7} {k.shared_bytes:>7} {k.int8_mma:>8} {k.float_mma:>7}")
     return "\n".join(lines)
 
 
@@ -146,9 +174,9 @@ def main(argv=None) -> int:
     kernels = compile_all(tuple(args.arch or (80, 90)))
     print(format_report(kernels))
     if args.json:
-        rows = [dict(name=k.name, arch=k.arch, config=k.config, registers=k.registers, spill_bytes=k.spill_bytes,
-                     shared_bytes=k.shared_bytes, int8_mma_sync=k.int8_mma_sync, int8_wgmma=k.int8_wgmma,
-                     float_mma=k.float_mma) for k in kernels]
+        rows = [dict(name=k.name, variant=k.variant, arch=k.arch, config=k.config, registers=k.registers,
+                     spill_bytes=k.spill_bytes, shared_bytes=k.shared_bytes, int8_mma_sync=k.int8_mma_sync,
+                     int8_wgmma=k.int8_wgmma, float_mma=k.float_mma, approx_div=k.approx_div) for k in kernels]
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -20,19 +20,37 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompiler.lowering.kernels.autotune import Config, interpreting, pick_config
+from qcompiler.lowering.kernels.autotune import Config, gpu_bench, interpreting, pick_config
 from qcompiler.lowering.kernels.reference import pack_int4, unpack_int4  # noqa: F401  (the format's home)
 
 CONFIGS = [
     # batch-1 decode: skinny M tile, K split across programs to fill the GPU
     Config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4, SPLIT_K=8),
     Config(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3, SPLIT_K=4),
-    # prefill (no register spills on sm_80/sm_90 in compile_check)
+    # prefill (no register spills on sm_80/sm_90 in compile_check, with the fp32 scales and zeros the
+    # lowering stores; 64x128 with 4 warps spills 28 bytes on sm_80, hence 8)
     Config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-    Config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+    Config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+MIN_BLOCK_K = 32  # the smallest K tile the kernel's dots take
+
+
+def unsupported_reason(n: int, k: int, group_size: int, configs: list[Config] = CONFIGS) -> str | None:
+    """None when every config of ``configs`` takes an ``[n, k]`` weight in groups of ``group_size``
+    (a per-channel weight is one group of ``k``); otherwise why not. The lowering asks at prepare
+    time, so a layer the kernel cannot take runs the reference instead of failing at run time."""
+    if k % 2:
+        return f"K={k} is odd: two 4-bit weights are packed per byte"
+    if group_size < 2 or k % group_size:
+        return f"K={k} is not a multiple of the group size {group_size}"
+    smallest = min(math.gcd(cfg.BLOCK_K, group_size) for cfg in configs)
+    if smallest < MIN_BLOCK_K:
+        what = f"per-channel K={k}" if group_size == k else f"group size {group_size}"
+        return (f"{what} is not a multiple of {MIN_BLOCK_K} (a K tile of the Triton int4 kernel lies in one "
+                f"group and is at least {MIN_BLOCK_K} wide)")
+    return None
 
 
 @triton.jit
@@ -124,10 +142,17 @@ def int4_gemm(
                          f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
     if len({a.device, w_packed.device, scale.device, zero.device}) != 1:
         raise ValueError("int4_gemm: all tensors must be on one device")
-    cfg = config or pick_config(CONFIGS, m, n, k, name="int4")
+    if bias is not None:
+        bias = bias.reshape(-1)
+        if bias.numel() != n:
+            raise ValueError(f"int4_gemm: bias must have N={n} entries, got {tuple(bias.shape)}")
+    if config is None:
+        bench = gpu_bench(a.device, lambda c: int4_gemm(a, w_packed, scale, zero, group_size, bias, config=c))
+        config = pick_config(CONFIGS, m, n, k, bench=bench, name=f"int4 g{group_size}")
+    cfg = config
     # a K tile must lie inside one group (and K is a whole number of groups, so of tiles)
     block_k = math.gcd(cfg.BLOCK_K, group_size)
-    if block_k < 32:
+    if block_k < MIN_BLOCK_K:
         raise ValueError(f"int4_gemm: group_size={group_size} and BLOCK_K={cfg.BLOCK_K} leave a K tile of "
                          f"{block_k}; use group sizes that are multiples of 32")
     cfg = dataclasses.replace(cfg, BLOCK_K=block_k)

@@ -1,10 +1,15 @@
 """W8A8 GEMM in Triton: int8 x int8 -> int32 accumulation with a fused epilogue.
 
-    out[m, n] = (sum_k (a[m, k] - a_zp) * w[n, k]) * a_scale[m or 0] * w_scale[n] + bias[n]
+    out[m, n] = (sum_k (a[m, k] - a_zp) * w[n, k]) * w_scale[n] * a_scale[m or 0] + bias[n]
+
+(multiplied in that order, as ``reference.int8_gemm(...) * a_scale + bias`` does, so results without
+a bias match the reference bit for bit where no FMA contraction happens, e.g. the interpreter).
 
 Activations are int8 (symmetric, zero point 0) or uint8 with a zero point (asymmetric static). ``tl.dot``
 takes int8 only, so uint8 activations are shifted by 128 into int8 inside the kernel and the shift is
 corrected in the epilogue with the weight's column sums: ``sum (a - zp) w = sum (a - 128) w + (128 - zp) sum w``.
+The lowering computes those sums once per layer (``w_colsum``); the launcher computes them only when
+not given.
 
 Written like the Triton matmul tutorial: grouped program ids for L2 reuse, masked loads and stores
 for any M/N/K, int32 accumulator, epilogue in fp32, output in fp16/bf16/fp32.
@@ -16,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompiler.lowering.kernels.autotune import Config, pick_config
+from qcompiler.lowering.kernels.autotune import Config, gpu_bench, pick_config
 
 # A small list, keyed on (M, N, K) by pick_config: decode-sized M first, then prefill tiles. Larger
 # tiles (128x128 with 8 warps, 128x256) spill registers on sm_80 in this kernel (compile_check), so
@@ -80,11 +85,11 @@ def int8_gemm_kernel(
         colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
         acc += (128 - a_zero_point) * colsum[None, :]
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * w_scale[None, :]
     if A_SCALE_PER_ROW:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        out = out * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     else:
-        out = acc.to(tl.float32) * tl.load(a_scale_ptr).to(tl.float32) * w_scale[None, :]
+        out = out * tl.load(a_scale_ptr).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out.to(OUT_DTYPE),
@@ -106,6 +111,8 @@ def int8_gemm(
 
     ``a_q [M, K]`` int8 (``a_zero_point`` 0) or uint8; ``a_scale`` one per row ``[M]`` or one ``[1]``;
     ``w_q [N, K]`` int8; ``w_scale [N]``; ``w_colsum [N]`` int32 (computed if not given) for uint8 input.
+    Without ``config``, :func:`~qcompiler.lowering.kernels.autotune.pick_config` chooses one (timing
+    each on a GPU, on the first call per (M bucket, N, K)).
     """
     if a_q.dim() != 2 or w_q.dim() != 2 or a_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"int8_gemm: a_q {tuple(a_q.shape)} and w_q {tuple(w_q.shape)} must be [M, K] and [N, K]")
@@ -125,13 +132,24 @@ def int8_gemm(
     w_scale = w_scale.reshape(-1).to(torch.float32)
     if w_scale.numel() != n:
         raise ValueError(f"int8_gemm: w_scale must have N={n} entries, got {w_scale.numel()}")
+    if bias is not None:
+        bias = bias.reshape(-1)
+        if bias.numel() != n or not bias.is_floating_point():
+            raise ValueError(f"int8_gemm: bias must be float with N={n} entries, got {bias.dtype} {tuple(bias.shape)}")
     is_uint8 = a_q.dtype == torch.uint8
     if is_uint8 and w_colsum is None:
-        w_colsum = w_q.to(torch.int32).sum(1)
+        w_colsum = w_q.sum(1, dtype=torch.int32)
+    if is_uint8 and (w_colsum.dtype != torch.int32 or w_colsum.numel() != n):
+        raise ValueError(f"int8_gemm: w_colsum must be int32 with N={n} entries, got {w_colsum.dtype} "
+                         f"{tuple(w_colsum.shape)}")
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or pick_config(CONFIGS, m, n, k)
+    if config is None:
+        bench = gpu_bench(a_q.device, lambda c: int8_gemm(a_q, a_scale, w_q, w_scale, bias, a_zero_point, w_colsum,
+                                                          out_dtype, config=c))
+        config = pick_config(CONFIGS, m, n, k, bench=bench, name="int8")
+    cfg = config
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
     int8_gemm_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, w_colsum if is_uint8 else w_scale, bias if bias is not None else w_scale,

@@ -1,12 +1,14 @@
 """Dynamic per-token activation quantization in Triton, optionally dividing by a SmoothQuant scale.
 
     x_s = x / smooth              (if given; per input channel)
-    scale[m] = max(max_k |x_s[m, k]|, MIN_SCALE * 127) / 127
+    scale[m] = max(max_k |x_s[m, k]| / 127, MIN_SCALE)
     q[m, k] = round_half_even(x_s[m, k] / scale[m])   as int8 in [-127, 127]
 
 The same arithmetic as ``qcompiler.primitives`` (choose_qparams_math / quantize_math) for per-token
-symmetric int8, so the Triton path and the reference agree bit for bit. One program per row: a first
-pass over K finds the absmax, a second quantizes.
+symmetric int8 on ``x`` upcast to fp32, so the Triton path and the reference agree bit for bit. Every
+division is ``div_rn`` (IEEE round to nearest, as torch divides): Triton's ``/`` on fp32 compiles
+to ``div.full.f32``, which is off by up to 2 ulp and would move values across rounding ties. One
+program per row: a first pass over K finds the absmax, a second quantizes.
 """
 
 from __future__ import annotations
@@ -47,30 +49,36 @@ def quantize_per_token_kernel(
         mask = k < K
         x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            x = x / tl.load(smooth_ptr + k, mask=mask, other=1.0).to(tl.float32)
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=mask, other=1.0).to(tl.float32))
         absmax = tl.maximum(absmax, tl.abs(x))
-    scale = tl.maximum(tl.max(absmax, axis=0) / 127.0, min_scale)
+    scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), 127.0), min_scale)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         mask = k < K
         x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            x = x / tl.load(smooth_ptr + k, mask=mask, other=1.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(round_half_even(x / scale, USE_RINT), -127.0), 127.0)
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=mask, other=1.0).to(tl.float32))
+        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, scale), USE_RINT), -127.0), 127.0)
         tl.store(q_ptr + row * stride_qm + k * stride_qk, q.to(tl.int8), mask=mask)
 
 
 def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None,
                        block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q int8 [M, K], scale float32 [M, 1])`` for ``x [M, K]`` (fp32/fp16/bf16)."""
+    """Launcher: ``(q int8 [M, K], scale float32 [M, 1])`` for ``x [M, K]`` (fp32/fp16/bf16) and an
+    optional SmoothQuant ``smooth [K]`` that ``x`` is divided by first."""
     if x.dim() != 2:
         raise ValueError(f"quantize_per_token: x must be [M, K], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"quantize_per_token: x must be floating point, got {x.dtype}")
     m, k = x.shape
-    if smooth is not None and smooth.numel() != k:
-        raise ValueError(f"quantize_per_token: smooth has {smooth.numel()} entries for K={k}")
+    if smooth is not None:
+        if smooth.numel() != k or not smooth.is_floating_point():
+            raise ValueError(f"quantize_per_token: smooth must be float with K={k} entries, got {smooth.dtype} "
+                             f"{tuple(smooth.shape)}")
+        if smooth.device != x.device:
+            raise ValueError(f"quantize_per_token: x on {x.device} but smooth on {smooth.device}")
+        smooth = smooth.reshape(-1).contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:

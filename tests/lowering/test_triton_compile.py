@@ -1,4 +1,5 @@
-"""The Triton kernels compile for CUDA sm_80 and sm_90 without a GPU, on integer tensor cores, without spills."""
+"""The Triton kernels compile for CUDA sm_80 and sm_90 without a GPU, in every default config and dtype
+variant the lowering launches (bf16 included), on integer tensor cores, without spills."""
 
 import json
 import os
@@ -6,6 +7,12 @@ import subprocess
 import sys
 
 import pytest
+
+from qcompiler.lowering.kernels import triton_int4, triton_int8
+
+INT8_VARIANTS = {"int8 -> fp16", "uint8 -> fp16", "int8 -> bf16", "int8 -> fp32"}
+INT4_VARIANTS = {"fp16 x int4", "bf16 x int4"}
+QUANT_VARIANTS = {"fp16 -> int8", "bf16 -> int8", "fp32 -> int8"}
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +26,17 @@ def compiled(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_kernel_compiles_for_both_targets(compiled):
-    names = {(row["name"], row["arch"]) for row in compiled}
-    for name in ("int8_gemm[int8]", "int8_gemm[uint8]", "quantize_per_token", "int4_gemm"):
-        assert (name, 80) in names and (name, 90) in names
+def _variants(compiled, prefix, arch):
+    return {(row["variant"], row["config"]) for row in compiled if row["name"].startswith(prefix) and row["arch"] == arch}
+
+
+def test_every_kernel_config_and_dtype_variant_compiles_for_both_targets(compiled):
+    for arch in (80, 90):
+        assert len(_variants(compiled, "int8_gemm", arch)) == len(INT8_VARIANTS) * len(triton_int8.CONFIGS)
+        assert {v for v, _ in _variants(compiled, "int8_gemm", arch)} == INT8_VARIANTS
+        assert len(_variants(compiled, "int4_gemm", arch)) == len(INT4_VARIANTS) * len(triton_int4.CONFIGS)
+        assert {v for v, _ in _variants(compiled, "int4_gemm", arch)} == INT4_VARIANTS
+        assert {v for v, _ in _variants(compiled, "quantize_per_token", arch)} == QUANT_VARIANTS
 
 
 def test_int8_gemm_uses_integer_tensor_cores(compiled):
@@ -37,6 +51,12 @@ def test_int8_gemm_uses_integer_tensor_cores(compiled):
 
 def test_int4_gemm_uses_float_tensor_cores(compiled):
     assert all(row["float_mma"] > 0 for row in compiled if row["name"] == "int4_gemm")
+
+
+def test_quantization_divides_with_correct_rounding(compiled):
+    # bit-exact with torch only with IEEE division: no div.full / div.approx
+    rows = [row for row in compiled if row["name"] == "quantize_per_token"]
+    assert rows and all(row["approx_div"] == 0 for row in rows)
 
 
 def test_default_configs_do_not_spill(compiled):

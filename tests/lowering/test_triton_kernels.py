@@ -1,8 +1,10 @@
 """Triton kernels under TRITON_INTERPRET=1 on CPU tensors, against exact or float references.
 
 Shapes are small with large tiles (the interpreter's cost grows with programs x K iterations) but
-cover M=1, sizes that are not multiples of the blocks, zeros and extreme values. Every config of
-each kernel's autotune list is run: results must not depend on the choice.
+cover M=1, sizes that are not multiples of the blocks, zeros and extreme values. The property tests
+draw from small test configs and the first default one; one test runs every config of each kernel's
+autotune list on one problem (int8: equal bit for bit; int4: equal within fp32 summation order),
+so results do not depend on the autotuner's choice.
 """
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from strategies import float_tensors, int8_gemm_problems
 
 from qcompiler import primitives as P
-from qcompiler.lowering.kernels import reference, triton_int4, triton_int8, triton_quant
+from qcompiler.lowering.kernels import autotune, reference, triton_int4, triton_int8, triton_quant
 from qcompiler.lowering.kernels.autotune import Config, interpreting, m_bucket, pick_config
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
@@ -65,11 +67,25 @@ def test_int8_gemm_rejects_bad_input():
         triton_int8.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(1), w, torch.ones(4), a_zero_point=3)
 
 
-@given(float_tensors((5, 77), outliers=True), st.booleans())
-def test_quantize_per_token_is_bit_exact_with_the_primitives(x, with_smooth):
-    smooth = torch.linspace(0.5, 2.0, 77) if with_smooth else None
-    q, scale = triton_quant.quantize_per_token(x, smooth, block_k=32)
-    xs = x / smooth if with_smooth else x
+@st.composite
+def token_rows(draw):
+    """Activations ``[M, K]`` (M from 1, K from 1 to 300, fp32/fp16/bf16, outlier channels) and an
+    optional positive SmoothQuant scale ``[K]`` in the same dtype."""
+    m = draw(st.sampled_from([1, 2, 5]))
+    k = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    x = draw(float_tensors((m, k), outliers=True)).to(dtype)
+    smooth = None
+    if draw(st.booleans()):
+        smooth = (draw(float_tensors((k,), outliers=False)).abs() + 0.25).to(dtype)
+    return x, smooth
+
+
+@given(token_rows(), st.sampled_from([16, 128, 1024]))
+def test_quantize_per_token_is_bit_exact_with_the_primitives(rows, block_k):
+    x, smooth = rows
+    q, scale = triton_quant.quantize_per_token(x, smooth, block_k=block_k)
+    xs = x.float() / smooth.float() if smooth is not None else x.float()
     block = P.per_token(2)
     ref_scale, _ = P.choose_qparams_math(xs, block, -127, 127, True)
     ref_q = P.quantize_math(xs, ref_scale, None, block, -127, 127, torch.int8)
@@ -135,6 +151,81 @@ def test_int4_half_activations():
     assert out.dtype == torch.bfloat16
     ref = reference.int4_gemm(a.float(), triton_int4.pack_int4(q), scale, zero, 32)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_results_do_not_depend_on_the_autotune_choice():
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 33, 40, 100  # several row tiles for the skinny configs; N and K not multiples of any block
+    a = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    a_scale, w_scale, bias = torch.rand(m, generator=gen) + 0.01, torch.rand(n, generator=gen) * 0.1, torch.randn(n)
+    int8_outs = [triton_int8.int8_gemm(a, a_scale, w, w_scale, bias, a_zero_point=3, config=c)
+                 for c in triton_int8.CONFIGS]
+    assert all(torch.equal(out, int8_outs[0]) for out in int8_outs[1:])
+    int8_ref = reference.int8_gemm(a, 3, w, w_scale) * a_scale[:, None] + bias
+    torch.testing.assert_close(int8_outs[0], int8_ref, rtol=1e-6, atol=1e-6)
+
+    group = 64
+    q = torch.randint(0, 16, (n, 2 * group), generator=gen)
+    packed = triton_int4.pack_int4(q)
+    scale = torch.rand(n, 2, generator=gen) * 0.1 + 1e-3
+    zero = torch.randint(0, 16, (n, 2), generator=gen).float()
+    x = torch.randn(m, 2 * group, generator=gen)
+    int4_outs = [triton_int4.int4_gemm(x, packed, scale, zero, group, bias, config=c) for c in triton_int4.CONFIGS]
+    w_float = reference.unpack_int4(packed).float()
+    magnitude = float((x.abs() @ (w_float + zero.repeat_interleave(group, 1)).t()).max() * scale.max())
+    for out in int4_outs[1:]:  # only fp32 summation order differs (split-K, tile sizes)
+        torch.testing.assert_close(out, int4_outs[0], rtol=0, atol=1e-6 * magnitude)
+    torch.testing.assert_close(int4_outs[0], reference.int4_gemm(x, packed, scale, zero, group, bias),
+                               rtol=0, atol=1e-6 * magnitude)
+
+    rows = torch.randn(3, 300, generator=gen) * 5
+    quant_outs = [triton_quant.quantize_per_token(rows, block_k=b) for b in (16, 128, 1024)]
+    assert all(torch.equal(q_, quant_outs[0][0]) and torch.equal(s_, quant_outs[0][1]) for q_, s_ in quant_outs)
+
+
+def _fake_gpu_timer(timed: list):
+    """Stands in for ``autotune.timer_for`` on a GPU: runs each launch once and says the later ones are faster."""
+    def timer_for(device):
+        def time_launch(launch):
+            timed.append(launch())
+            return -float(len(timed))
+        return time_launch
+    return timer_for
+
+
+def test_first_call_on_a_gpu_times_every_config_and_later_calls_reuse_the_choice(monkeypatch):
+    timed = []
+    monkeypatch.setattr(autotune, "_cache", {})
+    monkeypatch.setattr(autotune, "timer_for", _fake_gpu_timer(timed))
+    a = torch.randint(-127, 128, (3, 40), dtype=torch.int8)
+    w = torch.randint(-127, 128, (20, 40), dtype=torch.int8)
+    expected = exact(a, 0, w).to(torch.float32)
+    out = triton_int8.int8_gemm(a, torch.ones(1), w, torch.ones(20))
+    assert len(timed) == len(triton_int8.CONFIGS)  # every config timed, each on the real problem
+    assert all(torch.equal(t, expected) for t in timed) and torch.equal(out, expected)
+    # the last config "timed fastest": chosen over the heuristic's skinny tile for M=3
+    assert autotune._cache[("int8", id(triton_int8.CONFIGS), 4, 20, 40)] == triton_int8.CONFIGS[-1]
+    triton_int8.int8_gemm(torch.cat([a, a[:1]]), torch.ones(1), w, torch.ones(20))  # M=4, same bucket: no timing
+    assert len(timed) == len(triton_int8.CONFIGS)
+
+    timed.clear()
+    x = torch.randn(1, 64)
+    packed, scale, zero = triton_int4.pack_int4(torch.randint(0, 16, (8, 64))), torch.rand(8, 2), torch.zeros(8, 2)
+    out = triton_int4.int4_gemm(x, packed, scale, zero, 32)
+    assert len(timed) == len(triton_int4.CONFIGS)
+    torch.testing.assert_close(out, reference.int4_gemm(x, packed, scale, zero, 32), rtol=1e-5, atol=1e-5)
+    assert autotune._cache[("int4 g32", id(triton_int4.CONFIGS), 1, 8, 64)] == triton_int4.CONFIGS[-1]
+
+
+def test_only_cuda_tensors_outside_the_interpreter_are_timed(monkeypatch):
+    assert autotune.timer_for(torch.device("cpu")) is None
+    assert autotune.timer_for(torch.device("cuda")) is None  # interpreting: do_bench needs a driver
+    assert autotune.gpu_bench(torch.device("cuda"), lambda cfg: None) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert autotune.timer_for(torch.device("cpu")) is None
+    assert callable(autotune.timer_for(torch.device("cuda")))
+    assert callable(autotune.gpu_bench(torch.device("cuda"), lambda cfg: None))
 
 
 def test_pick_config_is_keyed_on_the_m_bucket_and_prefers_skinny_tiles_for_decode():
