@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -199,3 +200,23 @@ def test_symmetric_static_activations_use_int8():
         fast = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(x)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     assert qcompiler.last_report().passes[-1].counts["lowered"] == 2
+
+
+def _mlp(hidden: int, width: int = 64):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 8)).eval()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("w8a8-static", r"statistics of '2' have 64 input channels, the model's layer has 96: these stats come from "
+                    r"another model; calibrate this one"),
+    ("w4a16-gptq", r"0: the rounded weight has shape \(64, 64\), the layer \(96, 64\)\. Calibrate this model"),
+], ids=["static-ranges", "gptq-weights"])
+def test_stats_of_another_model_with_the_same_layer_names_are_a_clear_error(recipe, message):
+    recipe = dataclasses.replace(qcompiler.config.resolve_recipe(recipe), skip=())
+    stats = qcompiler.calibrate(_mlp(64), [torch.randn(4, 64) for _ in range(2)], recipe, progress=False)
+    other = _mlp(96)  # same module names "0" and "2", different widths
+    with pytest.raises(Exception, match=message) as info:
+        with torch.inference_mode():
+            torch.compile(other, backend="qcompiler", options={"recipe": recipe, "stats": stats})(torch.randn(3, 64))
+    assert isinstance(getattr(info.value, "inner_exception", info.value), StatsError)  # Dynamo wraps it
