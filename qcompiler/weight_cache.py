@@ -2,7 +2,9 @@
 
 Dynamo recompiles a model for new shapes; the weights do not change, so neither do their quantized
 forms. Entries are keyed by the parameter's identity, the scheme, and the parameter's version counter
-(an in-place update of the weight invalidates the entry); they die with the parameter.
+(an in-place update of the weight invalidates the entry); they die with the parameter. Inference
+tensors (a model built or loaded under ``torch.inference_mode()``) have no version counter: a
+checksum of their values stands in for it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from typing import Any
 import torch
 
 
+def _version(param: torch.Tensor):
+    if param.is_inference():
+        values = param.detach().double()
+        return ("checksum", float(values.sum()), float(values.abs().sum()))
+    return param._version
+
+
 class WeightCache:
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, Hashable], tuple[weakref.ref, int, Any]] = {}
+        self._entries: dict[tuple[int, Hashable], tuple[weakref.ref, Hashable, Any]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -25,13 +34,13 @@ class WeightCache:
         entry = self._entries.get(entry_key)
         if entry is not None:
             ref, version, value = entry
-            if ref() is param and version == param._version:
+            if ref() is param and version == _version(param):
                 self.hits += 1
                 return value
         self.misses += 1
         value = compute()
         ident = id(param)
-        self._entries[entry_key] = (weakref.ref(param, lambda _: self._drop(ident)), param._version, value)
+        self._entries[entry_key] = (weakref.ref(param, lambda _: self._drop(ident)), _version(param), value)
         return value
 
     def _drop(self, ident: int) -> None:

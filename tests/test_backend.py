@@ -244,3 +244,22 @@ def test_saturating_cpus_get_pair_limited_weights_and_fast_equals_reference(monk
     (decision,) = qcompiler.last_report().quantized
     assert "5 int8 weight pairs limited for saturating int16 kernels" in decision.reason
 
+
+def test_a_model_built_under_inference_mode_is_quantized_and_weight_edits_requantize():
+    # its parameters are inference tensors, which have no version counter for the weight cache
+    with torch.inference_mode():
+        model = TwoLayer().eval()
+        x = torch.randn(2, 5, 32)
+        out = _compile(model, kernels="reference")(x)
+        rep = qcompiler.last_report()
+        assert not rep.error and [d.module for d in rep.quantized] == ["fc1", "fc2"]
+        fq = lambda t, block: primitives.fake_quantize(t, block)  # noqa: E731
+        h = torch.relu(F.linear(fq(x, primitives.per_token(3)), fq(model.fc1.weight, primitives.per_channel(2)),
+                                model.fc1.bias))
+        h = torch.relu(F.linear(fq(h, primitives.per_token(3)), fq(model.fc2.weight, primitives.per_channel(2))))
+        torch.testing.assert_close(out, model.lm_head(h), rtol=1e-5, atol=1e-6)
+        model.fc1.weight.mul_(-1)  # an in-place edit: fc1 must be quantized again, fc2 reused
+        hits, misses = WEIGHTS.hits, WEIGHTS.misses
+        torch._dynamo.reset()
+        _compile(model, kernels="reference")(x)
+    assert (WEIGHTS.hits - hits, WEIGHTS.misses - misses) == (1, 1)
