@@ -181,6 +181,12 @@ class LayerOverride:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError("LayerOverride.pattern must be a non-empty module-name pattern")
+        if self.weight is not None and not isinstance(self.weight, WeightScheme):
+            raise TypeError(f"LayerOverride.weight must be a WeightScheme or None, got {type(self.weight).__name__}")
+        if self.activation is not None and not isinstance(self.activation, ActivationScheme):
+            raise TypeError(
+                f"LayerOverride.activation must be an ActivationScheme or None, got {type(self.activation).__name__}"
+            )
         if self.weight_only and self.activation is not None:
             raise ValueError("LayerOverride: give either an activation scheme or weight_only=True, not both")
 
@@ -324,6 +330,18 @@ class Recipe:
     rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weight, WeightScheme):
+            raise TypeError(f"Recipe.weight must be a WeightScheme, got {type(self.weight).__name__}")
+        if self.activation is not None and not isinstance(self.activation, ActivationScheme):
+            raise TypeError(
+                f"Recipe.activation must be an ActivationScheme or None, got {type(self.activation).__name__}"
+            )
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise TypeError("Recipe.skip must be a tuple of module-name patterns, e.g. ('lm_head',)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if isinstance(self.overrides, LayerOverride) or not all(isinstance(o, LayerOverride) for o in self.overrides):
+            raise TypeError("Recipe.overrides must be a tuple of LayerOverride")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
         for name, kind in (("smoothquant", SmoothQuant), ("split_outliers", OutlierSplit), ("mixed_int8", MixedInt8)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -334,21 +352,10 @@ class Recipe:
         if self.rounding is not None and self.transforms:
             raise ValueError("Recipe: GPTQ/AWQ/HQQ rounding cannot be combined with SmoothQuant, outlier splitting "
                              "or LLM.int8() in one recipe yet; use one or the other")
-        if isinstance(self.rounding, HQQ) and self.weight.symmetric:
+        weights = [self.weight] + [o.weight for o in self.overrides if o.weight is not None]
+        if isinstance(self.rounding, HQQ) and any(w.symmetric for w in weights):
             raise ValueError("Recipe: HQQ optimizes the zero point, so it needs asymmetric weights "
-                             "(WeightScheme(symmetric=False))")
-        if not isinstance(self.weight, WeightScheme):
-            raise TypeError(f"Recipe.weight must be a WeightScheme, got {type(self.weight).__name__}")
-        if self.activation is not None and not isinstance(self.activation, ActivationScheme):
-            raise TypeError(
-                f"Recipe.activation must be an ActivationScheme or None, got {type(self.activation).__name__}"
-            )
-        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
-            raise TypeError("Recipe.skip must be a tuple of module-name patterns, e.g. ('lm_head',)")
-        object.__setattr__(self, "skip", tuple(self.skip))
-        if not all(isinstance(o, LayerOverride) for o in self.overrides):
-            raise TypeError("Recipe.overrides must be a tuple of LayerOverride")
-        object.__setattr__(self, "overrides", tuple(self.overrides))
+                             "(WeightScheme(symmetric=False)), in the recipe and in every override")
 
     def scheme_for(self, module_name: str) -> LayerScheme | None:
         """The layer's scheme, or None when a skip pattern matches it."""
