@@ -3,8 +3,11 @@
 For each linear with ``meta["qcompiler.qlinear"]``: check the QDQ structure around it, look its key
 up in :data:`~qcompiler.lowering.patterns.LOWERINGS`, pack the weight for the device's kernel,
 trace the replacement in place of the pattern and drop the QDQ nodes (and weight buffers the kernel
-no longer reads). A key with no replacement keeps
-its QDQ form (it runs on the reference quantize/dequantize ops) and is reported, never hidden.
+no longer reads). The device is the weights' (``lower(gm, device=...)`` prepares for another, e.g.
+CUDA graphs built from CPU tensors in tests); its variant of the lowering is used
+(:meth:`~qcompiler.lowering.patterns.Lowering.for_device`). A key with no replacement keeps its QDQ
+form (it runs on the reference quantize/dequantize ops) and is reported, never hidden; a layer the
+device's kernel does not take is routed to a reference op by ``prepare`` and reported with why.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ def _drop_unused_buffers(gm: fx.GraphModule, names: set[str]) -> None:
             del gm._buffers[name]
 
 
-def lower(gm: fx.GraphModule) -> PassResult:
+def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
     """Details per quantized layer: ``(module, kernel, key or why not, decision)``, where ``decision``
     is the layer's :class:`~qcompiler.ir.LayerDecision` with the bytes of the kernel's weight format
-    when the lowering repacked the weight (None otherwise)."""
+    when the lowering repacked the weight (None otherwise). ``device``: the device whose kernels to
+    use (default: each layer's weight's)."""
     graph = gm.graph
     details, lowered = [], 0
     replaced_buffers: set[str] = set()
@@ -80,8 +84,9 @@ def lower(gm: fx.GraphModule) -> PassResult:
         if example is None:
             details.append((spec.module, "reference quantize/dequantize ops", "input shape unknown", None))
             continue
-        device = gm.get_buffer(spec.w_q).device
-        prepared = lowering.prepare(gm, spec, device)
+        layer_device = device or gm.get_buffer(spec.w_q).device
+        lowering = lowering.for_device(layer_device)
+        prepared = lowering.prepare(gm, spec, layer_device)
         if isinstance(prepared, str):
             details.append((spec.module, "reference quantize/dequantize ops", prepared, None))
             continue

@@ -14,16 +14,33 @@ still correct when it names nothing.
 in the layout of ATen's CPU int4 kernel (``kernels/cpu.pack_int4_for_cpu``); the lowering packs CPU
 weights in that layout once, so the fast CPU path holds one copy of the 4-bit weight.
 
-Dispatch: CUDA -> the Triton kernels (``kernels/triton_int8.py``, ``kernels/triton_int4.py``); CPU ->
-FBGEMM/oneDNN for int8 and ATen's int4 kernel (``kernels/cpu.py``), the int4 reference where that
-kernel does not take the group size; any other device -> ``kernels/reference.py``. :func:`kernel_for` says which, so the backend's report
-names it.
+``qcompiler::int4_gemm_reference`` is ``int4_gemm`` computed by the reference on every device: the
+lowering calls it for layers the device's kernel does not take (:func:`int4_cpu_reason`,
+:func:`triton_int4_reason`), so the routing is explicit in the graph and decided at prepare time.
+
+The CUDA lowering of W8A8 layers uses two more ops, so that nothing runs between the Triton kernels:
+
+``qcompiler::quantize_per_token(x, smooth)`` returns ``(x_q, x_scale)``: ``x [..., K]`` (divided by
+the SmoothQuant ``smooth [K]`` when given) quantized per token to int8 with an fp32 scale ``[..., 1]``,
+bit for bit the arithmetic of ``qcompiler.primitives`` on ``x`` upcast to fp32.
+
+``qcompiler::int8_linear(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype)``
+computes ``((x_q - x_zero_point) @ w_q.T) * w_scale * x_scale + bias`` in ``out_dtype`` (fp16/bf16/
+fp32), with ``x_scale`` one per row ``[..., 1]`` or one for the tensor; ``w_colsum`` (the weight's
+int32 row sums, precomputed by the lowering) serves the zero-point correction of uint8 activations.
+
+Dispatch: CUDA -> the Triton kernels (``kernels/triton_int8.py``, ``kernels/triton_int4.py``,
+``kernels/triton_quant.py``); CPU -> FBGEMM/oneDNN for int8 and ATen's int4 kernel
+(``kernels/cpu.py``); ``quantize_per_token`` and ``int8_linear`` on CPU, and every op on any other
+device -> the pure-torch references (``kernels/reference.py``, ``qcompiler.primitives``).
+:func:`kernel_for` says which, so the backend's report names it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qcompiler import primitives
 from qcompiler.lowering.kernels import cpu, reference
 
 
@@ -142,6 +159,111 @@ def _(x, packed, scale_zeros, group_size):
 
 int4_gemm_cpu = torch.ops.qcompiler.int4_gemm_cpu.default
 
+_lib.define("int4_gemm_reference(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size) -> Tensor")
+_lib.impl("int4_gemm_reference", lambda x, w, s, z, g: _int4_reference(x, w, s, z, g), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qcompiler::int4_gemm_reference", lib=_lib)
+def _(x, w_packed, scale, zero, group_size):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+int4_gemm_reference = torch.ops.qcompiler.int4_gemm_reference.default
+
+# --- the CUDA W8A8 lowering: fused per-token quantization and int8 GEMM with its epilogue ------------
+
+_lib.define("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)")
+
+
+def _quantize_check(x, smooth):
+    if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 1:
+        raise TypeError(f"quantize_per_token takes float x [..., K] with K >= 1, got {x.dtype} {tuple(x.shape)}")
+    if smooth is not None and (smooth.numel() != x.shape[-1] or not smooth.is_floating_point()):
+        raise ValueError(f"quantize_per_token: smooth must be float with K={x.shape[-1]} entries, got "
+                         f"{smooth.dtype} {tuple(smooth.shape)}")
+
+
+def _quantize_per_token_reference(x, smooth):
+    _quantize_check(x, smooth)
+    xf = x.to(torch.float32)
+    if smooth is not None:
+        xf = xf / smooth.reshape(-1).to(torch.float32)
+    block = primitives.per_token(x.dim())
+    qmin, qmax = primitives.quant_range(8, symmetric=True)
+    x_scale, _ = primitives.choose_qparams_math(xf, block, qmin, qmax, True)
+    return primitives.quantize_math(xf, x_scale, None, block, qmin, qmax, torch.int8), x_scale
+
+
+def _quantize_per_token_cuda(x, smooth):
+    _quantize_check(x, smooth)
+    from qcompiler.lowering.kernels import triton_quant
+
+    x_q, x_scale = triton_quant.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth)
+    return x_q.reshape(x.shape), x_scale.reshape(*x.shape[:-1], 1)
+
+
+_lib.impl("quantize_per_token", _quantize_per_token_reference, "CPU")
+_lib.impl("quantize_per_token", _quantize_per_token_cuda, "CUDA")
+_lib.impl("quantize_per_token", _quantize_per_token_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qcompiler::quantize_per_token", lib=_lib)
+def _(x, smooth):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+quantize_per_token = torch.ops.qcompiler.quantize_per_token.default
+
+_lib.define("int8_linear(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_q, Tensor w_scale, Tensor? w_colsum, "
+            "Tensor? bias, ScalarType out_dtype) -> Tensor")
+_LINEAR_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _linear_check(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype):
+    _check(x_q, x_zero_point, w_q, w_scale)
+    rows = x_q.numel() // max(x_q.shape[-1], 1)
+    if x_scale.numel() not in (1, rows):
+        raise ValueError(f"int8_linear: x_scale must have one entry or one per row ({rows}), got {tuple(x_scale.shape)}")
+    if w_colsum is not None and (w_colsum.dtype != torch.int32 or w_colsum.numel() != w_q.shape[0]):
+        raise ValueError(f"int8_linear: w_colsum must be int32 [N={w_q.shape[0]}], got {w_colsum.dtype} "
+                         f"{tuple(w_colsum.shape)}")
+    if bias is not None and bias.numel() != w_q.shape[0]:
+        raise ValueError(f"int8_linear: bias must have N={w_q.shape[0]} entries, got {tuple(bias.shape)}")
+    if out_dtype not in _LINEAR_OUT_DTYPES:
+        raise TypeError(f"int8_linear: out_dtype must be one of {_LINEAR_OUT_DTYPES}, got {out_dtype}")
+
+
+def _int8_linear_reference(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype):
+    _linear_check(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype)
+    x_scale = x_scale.to(torch.float32)
+    x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else x_scale.reshape(*x_q.shape[:-1], 1)
+    y = reference.int8_gemm(x_q, x_zero_point, w_q, w_scale.reshape(-1)) * x_scale
+    if bias is not None:
+        y = y + bias.reshape(-1).to(torch.float32)
+    return y.to(out_dtype)
+
+
+def _int8_linear_cuda(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype):
+    _linear_check(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype)
+    from qcompiler.lowering.kernels import triton_int8
+
+    out = triton_int8.int8_gemm(x_q.reshape(-1, x_q.shape[-1]), x_scale, w_q, w_scale, bias, x_zero_point, w_colsum,
+                                out_dtype)
+    return out.reshape(*x_q.shape[:-1], w_q.shape[0])
+
+
+_lib.impl("int8_linear", _int8_linear_reference, "CPU")
+_lib.impl("int8_linear", _int8_linear_cuda, "CUDA")
+_lib.impl("int8_linear", _int8_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qcompiler::int8_linear", lib=_lib)
+def _(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype):
+    return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+int8_linear = torch.ops.qcompiler.int8_linear.default
+
 # Devices with no kernel of their own run the references (explicitly: kernel_for says so).
 _lib.impl("int8_gemm", _reference_kernel, "CompositeExplicitAutograd")
 _lib.impl("int4_gemm", lambda x, w, s, z, g: _int4_reference(x, w, s, z, g), "CompositeExplicitAutograd")
@@ -159,10 +281,18 @@ def int4_cpu_reason(n: int, k: int, group_size: int) -> str | None:
     return cpu.int4_supported(n, k, group_size)
 
 
+def triton_int4_reason(n: int, k: int, group_size: int) -> str | None:
+    """None when the Triton int4 kernel takes an ``[n, k]`` weight in groups of ``group_size`` in all its
+    configs, else why not."""
+    from qcompiler.lowering.kernels import triton_int4
+
+    return triton_int4.unsupported_reason(n, k, group_size)
+
+
 def kernel_for(device: torch.device, weight_bits: int = 8, why_not_fast: str | None = None) -> str:
     """The kernel a layer runs on ``device``; ``why_not_fast`` names why the fast one does not apply."""
     if weight_bits <= 4:
-        if device.type == "cuda":
+        if device.type == "cuda" and why_not_fast is None:
             return "Triton int4 GEMM (dequantize in registers, split-K for small M)"
         if device.type == "cpu" and why_not_fast is None:
             return "ATen CPU int4 kernel (_weight_int4pack_mm_for_cpu, bf16 activations)"
@@ -170,7 +300,7 @@ def kernel_for(device: torch.device, weight_bits: int = 8, why_not_fast: str | N
     if device.type == "cpu":
         return cpu.describe()
     if device.type == "cuda":
-        return "Triton int8 GEMM (int32 tensor-core accumulation)"
+        return "Triton int8 GEMM (int32 tensor-core accumulation; scales, bias and output dtype in its epilogue)"
     return f"reference int8 GEMM on {device.type} (no {device.type} kernel)"
 
 

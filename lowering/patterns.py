@@ -8,6 +8,12 @@ constants, :class:`Prepared`), ``replace`` is a plain eager function that comput
 kernel. ``replace`` is traced into the graph with FX proxies, so the quantization math around the
 kernel (per-token absmax, rounding, output scaling, bias) stays ordinary aten ops that Inductor fuses
 into neighbouring kernels.
+
+A lowering may have a CUDA variant (``Lowering.cuda``), chosen by :meth:`Lowering.for_device`. The
+W8A8 ones do: there the activation quantization is the Triton kernel behind
+``qcompiler::quantize_per_token`` and the scales, bias and output cast run in the epilogue of the
+Triton int8 GEMM (``qcompiler::int8_linear``), rather than as aten ops around a ones-scale GEMM.
+The CPU graphs are the ones above, unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ class Prepared:
 class Lowering:
     prepare: Callable[[fx.GraphModule, QLinearSpec, torch.device], "Prepared | str"]  # str: why not
     replace: Callable
+    cuda: "Lowering | None" = None  # the variant for CUDA devices, where it differs
+
+    def for_device(self, device: torch.device) -> "Lowering":
+        return self.cuda if device.type == "cuda" and self.cuda is not None else self
 
 
 # --- int8 weights, int8 activations ---------------------------------------------------------------
@@ -123,6 +133,53 @@ def w8a8_static_per_tensor(x, bias, *, w_q, w_scale, handle: int, ndim: int, out
     return y.to(out_dtype)
 
 
+# --- int8 on CUDA: Triton quantization and GEMM, everything else in the GEMM's epilogue --------------
+
+_KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _prepare_int8_cuda(gm: fx.GraphModule, spec: QLinearSpec, device: torch.device) -> Prepared:
+    prepared = Prepared(buffers={"w_q": spec.w_q, "w_scale": spec.w_scale}, kernel=ops.kernel_for(device))
+    if spec.x_scale is None:
+        prepared.kernel = "Triton per-token quantization, then " + prepared.kernel
+        return prepared
+    zp = gm.get_buffer(spec.x_zero_point) if spec.x_zero_point else None
+    prepared.buffers["x_scale"] = spec.x_scale
+    prepared.constants.update(x_zero_point=None if zp is None else int(zp.flatten()[0]),
+                              symmetric=spec.activation_symmetric)
+    if not spec.activation_symmetric:
+        # uint8 activations: the kernel corrects the zero point with the weight's row sums, computed once here
+        w_colsum = gm.get_buffer(spec.w_q).sum(1, dtype=torch.int32)
+        prepared.buffers["w_colsum"] = _register(gm, spec.w_q.removesuffix("_w_q") + "_w_colsum", w_colsum)
+    return prepared
+
+
+def _int8_linear(x_q, x_scale, zero_point: int, bias, w_q, w_scale, w_colsum, out_dtype: torch.dtype):
+    # The kernel writes fp16/bf16/fp32; other float types (float64) get fp32 and a cast.
+    kernel_dtype = out_dtype if out_dtype in _KERNEL_OUT_DTYPES else torch.float32
+    y = torch.ops.qcompiler.int8_linear(x_q, x_scale, zero_point, w_q, w_scale, w_colsum, bias, kernel_dtype)
+    return y if kernel_dtype == out_dtype else y.to(out_dtype)
+
+
+def w8a8_dynamic_per_token_cuda(x, bias, *, w_q, w_scale, out_dtype: torch.dtype, **_):
+    """:func:`w8a8_dynamic_per_token` as two Triton kernels: per-token quantization, int8 GEMM + epilogue."""
+    x_q, x_scale = torch.ops.qcompiler.quantize_per_token(x, None)
+    return _int8_linear(x_q, x_scale, 0, bias, w_q, w_scale, None, out_dtype)
+
+
+def w8a8_static_per_tensor_cuda(x, bias, *, w_q, w_scale, ndim: int, out_dtype: torch.dtype, x_scale,
+                                x_zero_point: int | None, symmetric: bool, w_colsum=None, **_):
+    """:func:`w8a8_static_per_tensor` with the scales, bias and cast in the Triton GEMM's epilogue; the
+    quantization (a scale and a zero point known at compile time) stays aten ops that Inductor fuses
+    into the producer of ``x``."""
+    block = primitives.per_tensor(ndim)
+    qmin, qmax = primitives.quant_range(8, symmetric)
+    zp = None if symmetric else x_zero_point
+    x_q = primitives.quantize_math(x, x_scale, zp, block, qmin, qmax, primitives.storage_dtype(qmin, qmax),
+                                   compute_dtype=primitives.compute_dtype_for(out_dtype))
+    return _int8_linear(x_q, x_scale, zp or 0, bias, w_q, w_scale, w_colsum, out_dtype)
+
+
 # --- 2..4-bit weights, float activations -----------------------------------------------------------
 
 
@@ -149,12 +206,15 @@ def _register(gm: fx.GraphModule, base: str, tensor: torch.Tensor) -> str:
 
 
 def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, device: torch.device) -> Prepared | str:
+    """The device's int4 kernel where it takes the layer's shape and group; otherwise the reference,
+    decided here and named in the report with the reason (never an error at run time)."""
     w_q = gm.get_buffer(spec.w_q)
     n, k = w_q.shape
     if k % 2:
         return f"K={k} is odd: two 4-bit weights are packed per byte"
     w_int, group, scale, zero = _int4_storage(gm, spec)
     base = spec.w_q.removesuffix("_w_q")
+    why = None
     if device.type == "cpu":
         why = ops.int4_cpu_reason(n, k, group)
         if why is None:
@@ -162,35 +222,39 @@ def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, device: torch.device) -
             buffers = {"packed": _register(gm, base + "_w4_cpu", packed),
                        "scale_zeros": _register(gm, base + "_w4_scale_zeros", scale_zeros)}
             stored = packed.numel() * packed.element_size() + scale_zeros.numel() * scale_zeros.element_size()
-            return Prepared(buffers=buffers, constants={"group_size": group, "cpu_layout": True},
+            return Prepared(buffers=buffers, constants={"group_size": group, "layout": "cpu"},
                             kernel=ops.kernel_for(device, 4), stored_bytes=stored)
-        kernel = ops.kernel_for(device, 4, why)
-    else:
-        kernel = ops.kernel_for(device, 4)
+    elif device.type == "cuda":
+        why = ops.triton_int4_reason(n, k, group)
+    layout = "triton" if device.type == "cuda" and why is None else "reference"
     packed = reference.pack_int4(w_int)
-    zero_stored = zero if not spec.weight_symmetric else zero
     buffers = {"w_packed": _register(gm, base + "_w4", packed),
                "scale": _register(gm, base + "_w4_scale", scale),
-               "zero": _register(gm, base + "_w4_zero", zero_stored)}
+               "zero": _register(gm, base + "_w4_zero", zero)}
     stored = packed.numel() + scale.numel() * scale.element_size() + zero.numel() * zero.element_size()
-    return Prepared(buffers=buffers, constants={"group_size": group, "cpu_layout": False}, kernel=kernel,
-                    stored_bytes=stored)
+    return Prepared(buffers=buffers, constants={"group_size": group, "layout": layout},
+                    kernel=ops.kernel_for(device, 4, why), stored_bytes=stored)
 
 
-def w4a16(x, bias, *, group_size: int, cpu_layout: bool, out_dtype: torch.dtype, w_packed=None, scale=None,
+def w4a16(x, bias, *, group_size: int, layout: str, out_dtype: torch.dtype, w_packed=None, scale=None,
           zero=None, packed=None, scale_zeros=None, **_):
-    """Float activations x 4-bit per-group weights (two per byte), float accumulation."""
-    if cpu_layout:
+    """Float activations x 4-bit per-group weights (two per byte), float accumulation. ``layout``:
+    ``"cpu"`` (ATen's int4 kernel), ``"triton"`` (the Triton kernel), ``"reference"``."""
+    if layout == "cpu":
         y = torch.ops.qcompiler.int4_gemm_cpu(x, packed, scale_zeros, group_size)
-    else:
+    elif layout == "triton":
         y = torch.ops.qcompiler.int4_gemm(x, w_packed, scale, zero, group_size)
+    else:
+        y = torch.ops.qcompiler.int4_gemm_reference(x, w_packed, scale, zero, group_size)
     if bias is not None:
         y = y + bias
     return y.to(out_dtype)
 
 
-_INT8 = Lowering(_prepare_int8, w8a8_dynamic_per_token)
-_INT8_STATIC = Lowering(_prepare_int8, w8a8_static_per_tensor)
+_INT8 = Lowering(_prepare_int8, w8a8_dynamic_per_token,
+                 cuda=Lowering(_prepare_int8_cuda, w8a8_dynamic_per_token_cuda))
+_INT8_STATIC = Lowering(_prepare_int8, w8a8_static_per_tensor,
+                        cuda=Lowering(_prepare_int8_cuda, w8a8_static_per_tensor_cuda))
 _INT4 = Lowering(_prepare_int4, w4a16)
 
 LOWERINGS: dict[QLinearKey, Lowering] = {
