@@ -94,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["kernels"], help="what to benchmark")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--shapes", default=None,
-                       help="comma-separated MxNxK list (default: SmolLM2's layers and 4096x4096 at M=1,16,512)")
+                       help="comma-separated MxNxK list (default: SmolLM2's layers and 4096x4096 at M=1,16,512; "
+                            "on CUDA also 4096x4096x4096)")
     bench.add_argument("--repeats", type=int, default=30, help="interleaved timing repeats (median reported)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
+    bench.add_argument("--peak-gbps", type=float, default=None,
+                       help="peak memory bandwidth in GB/s for the w4a16 rows' %%peak column (default: looked up "
+                            "from the CUDA device's name; none on CPU)")
     return parser
 
 
@@ -218,8 +222,8 @@ def run_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = _parse_shapes(args.shapes) if args.shapes else bench.DEFAULT_SHAPES
-    result = bench.bench_kernels(args.device, shapes, repeats=args.repeats,
+    shapes = _parse_shapes(args.shapes) if args.shapes else None  # None: the device's defaults
+    result = bench.bench_kernels(args.device, shapes, repeats=args.repeats, peak_gbps=args.peak_gbps,
                                  progress=lambda s: print(f"timing {s} ...", file=sys.stderr))
     print(bench.format_table(result))
     if args.json_out:
