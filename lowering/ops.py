@@ -4,7 +4,8 @@
 ``((x_q - x_zero_point) @ w_q.T) * w_scale``: int8 (zero point 0) or uint8 activations ``[..., K]``
 times int8 weights ``[N, K]`` with int32 accumulation, one float scale per output channel, float32
 out. ``handle`` names the weight's prepacked form (see ``kernels/cpu.register_weight``); the kernel is
-still correct when it names nothing.
+still correct when it names nothing. The CUDA lowering calls ``int8_linear`` instead; ``int8_gemm`` on
+CUDA (direct calls, benchmarks) sums the weight's rows on every uint8 call.
 
 ``qcompiler::int4_gemm(x, w_packed, scale, zero, group_size)`` computes ``x @ W.T`` for float ``x
 [..., K]`` and 4-bit weights packed two per byte (``kernels/triton_int4.pack_int4``) with per-group
