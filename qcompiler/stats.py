@@ -84,9 +84,12 @@ def _unpack_weights(layers: dict, tensors: dict) -> dict:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CalibrationStats:
     """Per-layer input statistics from :func:`qcompiler.calibrate`, keyed by the linear's module name.
+
+    Equal only to itself: Dynamo compares the options of compiled graphs, and comparing statistics by
+    value would compare tensors (an error) or cost a pass over every histogram.
 
     ``activations`` are the linear inputs as the quantized graph computes them (after the recipe's
     transforms: SmoothQuant, outlier splitting, LLM.int8() decomposition); static ranges come from

@@ -220,3 +220,22 @@ def test_stats_of_another_model_with_the_same_layer_names_are_a_clear_error(reci
         with torch.inference_mode():
             torch.compile(other, backend="qcompiler", options={"recipe": recipe, "stats": stats})(torch.randn(3, 64))
     assert isinstance(getattr(info.value, "inner_exception", info.value), StatsError)  # Dynamo wraps it
+
+
+
+
+def test_two_models_compiled_with_their_own_stats_in_one_process():
+    # Dynamo compares a cached graph's options with the new ones when its guards pass but the backend
+    # differs (here: Sequential.forward, compiled for the first model): comparing the statistics must
+    # not compare their tensors (it raised "Boolean value of Tensor with more than one value is ambiguous")
+    x = torch.randn(3, 16)
+    batches = [torch.randn(4, 16) for _ in range(2)]
+    models, outputs = [], []  # the first model stays alive, and so does its cached graph
+    for _ in range(2):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+        models.append(model)
+        stats = qcompiler.calibrate(model, batches, "w8a8-static", progress=False)
+        with torch.inference_mode():
+            outputs.append(torch.compile(model, backend="qcompiler",
+                                         options={"recipe": "w8a8-static", "stats": stats})(x))
+    assert len(qcompiler.reports()) == 2 and not torch.equal(outputs[0], outputs[1])
