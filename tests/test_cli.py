@@ -25,3 +25,35 @@ def test_help_lists_the_commands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(command in out for command in ("eval", "demo", "calibrate"))
+
+
+def test_static_eval_calibrates_on_the_fly_like_calibrate_then_eval_with_stats(tmp_path, capsys):
+    import json
+    import math
+
+    from qcompiler import models
+    from qcompiler.stats import CalibrationStats
+
+    calib = ["--calib-text", str(models.default_calibration_text()), "--samples", "2", "--seq-len", "32"]
+    scoring = ["--tokens", "256", "--window", "64", "--no-speed"]
+    eval_args = ["eval", "--model", "stories260k", "--recipe", "w8a8-static"] + scoring
+    assert cli.main(eval_args + calib + ["--json", str(tmp_path / "fly.json")]) == 0
+    assert cli.main(["calibrate", "--model", "stories260k", "--recipe", "w8a8-static", "--out", str(tmp_path / "stats"),
+                     "--text", calib[1], "--samples", "2", "--seq-len", "32"]) == 0
+    assert "wrote statistics of 35 layers" in capsys.readouterr().out
+    assert len(CalibrationStats.load(tmp_path / "stats").activations) == 35
+    assert cli.main(eval_args + ["--stats", str(tmp_path / "stats"), "--json", str(tmp_path / "saved.json")]) == 0
+    fly, saved = (json.loads((tmp_path / name).read_text()) for name in ("fly.json", "saved.json"))
+    for result in (fly, saved):
+        assert result["model"] == "stories260k" and result["recipe"] == "w8a8-static"
+        assert {"float", "quantized", "speed", "weight_bytes", "layers", "calibration"} <= set(result)
+        assert {"perplexity", "kl", "top1_agreement"} <= set(result["quantized"])
+        assert result["speed"] == {}  # --no-speed
+        assert result["layers"]["quantized"] == 35
+        assert result["calibration"]["batches"] == 2 and result["calibration"]["tokens"] == 64
+        assert math.isfinite(result["float"]["perplexity"]) and math.isfinite(result["quantized"]["perplexity"])
+        assert result["weight_bytes"]["quantized"] < result["weight_bytes"]["float"]
+    # the same calibration batches give the same statistics, hence the same quantized model
+    assert fly["quantized"]["perplexity"] == saved["quantized"]["perplexity"]
+    assert fly["quantized"]["kl"] == saved["quantized"]["kl"]
+    assert fly["float"]["perplexity"] == saved["float"]["perplexity"]
