@@ -11,7 +11,7 @@ interleaved repeats (so drift hits both alike) and reports medians:
   quantization included. On CUDA also the bare Triton int8 GEMM against ``torch._int_mm`` (cuBLAS
   int8) on the same int8 operands, and the Triton per-token quantization kernel against the same
   math in eager torch.
-- ``w4a16``: the 4-bit weight-only layer (group 128) against ``F.linear``: ATen's int4 kernel on CPU,
+- ``w4a16``: the 4-bit weight-only layer (group 128, or 64/32 where 128 does not divide K) against ``F.linear``: ATen's int4 kernel on CPU,
   the Triton kernel on CUDA.
 
 Ratios are ``baseline time / kernel time`` (above 1: the kernel is faster). Achieved TFLOP/s count
@@ -203,6 +203,10 @@ def bench_w8a8(m, n, k, device, dtype, repeats, gen, triton: bool = False, fused
 
 
 def bench_w4a16(m, n, k, device, dtype, repeats, gen, triton: bool = False, group: int = 128) -> list[Row]:
+    # as the presets do (fit_group): the largest of group, 64, 32 that divides K (SmolLM2's 576 -> 64)
+    group = next((g for g in (group, 64, 32) if k % g == 0), None)
+    if group is None:
+        return []
     w_int = torch.randint(0, 16, (n, k), generator=gen)
     scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
     zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
@@ -233,7 +237,7 @@ def bench_w4a16(m, n, k, device, dtype, repeats, gen, triton: bool = False, grou
     w_dev = w_float.to(device, dtype)
     error = float((layer().cpu().float() - exact).abs().max())
     t_k, t_b = time_pair(layer, lambda: F.linear(x, w_dev), device, repeats)
-    return [_row("w4a16 g128", m, n, k, kernel, f"F.linear {str(dtype).removeprefix('torch.')}",
+    return [_row(f"w4a16 g{group}", m, n, k, kernel, f"F.linear {str(dtype).removeprefix('torch.')}",
                  t_k, t_b, stored, x.numel() * x.element_size() + m * n * x.element_size(), error)]
 
 

@@ -89,3 +89,12 @@ def test_cli_bench_rejects_bad_shapes_and_missing_devices(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench", "kernels", "--device", "cuda", "--shapes", "1x32x32"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_w4a16_rows_fit_the_group_to_k_as_the_presets_do():
+    # SmolLM2's 576-wide inputs: 128 does not divide 576, so the layer is timed at group 64 (it crashed before)
+    rows = bench.bench_kernels("cpu", [(1, 64, 576), (1, 64, 96), (1, 64, 40)], repeats=2, triton=False)["rows"]
+    w4 = {(r["k"], r["op"]) for r in rows if r["op"].startswith("w4a16")}
+    assert (576, "w4a16 g64") in w4 and all(k != 40 for k, _ in w4)  # 40: no group of 32..128 divides it
+    for r in rows:  # w8a8 is exact; the int4 kernel rounds activations to bf16 (outputs here are O(1))
+        assert r["max_abs_error"] == 0 if r["op"] == "w8a8" else r["max_abs_error"] < 0.05, r
