@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
@@ -24,31 +26,47 @@ def float_tensors(draw, shape, dtype=np.float32, outliers: bool = True):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+
+
 @st.composite
-def weights_and_block(draw, max_rows: int = 8, max_groups: int = 4):
-    """A 2-D weight and a block size of each weight granularity."""
-    rows = draw(st.integers(1, max_rows))
-    kind = draw(st.sampled_from(["per_tensor", "per_channel_0", "per_channel_1", "per_group"]))
-    if kind == "per_group":
+def shapes_and_block(draw, granularities=GRANULARITIES, ndims=(1, 2, 3), max_groups: int = 4):
+    """A shape and a block size of one of ``granularities`` for it: per-tensor, per-channel on any axis,
+    per-group along the last dimension, per-token (one block per row of the last dimension)."""
+    kind = draw(st.sampled_from(granularities))
+    usable = [n for n in ndims if n >= (1 if kind in ("per_tensor", "per_channel") else 2)]
+    ndim = draw(st.sampled_from(usable))
+    shape = [draw(st.integers(1, 6)) for _ in range(ndim - 1)] + [draw(st.integers(1, 48))]
+    if kind == "per_tensor":
+        block = primitives.per_tensor(ndim)
+    elif kind == "per_channel":
+        block = primitives.per_channel(ndim, draw(st.integers(-ndim, ndim - 1)))
+    elif kind == "per_group":
         group = draw(st.sampled_from([2, 4, 8, 32]))
-        cols = group * draw(st.integers(1, max_groups))
-        block = primitives.per_group(2, group)
+        shape[-1] = group * draw(st.integers(1, max_groups))
+        block = primitives.per_group(ndim, group)
     else:
-        cols = draw(st.integers(1, 48))
-        block = {
-            "per_tensor": primitives.per_tensor(2),
-            "per_channel_0": primitives.per_channel(2, 0),
-            "per_channel_1": primitives.per_channel(2, 1),
-        }[kind]
-    return draw(float_tensors((rows, cols))), block
+        block = primitives.per_token(ndim)
+    return tuple(shape), block
 
 
 @st.composite
-def activations_and_block(draw):
-    """A [B, T, K] activation with a per-token or per-tensor block size."""
-    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 40)))
-    block = draw(st.sampled_from([primitives.per_token(3), primitives.per_tensor(3)]))
-    return draw(float_tensors(shape)), block
+def tensors_and_block(draw, granularities=GRANULARITIES, ndims=(1, 2, 3), degenerate: bool = False):
+    """A tensor and a block size of one of ``granularities``; with ``degenerate``, a tensor that is
+    all zeros, one constant (tiny to huge, either sign), or constant within each block."""
+    shape, block = draw(shapes_and_block(granularities, ndims))
+    if not degenerate:
+        return draw(float_tensors(shape)), block
+    style = draw(st.sampled_from(["zeros", "constant", "constant_per_block"]))
+    constants = st.sampled_from([0.75, -2.0, 1e-30, -3e-9, 1e6, -123.456, 2.0**-20])
+    if style == "zeros":
+        return torch.zeros(shape), block
+    if style == "constant":
+        return torch.full(shape, draw(constants)), block
+    per_block = [1 if b == -1 else s // b for s, b in zip(shape, block)]
+    values = torch.tensor(draw(st.lists(constants, min_size=math.prod(per_block), max_size=math.prod(per_block))))
+    repeat = [s if b == -1 else b for s, b in zip(shape, block)]
+    return torch.kron(values.reshape(per_block), torch.ones(repeat)).float(), block
 
 
 @st.composite

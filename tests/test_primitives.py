@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import activations_and_block, bits, weights_and_block
+from strategies import bits, tensors_and_block
 
 from qcompiler import primitives as P
 
@@ -29,67 +29,81 @@ def reference_qparams(x: np.ndarray, block_size, qmin, qmax, symmetric):
     return scale, zp
 
 
+def per_element(values: np.ndarray, shape, block_size) -> np.ndarray:
+    """One scale (or zero point) per block, repeated over the block's elements, in float64."""
+    blocks = [s if b == -1 else b for s, b in zip(shape, block_size)]
+    return np.kron(values.astype(np.float64), np.ones(blocks))
+
+
 def reference_quantize(x: np.ndarray, scale, zp, block_size, qmin, qmax):
     """numpy reference in float64: clamp(round_half_even(x / scale) + zp)."""
-    blocks = [s if b == -1 else b for s, b in zip(x.shape, block_size)]
-    rep = [b for b in blocks]
-    s_full = np.kron(scale.astype(np.float64), np.ones(rep))
-    z_full = np.kron(zp.astype(np.float64), np.ones(rep))
+    s_full, z_full = per_element(scale, x.shape, block_size), per_element(zp, x.shape, block_size)
     return np.clip(np.round(x.astype(np.float64) / s_full) + z_full, qmin, qmax)
 
 
-@given(weights_and_block(), bits, st.booleans())
-def test_weight_granularities_match_numpy_reference_exactly(wb, n_bits, symmetric):
-    w, block = wb
-    w64 = w.double()
+# Every property below runs over all granularities (per-tensor, per-channel on any axis of 1-3-D
+# tensors, per-group, per-token), bit widths 2..8, symmetric and asymmetric.
+
+
+@given(tensors_and_block(), bits, st.booleans())
+def test_qparams_and_integers_match_a_float64_numpy_reference_exactly(xb, n_bits, symmetric):
+    x, block = xb
+    x64 = x.double()
     qmin, qmax = P.quant_range(n_bits, symmetric)
-    scale, zp = P.choose_qparams(w64, block, n_bits, symmetric)
-    ref_scale, ref_zp = reference_qparams(w64.numpy(), block, qmin, qmax, symmetric)
+    scale, zp = P.choose_qparams(x64, block, n_bits, symmetric)
+    ref_scale, ref_zp = reference_qparams(x64.numpy(), block, qmin, qmax, symmetric)
     np.testing.assert_array_equal(scale.numpy(), ref_scale)
     np.testing.assert_array_equal(zp.numpy(), ref_zp)
-    q = P.quantize(w64, scale, zp, block, n_bits, symmetric)
-    np.testing.assert_array_equal(q.numpy().astype(np.float64), reference_quantize(w64.numpy(), ref_scale, ref_zp, block, qmin, qmax))
+    q = P.quantize(x64, scale, zp, block, n_bits, symmetric)
+    np.testing.assert_array_equal(q.numpy().astype(np.float64),
+                                  reference_quantize(x64.numpy(), ref_scale, ref_zp, block, qmin, qmax))
+    dq = P.dequantize(q, scale, zp, block, torch.float64)
+    ref_dq = (q.numpy().astype(np.float64) - per_element(ref_zp, x.shape, block)) * per_element(ref_scale, x.shape, block)
+    np.testing.assert_array_equal(dq.numpy(), ref_dq)
 
 
-@given(activations_and_block(), bits, st.booleans())
+@given(tensors_and_block(), bits, st.booleans())
 def test_round_trip_error_is_at_most_half_a_step(xb, n_bits, symmetric):
     x, block = xb
     scale, zp = P.choose_qparams(x, block, n_bits, symmetric)
     q = P.quantize(x, scale, zp, block, n_bits, symmetric)
     dq = P.dequantize(q, scale, zp, block, torch.float32)
     # every value lies inside its block's range, so the only error is rounding
-    step = scale.expand_as(x) if block == P.per_token(3) else scale.reshape(1, 1, 1).expand_as(x)
-    assert torch.all((dq - x).abs() <= step / 2 * (1 + 1e-5) + 1e-7)
+    step = torch.from_numpy(per_element(scale.numpy(), x.shape, block))
+    assert torch.all((dq.double() - x.double()).abs() <= step / 2 * (1 + 1e-5) + 1e-7)
 
 
-@given(weights_and_block(), bits, st.booleans())
-def test_requantizing_dequantized_values_is_idempotent(wb, n_bits, symmetric):
-    w, block = wb
-    scale, zp = P.choose_qparams(w, block, n_bits, symmetric)
-    q = P.quantize(w, scale, zp, block, n_bits, symmetric)
+@given(tensors_and_block(), bits, st.booleans())
+def test_requantizing_dequantized_values_is_idempotent(xb, n_bits, symmetric):
+    x, block = xb
+    scale, zp = P.choose_qparams(x, block, n_bits, symmetric)
+    q = P.quantize(x, scale, zp, block, n_bits, symmetric)
     dq = P.dequantize(q, scale, zp, block, torch.float32)
     assert torch.equal(P.quantize(dq, scale, zp, block, n_bits, symmetric), q)
 
 
-@given(weights_and_block(), bits, st.booleans())
-def test_integer_values_stay_in_range_and_dtype(wb, n_bits, symmetric):
-    w, block = wb
+@given(tensors_and_block(), bits, st.booleans())
+def test_integer_values_stay_in_range_and_dtype(xb, n_bits, symmetric):
+    x, block = xb
     qmin, qmax = P.quant_range(n_bits, symmetric)
-    scale, zp = P.choose_qparams(w, block, n_bits, symmetric)
-    q = P.quantize(w, scale, zp, block, n_bits, symmetric)
-    assert q.dtype == (torch.int8 if symmetric else torch.uint8)
+    scale, zp = P.choose_qparams(x, block, n_bits, symmetric)
+    q = P.quantize(x, scale, zp, block, n_bits, symmetric)
+    assert q.dtype == (torch.int8 if symmetric else torch.uint8) and q.shape == x.shape
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
-    assert torch.all(scale > 0)
+    assert torch.all(scale > 0) and list(scale.shape) == P.scale_shape(x.shape, block)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("n_bits", [2, 4, 8])
-def test_degenerate_tensors_get_safe_scales(symmetric, n_bits):
-    block = P.per_channel(2, 0)
-    for x in (torch.zeros(3, 8), torch.full((3, 8), 0.75), torch.full((3, 8), -2.0)):
-        out = P.fake_quantize(x, block, n_bits, symmetric)
-        assert torch.isfinite(out).all()
-        assert torch.allclose(out, x, atol=1e-6)
+@given(tensors_and_block(degenerate=True), bits, st.booleans())
+def test_degenerate_tensors_get_safe_scales(xb, n_bits, symmetric):
+    # all zeros, one constant, a constant per block: finite scales, no NaN, and each constant comes back
+    # (to float32 rounding), or as 0 when it is below the smallest scale
+    x, block = xb
+    scale, zp = P.choose_qparams(x, block, n_bits, symmetric)
+    assert torch.isfinite(scale).all() and torch.all(scale >= P.MIN_SCALE)
+    out = P.fake_quantize(x, block, n_bits, symmetric)
+    assert torch.isfinite(out).all()
+    err = (out.double() - x.double()).abs()
+    assert torch.all(err <= torch.maximum(x.double().abs() * 1e-6, torch.tensor(P.MIN_SCALE)))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
