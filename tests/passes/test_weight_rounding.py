@@ -34,25 +34,69 @@ def _out_err(qw, w, x, input_scale=None):
     return float(output_error(w_hat - w, x.t() @ x))
 
 
-schemes = st.sampled_from([
+W2G64 = WeightScheme(bits=2, granularity="per_group", group_size=64, symmetric=True)
+W4G128 = WeightScheme(bits=4, granularity="per_group", group_size=128, symmetric=False)  # one group per row
+WIDE = [
     W4G32,
     WeightScheme(bits=4, granularity="per_group", group_size=64, symmetric=True),
     WeightScheme(bits=3, granularity="per_group", group_size=32, symmetric=False),
     WeightScheme(bits=4, granularity="per_channel", symmetric=False),
-])
+    W4G128,
+]
+W2G32 = WeightScheme(bits=2, granularity="per_group", group_size=32, symmetric=False)
+W2_PER_CHANNEL = WeightScheme(bits=2, granularity="per_channel", symmetric=True)
+TWO_BIT = [W2G64, W2G32, W2_PER_CHANNEL]
+schemes = st.sampled_from(WIDE + TWO_BIT)
+GPTQ_CONFIGS = [GPTQ(), GPTQ(act_order=True), GPTQ(static_groups=True)]
+# At 2 bits, groups whose grid is taken from the weight as GPTQ has updated it (static_groups=False)
+# lose to RTN on most layers (see the xfail below), and grids fixed up front without activation order
+# still lose on a few per cent of layers in groups of 32 (asymmetric); activation order always wins.
+gptq_cases = st.one_of(
+    st.tuples(st.sampled_from(WIDE + [W2_PER_CHANNEL]), st.sampled_from(GPTQ_CONFIGS)),
+    st.tuples(st.sampled_from(TWO_BIT), st.just(GPTQ(act_order=True))),
+    st.tuples(st.sampled_from([W2G64, W2_PER_CHANNEL]), st.just(GPTQ(static_groups=True))),
+)
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), scheme=schemes, act_order=st.booleans())
-def test_gptq_beats_rtn_on_the_layer_output(seed, scheme, act_order):
+@given(seed=st.integers(0, 10_000), case=gptq_cases)
+def test_gptq_beats_rtn_on_the_layer_output(seed, case):
+    scheme, config = case
     w, x = _layer(seed)
     h = x.t() @ x
-    gptq = gptq_quantize(w, h, scheme, GPTQ(act_order=act_order))
+    gptq = gptq_quantize(w, h, scheme, config)
     rtn = round_to_nearest(w, scheme)
     assert gptq.q.shape == rtn.q.shape and gptq.scale.shape == rtn.scale.shape
     qmin, qmax = scheme.qrange
     assert int(gptq.q.min()) >= qmin and int(gptq.q.max()) <= qmax
     assert _out_err(gptq, w, x) < _out_err(rtn, w, x)
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation, reported: at 2 bits GPTQ's per-group grids taken from the "
+                                       "updated weight (static_groups=False) lose to RTN on most of these layers")
+def test_gptq_with_grids_from_the_updated_weight_beats_rtn_at_2_bits():
+    scheme = W2G32
+    for seed in range(3):
+        w, x = _layer(seed)
+        assert _out_err(gptq_quantize(w, x.t() @ x, scheme, GPTQ()), w, x) < _out_err(round_to_nearest(w, scheme), w, x)
+
+
+@pytest.mark.parametrize("scheme", [W4G32, W2G64], ids=["4bit-g32-asym", "2bit-g64-sym"])
+def test_gptq_static_groups_without_act_order_fix_every_grid_from_the_original_weight(scheme):
+    w, x = _layer(4)
+    h = x.t() @ x
+    g = w.reshape(w.shape[0], -1, scheme.group_size)
+    scale, zero = minmax_qparams(g, scheme, float_zero=False)
+    static = gptq_quantize(w, h, scheme, GPTQ(static_groups=True))
+    assert torch.equal(static.scale, scale)
+    assert static.zero_point is None if scheme.symmetric else torch.equal(static.zero_point, zero)
+    dynamic = gptq_quantize(w, h, scheme, GPTQ())
+    # without static groups only the first group's grid comes from the original weight: later groups
+    # take theirs from the weight as updated by the error feedback of the columns before them
+    assert torch.equal(dynamic.scale[:, 0], scale[:, 0]) and not torch.equal(dynamic.scale[:, 1:], scale[:, 1:])
+    rtn = round_to_nearest(w, scheme)
+    assert _out_err(static, w, x) < _out_err(rtn, w, x)
+    assert not torch.equal(static.q, rtn.q)  # the error feedback moved some integers off round-to-nearest
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest_on_its_grid():
