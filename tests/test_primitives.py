@@ -58,7 +58,8 @@ def test_qparams_and_integers_match_a_float64_numpy_reference_exactly(xb, n_bits
     np.testing.assert_array_equal(q.numpy().astype(np.float64),
                                   reference_quantize(x64.numpy(), ref_scale, ref_zp, block, qmin, qmax))
     dq = P.dequantize(q, scale, zp, block, torch.float64)
-    ref_dq = (q.numpy().astype(np.float64) - per_element(ref_zp, x.shape, block)) * per_element(ref_scale, x.shape, block)
+    ref_dq = ((q.numpy().astype(np.float64) - per_element(ref_zp, x.shape, block))
+              * per_element(ref_scale, x.shape, block))
     np.testing.assert_array_equal(dq.numpy(), ref_dq)
 
 

@@ -180,7 +180,8 @@ def test_invalid_recipes_are_rejected_when_built_with_a_message_that_says_why(bu
 
 def test_valid_edge_values_are_accepted():
     assert WeightScheme(bits=2).qrange == (-1, 1) and WeightScheme(bits=8, symmetric=False).qrange == (0, 255)
-    assert ActivationScheme(granularity="per_tensor", dynamic=False, observer="percentile", percentile=100).percentile == 100
+    top = ActivationScheme(granularity="per_tensor", dynamic=False, observer="percentile", percentile=100)
+    assert top.percentile == 100
     assert ActivationScheme(dynamic=False, granularity="per_tensor").symmetric is False  # static: asymmetric
     assert ActivationScheme().symmetric is True  # dynamic: symmetric
     recipe = Recipe(skip=["lm_head"], overrides=[LayerOverride("*.mlp.*", weight=W4G32)])
