@@ -216,8 +216,6 @@ def test_kl_threshold_is_the_argmin_of_the_divergence_over_the_candidates(kind, 
         assert threshold < 20.0  # the divergence clips the outliers
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, reported: kl_clip's stride (span // max_candidates) evaluates up "
-                                       "to twice max_candidates thresholds; observers.py is edited elsewhere")
 @pytest.mark.parametrize("max_candidates", [256, 64])
 def test_kl_evaluates_at_most_max_candidates_thresholds(max_candidates, monkeypatch):
     from qcompiler import observers
@@ -226,9 +224,12 @@ def test_kl_evaluates_at_most_max_candidates_thresholds(max_candidates, monkeypa
     h.update(_kl_data("gaussian_with_outliers"))
     evaluated = []
     real_kl = observers._kl_for_threshold
-    monkeypatch.setattr(observers, "_kl_for_threshold", lambda p, i, levels: evaluated.append(i) or real_kl(p, i, levels))
+    monkeypatch.setattr(observers, "_kl_for_threshold",
+                        lambda p, i, levels: evaluated.append(i) or real_kl(p, i, levels))
     kl_clip(h, 8, max_candidates=max_candidates)
+    # a stride of span // max_candidates evaluated up to twice as many (337 for 256 here)
     assert len(evaluated) <= max_candidates
+    assert evaluated[0] == int(h.counts[0, 1024:].add(h.counts[0, :1024].flip(-1)).nonzero().max()) + 1
 
 
 def _observed(batches):
