@@ -230,7 +230,8 @@ def kl_clip(hist: Histogram, bits: int, max_candidates: int = 256) -> torch.Tens
             continue
         nonzero = int(p_full.nonzero().max()) + 1
         start = min(max(KL_MIN_BINS, levels), nonzero)
-        stride = max(1, (nonzero - start) // max_candidates)
+        # ceil(span / (max_candidates - 1)) keeps the count of candidates (both ends included) <= max_candidates
+        stride = max(1, -(-(nonzero - start) // max(1, max_candidates - 1)))
         candidates = list(range(nonzero, start - 1, -stride))
         kls = [_kl_for_threshold(p_full, i, levels) for i in candidates]
         best = candidates[min(range(len(kls)), key=kls.__getitem__)]
