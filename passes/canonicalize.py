@@ -47,6 +47,14 @@ def _is_2d_transpose(node: fx.Node) -> bool:
     return False
 
 
+def _is_transpose_node(node: fx.Node) -> bool:
+    return (
+        (node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS and _is_2d_transpose(node))
+        or (node.op == "call_method" and node.target in _TRANSPOSE_METHODS and _is_2d_transpose(node))
+        or (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
+    )
+
+
 def resolve_weight(node) -> tuple[fx.Node, bool] | None:
     """``(param_placeholder, transposed)`` if ``node`` is a 2-D float parameter or its transpose."""
     transposed = False
@@ -56,12 +64,7 @@ def resolve_weight(node) -> tuple[fx.Node, bool] | None:
             if info is None or info.tensor.dim() != 2 or not info.tensor.is_floating_point():
                 return None
             return node, transposed
-        is_transpose = (
-            (node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS and _is_2d_transpose(node))
-            or (node.op == "call_method" and node.target in _TRANSPOSE_METHODS and _is_2d_transpose(node))
-            or (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
-        )
-        if not is_transpose:
+        if not _is_transpose_node(node):
             return None
         transposed = not transposed
         node = node.args[0]
@@ -133,8 +136,22 @@ def _parameter_behind(node) -> fx.Node | None:
     return None
 
 
+def _through_view(arg, param: fx.Node) -> bool:
+    """True when ``arg`` reaches ``param`` through an op other than a 2-D transpose (a view or a cast)."""
+    while isinstance(arg, fx.Node) and arg is not param:
+        if not _is_transpose_node(arg):
+            return True
+        arg = arg.args[0]
+    return False
+
+
 def _why_not_linear(node: fx.Node, op: str, param: fx.Node) -> str:
     tensor = param.meta[capture.PARAM_META].tensor
+    weight_arg = node.args[1] if op in ("linear", "matmul") and len(node.args) > 1 else None
+    if _parameter_behind(weight_arg) is param and _through_view(weight_arg, param):
+        return (f"the weight reaches {op} through a view or cast (e.g. .to(dtype), .view, .reshape) of a "
+                f"{tensor.dim()}-D {str(tensor.dtype).removeprefix('torch.')} parameter: only a parameter or its "
+                "transpose is quantized")
     if not tensor.is_floating_point():
         return f"{op} on a {tensor.dtype} parameter: only float weights are quantized"
     if op in ("linear", "matmul", "addmm") and tensor.dim() != 2:
@@ -168,9 +185,11 @@ def _unhandled_products(graph: fx.Graph) -> list[LayerDecision]:
         # the weight, not a bias: the first parameter with two or more dims if there is one
         param = next((p for p in params if p.meta[capture.PARAM_META].tensor.dim() >= 2), params[0])
         info = param.meta[capture.PARAM_META]
+        nbytes = info.tensor.numel() * info.tensor.element_size()
         decisions.append(LayerDecision(
             module=f"{_site_module(node, info.name)} [{op}]", quantized=False, param=info.name,
-            reason=_why_not_linear(node, op, param), float_weight_bytes=info.tensor.numel() * info.tensor.element_size(),
+            reason=_why_not_linear(node, op, param), bits_per_weight=8.0 * info.tensor.element_size(),
+            weight_bytes=nbytes, float_weight_bytes=nbytes,
         ))
     return decisions
 

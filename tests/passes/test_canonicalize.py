@@ -101,6 +101,7 @@ class ProductsThatAreNotLinears(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.randn(8))
         self.mix = torch.nn.Parameter(torch.randn(8, 8))  # einsum
         self.conv = torch.nn.Conv1d(4, 4, 1)
+        self.viewed = torch.nn.Parameter(torch.randn(64))  # a weight that reaches linear through .view
         self.fc = torch.nn.Linear(8, 8)  # the one real linear
 
     def forward(self, x):  # x [2, 4, 8]
@@ -109,16 +110,19 @@ class ProductsThatAreNotLinears(torch.nn.Module):
         c = torch.addmm(self.bias, b.reshape(-1, 8), self.scaled, alpha=0.5).reshape(b.shape)
         d = torch.einsum("bij,jk->bik", c, self.mix)
         e = self.conv(x)  # [2, 4, 8]
-        return self.fc(d).sum() + e.sum()
+        f = F.linear(d, self.viewed.view(8, 8))
+        return self.fc(d).sum() + e.sum() + f.sum()
 
 
 def test_products_on_parameters_that_are_not_linears_are_reported_with_the_reason():
     model = ProductsThatAreNotLinears()
     x = torch.randn(2, 4, 8)
     result, gm = _check_equal_in_float64(model, x, expected_sites=1)
-    assert result.counts["kept_float"] == 5
+    assert result.counts["kept_float"] == 6
     why = {d.param: d.reason for d in result.details}
-    assert set(why) == {"left", "cube", "scaled", "mix", "conv.weight"}
+    assert set(why) == {"left", "cube", "scaled", "mix", "conv.weight", "viewed"}
+    assert "through a view or cast" in why["viewed"]
+    assert all(d.bits_per_weight == 64 and d.weight_bytes == d.float_weight_bytes > 0 for d in result.details)
     assert all(not d.quantized for d in result.details)
     assert "left operand" in why["left"]
     assert "bmm on a parameter" in why["cube"]
@@ -141,5 +145,5 @@ def test_the_backend_report_lists_products_it_kept_in_float():
     rep = qcompiler.last_report()
     assert [d.module for d in rep.quantized] == ["fc"]
     kept = {d.param: d.reason for d in rep.kept_float}
-    assert set(kept) == {"left", "cube", "scaled", "mix", "conv.weight"}
+    assert set(kept) == {"left", "cube", "scaled", "mix", "conv.weight", "viewed"}
     assert "conv [conv1d]" in str(rep) and "left operand" in str(rep)
