@@ -52,6 +52,9 @@ class WeightScheme:
         _check_bits(self.bits, "WeightScheme")
         _check_choice(self.granularity, WEIGHT_GRANULARITIES, "WeightScheme.granularity")
         _check_choice(self.observer, WEIGHT_OBSERVERS, "WeightScheme.observer")
+        if self.observer == "kl" and self.granularity == "per_group":
+            raise ValueError("WeightScheme.observer='kl' searches a histogram per block in Python and is offered per "
+                             "channel or per tensor only; for per-group weights use 'mse' (or HQQ/GPTQ/AWQ rounding)")
         _check_percentile(self.percentile, "WeightScheme")
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size < 1:

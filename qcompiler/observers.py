@@ -216,9 +216,13 @@ def kl_clip(hist: Histogram, bits: int, max_candidates: int = 256) -> torch.Tens
 
     P is the distribution of |x| over the histogram's bins, with the mass beyond the threshold folded
     into the last kept bin; Q is the kept bins quantized to the ``2^(bits-1)`` levels the threshold
-    allows (each level's mass spread evenly over its non-empty bins, empty bins smoothed). Candidate thresholds are bin edges from ``KL_MIN_BINS`` bins up to the largest value,
-    at most ``max_candidates`` of them, evenly spaced.
+    allows (each level's mass spread evenly over its non-empty bins, empty bins smoothed). Candidate
+    thresholds are bin edges stepping down from the largest value by an even stride, not below
+    ``max(KL_MIN_BINS, levels)`` bins, at most ``max_candidates`` (>= 2) of them.
     """
+    if max_candidates < 2:
+        raise ValueError(f"max_candidates must be at least 2 (the largest value and the smallest threshold), "
+                         f"got {max_candidates}")
     half = hist.bins // 2
     mags = hist.counts[:, half:] + hist.counts[:, :half].flip(-1)  # |x| histogram, [C, half]
     levels = 2 ** (bits - 1)
@@ -432,8 +436,8 @@ def weight_range(w: torch.Tensor, block_size, method: str, bits: int, symmetric:
     """Per-block ``(lo, hi)`` of a weight by ``method`` (:data:`WEIGHT_OBSERVERS`).
 
     minmax, percentile and mse are computed on the values themselves; kl on a histogram of each block
-    (``DEFAULT_BINS`` bins, at most 64 candidate thresholds per block: one Python loop per block, so
-    it is the slow one, seconds per layer).
+    (``DEFAULT_BINS`` bins, at most 64 candidate thresholds per block, one Python loop per block: about
+    a second per 100 output channels, so it is offered per channel and per tensor, not per group).
     """
     blocked, _, out_shape = primitives._blocked_shapes(w.shape, block_size)
     # [blocks, values]: move the block-interior dims last

@@ -175,3 +175,14 @@ def test_weight_kl_is_a_recipe_observer_that_compiles():
         out = torch.compile(model, backend="qcompiler", options={"recipe": recipe})(x)
     assert len(qcompiler.last_report().quantized) == 2
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_weight_kl_is_per_channel_or_per_tensor_only_and_needs_two_candidates():
+    with pytest.raises(ValueError, match="per channel or per tensor only"):
+        qcompiler.WeightScheme(bits=4, granularity="per_group", group_size=32, observer="kl")
+    h = Histogram(1, 256)
+    h.update(torch.randn(100))
+    with pytest.raises(ValueError, match="max_candidates must be at least 2"):
+        kl_clip(h, 8, max_candidates=1)
+    with pytest.raises(ValueError, match="channel_bins must be 0"):
+        qcompiler.calibrate(torch.nn.Linear(4, 4), [torch.randn(2, 4)], "w8a8-static", channel_bins=100)
