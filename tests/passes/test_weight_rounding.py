@@ -58,7 +58,7 @@ gptq_cases = st.one_of(
 )
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)  # a statistical property: fixed examples
 @given(seed=st.integers(0, 10_000), case=gptq_cases)
 def test_gptq_beats_rtn_on_the_layer_output(seed, case):
     scheme, config = case
