@@ -203,7 +203,7 @@ def bench_w8a8(m, n, k, device, dtype, repeats, gen, triton: bool = False, fused
 
 
 def bench_w4a16(m, n, k, device, dtype, repeats, gen, triton: bool = False, group: int = 128) -> list[Row]:
-    # as the presets do (fit_group): the largest of group, 64, 32 that divides K (SmolLM2's 576 -> 64)
+    # as the presets do (WeightScheme.fitted): the largest of group, 64, 32 that divides K (576 -> 64)
     group = next((g for g in (group, 64, 32) if k % g == 0), None)
     if group is None:
         return []
@@ -264,7 +264,7 @@ def bench_kernels(device: str = "cpu", shapes=None, repeats: int = 30, dtype: to
         peak_source = "PEAK_GBPS table" if peak_gbps is not None else None
     gen = torch.Generator().manual_seed(0)
     rows: list[Row] = []
-    for m, n, k in shapes or default_shapes(dev):
+    for m, n, k in default_shapes(dev) if shapes is None else shapes:
         if progress:
             progress(f"M={m} N={n} K={k}")
         with torch.inference_mode():

@@ -146,6 +146,8 @@ def int4_gemm(
         bias = bias.reshape(-1)
         if bias.numel() != n:
             raise ValueError(f"int4_gemm: bias must have N={n} entries, got {tuple(bias.shape)}")
+    if config is None and not (m and n):
+        config = CONFIGS[0]  # nothing to launch: do not time (and cache a choice for) an empty problem
     if config is None:
         bench = gpu_bench(a.device, lambda c: int4_gemm(a, w_packed, scale, zero, group_size, bias, config=c))
         config = pick_config(CONFIGS, m, n, k, bench=bench, name=f"int4 g{group_size}")

@@ -7,7 +7,7 @@ a bias match the reference bit for bit where no FMA contraction happens, e.g. th
 
 Activations are int8 (symmetric, zero point 0) or uint8 with a zero point (asymmetric static). ``tl.dot``
 takes int8 only, so uint8 activations are shifted by 128 into int8 inside the kernel and the shift is
-corrected in the epilogue with the weight's column sums: ``sum (a - zp) w = sum (a - 128) w + (128 - zp) sum w``.
+corrected in the epilogue with the weight's per-output-channel sums over K (the row sums of ``w [N, K]``): ``sum (a - zp) w = sum (a - 128) w + (128 - zp) sum w``.
 The lowering computes those sums once per layer (``w_colsum``); the launcher computes them only when
 not given.
 
