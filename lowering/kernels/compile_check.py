@@ -3,7 +3,8 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32))`` builds PTX and a cubin with
 Triton's bundled ptxas. :func:`compile_all` does that for every kernel in each of its default configs
 and each dtype variant the lowering launches (int8 GEMM: int8 or uint8 activations, fp16/bf16/fp32
-out; int4 GEMM: fp16 or bf16 activations; quantization: fp16/bf16/fp32 input) and reports, per
+out; int4 GEMM: fp16, bf16 or fp32 activations; quantization: fp16/bf16/fp32 input, with and without
+the SmoothQuant divisor) and reports, per
 kernel, variant and target: the tensor-core instructions in the PTX, approximate divisions,
 shared memory, and the registers and spill bytes ``ptxas -v`` prints.
 """
@@ -118,9 +119,9 @@ def _quant_signature(x: str) -> dict:
 
 
 _TL = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
-INT8_VARIANTS = (("int8", "fp16"), ("uint8", "fp16"), ("int8", "bf16"), ("int8", "fp32"))  # activations, output
-INT4_VARIANTS = ("fp16", "bf16")  # activations
-QUANT_VARIANTS = ("fp16", "bf16", "fp32")  # input
+INT8_VARIANTS = tuple((act, out) for act in ("int8", "uint8") for out in ("fp16", "bf16", "fp32"))  # activations, output
+INT4_VARIANTS = ("fp16", "bf16", "fp32")  # activations
+QUANT_VARIANTS = tuple((x, smooth) for x in ("fp16", "bf16", "fp32") for smooth in (False, True))  # input, divisor
 
 
 def compile_all(archs=(80, 90)) -> list[CompiledKernel]:
@@ -135,9 +136,10 @@ def compile_all(archs=(80, 90)) -> list[CompiledKernel]:
                 out.append(compile_kernel(f"int8_gemm[{act}]", f"{act} -> {out_dtype}", triton_int8.int8_gemm_kernel,
                                           _int8_signature(out_dtype), consts, arch, cfg.num_warps, cfg.num_stages,
                                           _describe(cfg)))
-        for x_dtype in QUANT_VARIANTS:
-            out.append(compile_kernel("quantize_per_token", f"{x_dtype} -> int8", triton_quant.quantize_per_token_kernel,
-                                      _quant_signature(x_dtype), dict(HAS_SMOOTH=True, USE_RINT=True, BLOCK_K=1024),
+        for x_dtype, smooth in QUANT_VARIANTS:
+            variant = f"{x_dtype} -> int8" + (" (smoothed)" if smooth else "")
+            out.append(compile_kernel("quantize_per_token", variant, triton_quant.quantize_per_token_kernel,
+                                      _quant_signature(x_dtype), dict(HAS_SMOOTH=smooth, USE_RINT=True, BLOCK_K=1024),
                                       arch, 4, 1, "BLOCK_K=1024"))
         for cfg in triton_int4.CONFIGS:
             for act in INT4_VARIANTS:

@@ -10,9 +10,9 @@ import pytest
 
 from qcompiler.lowering.kernels import triton_int4, triton_int8
 
-INT8_VARIANTS = {"int8 -> fp16", "uint8 -> fp16", "int8 -> bf16", "int8 -> fp32"}
-INT4_VARIANTS = {"fp16 x int4", "bf16 x int4"}
-QUANT_VARIANTS = {"fp16 -> int8", "bf16 -> int8", "fp32 -> int8"}
+INT8_VARIANTS = {f"{a} -> {o}" for a in ("int8", "uint8") for o in ("fp16", "bf16", "fp32")}
+INT4_VARIANTS = {"fp16 x int4", "bf16 x int4", "fp32 x int4"}
+QUANT_VARIANTS = {f"{x} -> int8{s}" for x in ("fp16", "bf16", "fp32") for s in ("", " (smoothed)")}
 
 
 @pytest.fixture(scope="module")
