@@ -22,7 +22,8 @@ FORMAT = "qcompiler-calibration"
 VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 JSON_FILE = "calibration.json"
-_OPTIONAL_FIELDS = ["samples", "channel_ema_min", "channel_ema_max", "channel_hist_counts", "channel_hist_exponent"]
+# fields that may be None (saved only when present): every field whose default is None
+_OPTIONAL_FIELDS = [f.name for f in fields(ActivationRanges) if f.default is None]
 _TENSOR_FIELDS = [f.name for f in fields(ActivationRanges) if f.name != "batches" and f.name not in _OPTIONAL_FIELDS]
 
 
