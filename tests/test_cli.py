@@ -57,3 +57,21 @@ def test_static_eval_calibrates_on_the_fly_like_calibrate_then_eval_with_stats(t
     assert fly["quantized"]["perplexity"] == saved["quantized"]["perplexity"]
     assert fly["quantized"]["kl"] == saved["quantized"]["kl"]
     assert fly["float"]["perplexity"] == saved["float"]["perplexity"]
+
+
+def test_calibrate_channel_bins_writes_per_channel_histograms(tmp_path, capsys):
+    from qcompiler import models
+    from qcompiler.stats import CalibrationStats
+
+    assert cli.main(["calibrate", "--model", "stories260k", "--recipe", "w8a8-static", "--out", str(tmp_path / "s"),
+                     "--text", str(models.default_calibration_text()), "--samples", "2", "--seq-len", "32",
+                     "--channel-bins", "64"]) == 0
+    stats = CalibrationStats.load(tmp_path / "s")
+    assert stats.info["channel_bins"] == 64
+    for ranges in stats.activations.values():
+        assert ranges.channel_hist_counts.shape == (ranges.channel_min.numel(), 64)
+        lo, hi = ranges.channel_range("percentile", 8, False, percentile=99.0)
+        assert (lo <= 0).all() and (hi >= 0).all() and lo.shape == ranges.channel_min.shape
+    assert cli.main(["calibrate", "--model", "stories260k", "--out", str(tmp_path / "bad"),
+                     "--samples", "1", "--seq-len", "16", "--channel-bins", "100"]) == 2
+    assert "power of two" in capsys.readouterr().err
