@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from qcompiler import primitives
+from qcompiler.core import primitives
 from qcompiler.lowering import ops  # noqa: F401  (registers qcompiler::int8_gemm)
 from qcompiler.lowering.kernels import cpu, reference
 

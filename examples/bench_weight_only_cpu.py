@@ -6,8 +6,8 @@ int8 weight-only GEMV, each timed against fp32 F.linear with alternating calls (
 
 import torch
 
-from qcompiler.bench import time_pair
 from qcompiler.lowering.kernels import cpu
+from qcompiler.tools.bench import time_pair
 
 CPU = torch.device("cpu")
 

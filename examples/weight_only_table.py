@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import qcompiler
 from qcompiler import AWQ, GPTQ, HQQ, Recipe, WeightScheme, evaluate, models, report
-from qcompiler.calibrate import text_batches
+from qcompiler.calibration.calibrate import text_batches
 
 METHODS = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ()}
 

@@ -5,7 +5,7 @@ up in :data:`~qcompiler.lowering.patterns.LOWERINGS`, pack the weight for the de
 trace the replacement in place of the pattern and drop the QDQ nodes (and weight buffers the kernel
 no longer reads). The device is the weights' (``lower(gm, device=...)`` prepares for another, e.g.
 CUDA graphs built from CPU tensors in tests); its variant of the lowering is used
-(:meth:`~qcompiler.lowering.patterns.Lowering.for_device`). A key with no replacement keeps its QDQ
+(:meth:`~qcompiler.lowering.key.Lowering.for_device`). A key with no replacement keeps its QDQ
 form (it runs on the reference quantize/dequantize ops) and is reported, never hidden; a layer the
 device's kernel does not take is routed to a reference op by ``prepare`` and reported with why.
 """
@@ -13,12 +13,39 @@ device's kernel does not take is routed to a reference op by ``prepare`` and rep
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import DECISION, QLINEAR, PassResult, QLinearSpec, tensor_info
-from qcompiler.lowering.patterns import LOWERINGS, key_of
+from qcompiler.config import LayerScheme
+from qcompiler.core.ir import DECISION, LOWERED_FROM, QLINEAR, PassResult, QLinearSpec, tensor_info
+from qcompiler.lowering.key import REFERENCE_OPS, Layer, key_of, key_of_scheme
+from qcompiler.lowering.patterns import LOWERINGS
+
+
+def static_rows(x) -> int | None:
+    """The number of rows (all dims but the last) of the activation node ``x`` when the graph fixes it
+    (Dynamo's example value has only plain ints there), else None (a symbolic size)."""
+    value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    shape = getattr(value, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape[:-1]):
+        return None
+    return math.prod(shape[:-1])
+
+
+def kernel_choice(scheme: LayerScheme, n: int, k: int, device: torch.device,
+                  rows: int | None = None) -> tuple[str, str]:
+    """``(kernel, why not the fast kernel or "")`` for an ``[n, k]`` layer quantized with ``scheme`` on
+    ``device`` in a graph with ``rows`` rows of activations (None: symbolic): what :func:`lower` will
+    pick (the plan records it before any weight is quantized)."""
+    key = key_of_scheme(scheme)
+    lowering = LOWERINGS.get(key)
+    if lowering is None:
+        return REFERENCE_OPS, f"no kernel for {key.describe()}"
+    group = scheme.weight.group_size if scheme.weight.granularity == "per_group" else k
+    return lowering.for_device(device).choose(Layer(n, k, group, rows, device))
+
 
 _DEQUANTIZE = torch.ops.qcompiler.dequantize.default
 _QUANTIZE = torch.ops.qcompiler.quantize.default
@@ -59,68 +86,80 @@ def _drop_unused_buffers(gm: fx.GraphModule, names: set[str]) -> None:
             del gm._buffers[name]
 
 
+def _replace(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, x: fx.Node, lowering, prepared) -> fx.Node:
+    """Trace ``lowering.replace`` in place of the QDQ linear ``node``; returns the new output node."""
+    graph = gm.graph
+    example, out_value = tensor_info(x), tensor_info(node)
+    bias = node.args[2] if len(node.args) > 2 else None
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    with graph.inserting_before(node):
+        buffers = {kw: fx.Proxy(graph.get_attr(name), tracer) for kw, name in prepared.buffers.items()}
+        out = lowering.replace(
+            fx.Proxy(x, tracer),
+            fx.Proxy(bias, tracer) if isinstance(bias, fx.Node) else bias,
+            ndim=example.ndim,
+            out_dtype=out_value.dtype if out_value is not None else example.dtype,
+            **buffers, **prepared.constants,
+        ).node
+    out.meta[LOWERED_FROM] = spec
+    old_inputs = list(node.all_input_nodes)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    _erase_dead(graph, old_inputs)
+    return out
+
+
+def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: torch.device | None):
+    """``(kernel, key or why not, decision)`` for one QDQ linear, replaced by its kernel where one applies
+    (``kernel`` is :data:`REFERENCE_OPS` exactly when it is not)."""
+    key = key_of(spec)
+    lowering = LOWERINGS.get(key)
+    if lowering is None:
+        return REFERENCE_OPS, f"no kernel for {key.describe()}", None
+    x = _match(node, spec)
+    if isinstance(x, str):
+        return REFERENCE_OPS, x, None
+    if tensor_info(x) is None:
+        return REFERENCE_OPS, "input shape unknown", None
+    layer_device = device or gm.get_buffer(spec.w_q).device
+    lowering = lowering.for_device(layer_device)
+    n, k = gm.get_buffer(spec.w_q).shape
+    group = spec.group_size if spec.weight_granularity == "per_group" else k
+    prepared = lowering.prepare(gm, spec, Layer(n, k, group, static_rows(x), layer_device))
+    if isinstance(prepared, str):
+        return REFERENCE_OPS, prepared, None
+    decision = node.meta.get(DECISION)
+    if prepared.stored_bytes is not None and decision is not None:
+        numel = gm.get_buffer(spec.w_q).numel()
+        extra = decision.weight_bytes - _quantized_bytes(gm, spec)  # float columns kept beside, if any
+        decision = dataclasses.replace(decision, bits_per_weight=8.0 * prepared.stored_bytes / numel,
+                                       weight_bytes=prepared.stored_bytes + extra)
+    else:
+        decision = None
+    out = _replace(gm, node, spec, x, lowering, prepared)
+    if decision is not None:
+        out.meta[DECISION] = decision
+    return prepared.kernel, key.describe(), decision
+
+
 def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
     """Details per quantized layer: ``(module, kernel, key or why not, decision)``, where ``decision``
-    is the layer's :class:`~qcompiler.ir.LayerDecision` with the bytes of the kernel's weight format
+    is the layer's :class:`~qcompiler.core.ir.LayerDecision` with the bytes of the kernel's weight format
     when the lowering repacked the weight (None otherwise). ``device``: the device whose kernels to
     use (default: each layer's weight's)."""
-    graph = gm.graph
     details, lowered = [], 0
     replaced_buffers: set[str] = set()
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         spec: QLinearSpec | None = node.meta.get(QLINEAR)
         if spec is None:
             continue
-        key = key_of(spec)
-        lowering = LOWERINGS.get(key)
-        if lowering is None:
-            details.append((spec.module, "reference quantize/dequantize ops", f"no kernel for {key.describe()}", None))
-            continue
-        x = _match(node, spec)
-        if isinstance(x, str):
-            details.append((spec.module, "reference quantize/dequantize ops", x, None))
-            continue
-        example = tensor_info(x)
-        if example is None:
-            details.append((spec.module, "reference quantize/dequantize ops", "input shape unknown", None))
-            continue
-        layer_device = device or gm.get_buffer(spec.w_q).device
-        lowering = lowering.for_device(layer_device)
-        prepared = lowering.prepare(gm, spec, layer_device)
-        if isinstance(prepared, str):
-            details.append((spec.module, "reference quantize/dequantize ops", prepared, None))
-            continue
-        bias = node.args[2] if len(node.args) > 2 else None
-        out_value = tensor_info(node)
-        tracer = fx.proxy.GraphAppendingTracer(graph)
-        with graph.inserting_before(node):
-            buffers = {kw: fx.Proxy(graph.get_attr(name), tracer) for kw, name in prepared.buffers.items()}
-            out = lowering.replace(
-                fx.Proxy(x, tracer),
-                fx.Proxy(bias, tracer) if isinstance(bias, fx.Node) else bias,
-                ndim=example.ndim,
-                out_dtype=out_value.dtype if out_value is not None else example.dtype,
-                **buffers, **prepared.constants,
-            )
-        out.node.meta["qcompiler.lowered_from"] = spec
-        decision = node.meta.get(DECISION)
-        if prepared.stored_bytes is not None and decision is not None:
-            numel = gm.get_buffer(spec.w_q).numel()
-            extra = decision.weight_bytes - _quantized_bytes(gm, spec)  # float columns kept beside, if any
-            decision = dataclasses.replace(decision, bits_per_weight=8.0 * prepared.stored_bytes / numel,
-                                           weight_bytes=prepared.stored_bytes + extra)
-            out.node.meta[DECISION] = decision
-        else:
-            decision = None
-        old_inputs = list(node.all_input_nodes)
-        node.replace_all_uses_with(out.node)
-        graph.erase_node(node)
-        _erase_dead(graph, old_inputs)
-        replaced_buffers.update(n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
-        details.append((spec.module, prepared.kernel, key.describe(), decision))
-        lowered += 1
+        kernel, why, decision = _lower_one(gm, node, spec, device)
+        details.append((spec.module, kernel, why, decision))
+        if kernel != REFERENCE_OPS:
+            replaced_buffers.update(n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
+            lowered += 1
     if lowered:
-        graph.lint()
+        gm.graph.lint()
         _drop_unused_buffers(gm, replaced_buffers)
         gm.recompile()
     counts = {"lowered": lowered, "not_lowered": len(details) - lowered}

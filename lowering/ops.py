@@ -8,7 +8,7 @@ still correct when it names nothing. The CUDA lowering calls ``int8_linear`` ins
 CUDA (direct calls, benchmarks) sums the weight's rows on every uint8 call.
 
 ``qcompiler::int4_gemm(x, w_packed, scale, zero, group_size)`` computes ``x @ W.T`` for float ``x
-[..., K]`` and 4-bit weights packed two per byte (``kernels/triton_int4.pack_int4``) with per-group
+[..., K]`` and 4-bit weights packed two per byte (``kernels/reference.pack_int4``) with per-group
 ``scale``/``zero`` ``[N, K // group_size]``; output in ``x``'s dtype.
 
 ``qcompiler::int4_gemm_cpu(x, packed, scale_zeros, group_size)`` is the same product with the weight
@@ -23,7 +23,7 @@ The CUDA lowering of W8A8 layers uses two more ops, so that nothing runs between
 
 ``qcompiler::quantize_per_token(x, smooth)`` returns ``(x_q, x_scale)``: ``x [..., K]`` (divided by
 the SmoothQuant ``smooth [K]`` when given) quantized per token to int8 with an fp32 scale ``[..., 1]``,
-bit for bit the arithmetic of ``qcompiler.primitives`` on ``x`` upcast to fp32.
+bit for bit the arithmetic of ``qcompiler.core.primitives`` on ``x`` upcast to fp32.
 
 ``qcompiler::int8_linear(x_q, x_scale, x_zero_point, w_q, w_scale, w_colsum, bias, out_dtype)``
 computes ``((x_q - x_zero_point) @ w_q.T) * w_scale * x_scale + bias`` in ``out_dtype`` (fp16/bf16/
@@ -33,7 +33,7 @@ int32 row sums, precomputed by the lowering) serves the zero-point correction of
 Dispatch: CUDA -> the Triton kernels (``kernels/triton_int8.py``, ``kernels/triton_int4.py``,
 ``kernels/triton_quant.py``); CPU -> FBGEMM/oneDNN for int8 and ATen's int4 kernel
 (``kernels/cpu.py``); ``quantize_per_token`` and ``int8_linear`` on CPU, and every op on any other
-device -> the pure-torch references (``kernels/reference.py``, ``qcompiler.primitives``).
+device -> the pure-torch references (``kernels/reference.py``, ``qcompiler.core.primitives``).
 :func:`kernel_for` says which, so the backend's report names it.
 """
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler import primitives
+from qcompiler.core import primitives
 from qcompiler.lowering.kernels import cpu, reference
 
 

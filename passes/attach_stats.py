@@ -6,22 +6,21 @@ The transform passes (SmoothQuant, outlier splitting, LLM.int8() decomposition) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch.fx as fx
 
-from qcompiler.ir import CHANNELS, LINEAR, ChannelStats, PassResult
-from qcompiler.observers import ActivationRanges
+from qcompiler.core.ir import CHANNELS, LINEAR, ChannelStats, PassResult, plan_of
 
 
-def attach_stats(
-    gm: fx.GraphModule, raw: Mapping[str, ActivationRanges], skip: Callable[[str], bool] = lambda module: False
-) -> PassResult:
-    """``skip(module)``: layers that stay in float, whose missing statistics are not worth a note."""
+def attach_stats(gm: fx.GraphModule, raw: Mapping[str, object]) -> PassResult:
+    """``raw``: per module, the calibrated statistics of its float input (``channel_min``, ``channel_max``
+    ``[K]`` and optional ``samples [n, K]``; ``qcompiler.calibration.observers.ActivationRanges``). Layers
+    the plan keeps in float are left out (their missing statistics are not worth a note)."""
     attached, missing = 0, []
     for node in gm.graph.nodes:
-        site = node.meta.get(LINEAR)
-        if site is None or skip(site.module):
+        site, plan = node.meta.get(LINEAR), plan_of(node)
+        if site is None or plan is None or not plan.quantized:
             continue
         ranges = raw.get(site.module)
         if ranges is None or ranges.channel_min.numel() != site.in_features:

@@ -7,11 +7,11 @@ Matched (``P`` a 2-D parameter placeholder, possibly behind ``t`` / ``transpose`
 - ``x @ P``, ``torch.matmul(x, P)``, ``torch.mm`` -> ``linear(x, t(P))``; ``x @ P.T`` -> ``linear(x, P)``
 
 The function is unchanged (tested in float64). Each canonical node gets ``meta["qcompiler.linear"]``
-(a :class:`~qcompiler.ir.LinearSite`).
+(a :class:`~qcompiler.core.ir.LinearSite`).
 
 A matrix product or convolution on a module parameter that does not fit that form (``P @ x``, a 3-D
 weight, ``addmm`` with ``alpha``/``beta``, ``bmm``/``einsum``/``conv`` on a parameter, an integer weight)
-stays as it is, in float, and comes back in ``details`` as a :class:`~qcompiler.ir.LayerDecision`
+stays as it is, in float, and comes back in ``details`` as a :class:`~qcompiler.core.ir.LayerDecision`
 with the reason, so the backend's report lists it.
 """
 
@@ -22,8 +22,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from qcompiler import capture
-from qcompiler.ir import LINEAR, LayerDecision, LinearSite, PassResult
+from qcompiler.core import capture
+from qcompiler.core.ir import LINEAR, LayerDecision, LinearSite, PassResult
 
 LINEAR_TARGET = torch._C._nn.linear
 

@@ -1,22 +1,43 @@
-"""Small graph edits the transform passes share: new constant buffers and derived weights."""
+"""Small graph edits and walks the passes share: new constant buffers, derived weights, ancestors."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 
-from qcompiler import capture
-from qcompiler.ir import CHANNELS, DERIVED, LINEAR, TENSOR_INFO, ChannelStats, DerivedWeight, linear_weight, tensor_info
+from qcompiler.core import capture
+from qcompiler.core.ir import (
+    CHANNELS,
+    DERIVED,
+    LINEAR,
+    TENSOR_INFO,
+    ChannelStats,
+    DerivedWeight,
+    fresh_name,
+    linear_weight,
+    tensor_info,
+)
+
+
+def ancestors(nodes: Iterable[fx.Node], limit: int | None = None) -> set[fx.Node]:
+    """Every node the values of ``nodes`` depend on (not ``nodes`` themselves, unless in a cycle of
+    dependence); with ``limit``, the walk stops once that many are found (a bounded, partial answer)."""
+    seen: set[fx.Node] = set()
+    frontier = list(nodes)
+    while frontier and (limit is None or len(seen) < limit):
+        current = frontier.pop()
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    return seen
 
 
 def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
     """Register ``value`` under a fresh name built from ``stem`` and read it with ``get_attr`` before ``before``."""
-    base = "qc_" + re.sub(r"\W", "_", stem)
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
+    name = fresh_name(gm, stem)
     gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)

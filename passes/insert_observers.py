@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import LINEAR, PassResult
+from qcompiler.core.ir import LINEAR, PassResult, fresh_name, plan_of
 
 
 class ObserverCall(torch.nn.Module):
@@ -26,22 +26,17 @@ class ObserverCall(torch.nn.Module):
         return x
 
 
-def insert_observers(
-    gm: fx.GraphModule,
-    observe_for: Callable[[str], Callable[[torch.Tensor], None]],
-    skip: Callable[[str], bool] = lambda module: False,
-) -> PassResult:
+def insert_observers(gm: fx.GraphModule, observe_for: Callable[[str], Callable[[torch.Tensor], None]]) -> PassResult:
+    """Observe the input of every canonical linear the plan quantizes (the others stay unobserved)."""
     inserted, skipped = 0, 0
     for node in list(gm.graph.nodes):
-        site = node.meta.get(LINEAR)
+        site, plan = node.meta.get(LINEAR), plan_of(node)
         if site is None:
             continue
-        if skip(site.module):
+        if plan is None or not plan.quantized:
             skipped += 1
             continue
-        name = f"qc_observer_{inserted}"
-        while hasattr(gm, name):
-            name += "_"
+        name = fresh_name(gm, f"observer_{inserted}")
         gm.add_submodule(name, ObserverCall(site.module, observe_for(site.module)))
         with gm.graph.inserting_before(node):
             gm.graph.call_module(name, (node.args[0],))

@@ -1,4 +1,4 @@
-"""Insert quantize/dequantize around canonical linears, as the recipe says per layer.
+"""Insert quantize/dequantize around canonical linears, as the plan says per layer.
 
 For a layer with scheme ``W: int8 per-channel, A: int8 dynamic per-token`` the canonical
 ``linear(x, W, b)`` becomes::
@@ -12,68 +12,44 @@ A static activation range (from calibration stats, chosen by the scheme's observ
 ``choose_qparams`` with constant buffers ``x_scale``/``x_zero_point``.
 
 The float parameter placeholder is left unused. This graph computes exactly what the integer
-kernels compute (in float) and is the reference the lowering is tested against. Layers that are
-skipped or cannot be quantized stay in float; each gets a :class:`~qcompiler.ir.LayerDecision`
-saying why.
+kernels compute (in float) and is the reference the lowering is tested against. Layers the plan keeps
+in float stay as they are; every canonical linear gets a :class:`~qcompiler.core.ir.LayerDecision`
+saying how it was quantized or why not.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
 
-from qcompiler import primitives
-from qcompiler.config import HQQ, LayerScheme, Recipe
-from qcompiler.errors import StatsError
-from qcompiler.ir import (
+from qcompiler.config import AWQ, GPTQ, HQQ
+from qcompiler.core import primitives
+from qcompiler.core.errors import StatsError
+from qcompiler.core.ir import (
     DECISION,
     FLOAT_SIDE_BYTES,
     FLOAT_WEIGHT,
     LINEAR,
     QLINEAR,
     LayerDecision,
+    LayerPlan,
     LinearSite,
     PassResult,
     QLinearSpec,
+    QuantizedWeight,
+    fresh_name,
     linear_weight,
+    plan_of,
     tensor_info,
 )
+from qcompiler.core.weight_cache import WEIGHTS, WeightCache
 from qcompiler.passes.graph_utils import same_tensor_info
-from qcompiler.passes.weight_rounding import QuantizedWeight, round_to_nearest
+from qcompiler.passes.weight_rounding import round_to_nearest
 from qcompiler.passes.weight_rounding.hqq import hqq_quantize
 from qcompiler.passes.weight_rounding.sequential import check_rounded
-from qcompiler.observers import ActivationRanges
-from qcompiler.weight_cache import WEIGHTS, WeightCache
-
-_QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _buffer_prefix(gm: fx.GraphModule, module: str) -> str:
-    base = "qc_" + re.sub(r"\W", "_", module or "linear")
-    name, i = base, 1
-    while hasattr(gm, name + "_w_q"):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _why_not_quantizable(site: LinearSite, scheme: LayerScheme, weight: torch.Tensor, x) -> str | None:
-    if weight.dtype not in _QUANTIZABLE_DTYPES:
-        return f"weight dtype {weight.dtype} is not a float type"
-    if scheme.weight.granularity == "per_group" and site.in_features % scheme.weight.group_size:
-        return f"in_features {site.in_features} is not a multiple of group_size {scheme.weight.group_size}"
-    if scheme.activation is not None:
-        value = tensor_info(x)
-        if value is None:
-            return "the input activation's shape is unknown (no example_value), so it cannot be quantized"
-        if value.dtype not in _QUANTIZABLE_DTYPES:
-            return f"input activation dtype {value.dtype} is not a float type"
-        if value.ndim < 1:
-            return "the input activation is a scalar"
-    return None
 
 
 def _dequantize_weight_nodes(gm, graph, prefix: str, qw: QuantizedWeight, dtype: torch.dtype):
@@ -92,7 +68,7 @@ def _dequantize_weight_nodes(gm, graph, prefix: str, qw: QuantizedWeight, dtype:
     return w_dq, names
 
 
-def _static_qparams(stats: Mapping[str, ActivationRanges], site: LinearSite, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_qparams(stats: Mapping, site: LinearSite, scheme) -> tuple[torch.Tensor, torch.Tensor]:
     ranges = stats[site.module]
     if ranges.channel_min.numel() != site.in_features:
         raise StatsError(
@@ -135,17 +111,17 @@ def _fake_quant_activation_nodes(graph, x: fx.Node, scheme, ndim: int, dtype: to
     return graph.call_function(torch.ops.qcompiler.dequantize.default, (q, scale, zero_point, block, dtype))
 
 
-def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: Mapping[str, ActivationRanges] | None) -> None:
+def _check_stats_cover(gm: fx.GraphModule, recipe_name: str, stats: Mapping | None) -> None:
     needed = []
     for node in gm.graph.nodes:
-        site = node.meta.get(LINEAR)
-        scheme = recipe.scheme_for(site.module) if site is not None else None
+        plan = plan_of(node) if LINEAR in node.meta else None
+        scheme = plan.scheme if plan is not None else None
         if scheme is not None and scheme.activation is not None and not scheme.activation.dynamic:
-            needed.append(site.module)
+            needed.append(plan.module)
     if not needed:
         return
     if stats is None:
-        raise StatsError(f"recipe {recipe.name!r} needs calibration statistics for {len(needed)} layer(s); "
+        raise StatsError(f"recipe {recipe_name!r} needs calibration statistics for {len(needed)} layer(s); "
                          "pass options={'stats': qcompiler.calibrate(model, batches, recipe)}")
     missing = sorted(set(m for m in needed if m not in stats))
     if missing:
@@ -156,18 +132,17 @@ def _check_stats_cover(gm: fx.GraphModule, recipe: Recipe, stats: Mapping[str, A
         )
 
 
-def _rounded_weight(site, scheme, weight, owner, weight_key, recipe: Recipe, rounded, cache, limit):
-    """``(QuantizedWeight, AWQ input scale or None, note)`` by the recipe's rounding method."""
-    method = recipe.rounding
-    if isinstance(method, HQQ):
-        qw = cache.get(owner, ("hqq", scheme.weight, method) + weight_key,
-                       lambda: hqq_quantize(weight.detach(), scheme.weight, method))
+def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_name: str, rounded, cache, limit):
+    """``(QuantizedWeight, AWQ input scale or None, note)`` by the rounding method."""
+    if isinstance(rounding, HQQ):
+        qw = cache.get(owner, ("hqq", scheme.weight, rounding) + weight_key,
+                       lambda: hqq_quantize(weight.detach(), scheme.weight, rounding))
         return qw, None, "HQQ zero points"
-    if recipe.data_driven_rounding:
+    if isinstance(rounding, (GPTQ, AWQ)):
         problem = check_rounded(rounded or {}, site.module, weight)
         if problem is not None:
             raise StatsError(f"{site.module}: {problem}. Calibrate this model with the recipe "
-                             f"({recipe.name!r}) and pass those statistics.")
+                             f"({recipe_name!r}) and pass those statistics.")
         entry = rounded[site.module]
         return entry.weight, entry.input_scale, f"{entry.method.upper()} {entry.note}".strip()
     qw = cache.get(owner, ("rtn", scheme.weight, limit) + weight_key,
@@ -184,92 +159,95 @@ def _divide_input(gm, graph, prefix: str, x: fx.Node, input_scale: torch.Tensor)
     return scaled
 
 
+def _float_decision(site: LinearSite, plan: LayerPlan | None, weight, float_bytes: int, reason: str) -> LayerDecision:
+    scheme = "" if plan is None or plan.scheme is None else plan.scheme.describe()
+    return LayerDecision(site.module, False, site.weight_param, scheme, reason=reason,
+                         bits_per_weight=8.0 * weight.element_size(), weight_bytes=float_bytes,
+                         float_weight_bytes=float_bytes)
+
+
+def _qlinear_spec(site: LinearSite, scheme, qw: QuantizedWeight, names, act_names, has_bias: bool) -> QLinearSpec:
+    act = scheme.activation
+    return QLinearSpec(
+        module=site.module, weight_bits=scheme.weight.bits, weight_symmetric=scheme.weight.symmetric,
+        weight_granularity=scheme.weight.granularity, group_size=scheme.weight.group_size,
+        activation=act.kind if act is not None else None, activation_bits=act.bits if act is not None else None,
+        activation_symmetric=act.symmetric if act is not None else None,
+        w_q=names[0], w_scale=names[1], w_zero_point=names[2], has_bias=has_bias,
+        x_scale=act_names[0], x_zero_point=act_names[1],
+    )
+
+
+def _quantize_node(gm, node: fx.Node, scheme, qw: QuantizedWeight, input_scale, ranges) -> QLinearSpec:
+    """Rewrite ``node`` into its QDQ form with the rounded weight ``qw``; returns its spec."""
+    graph, site = gm.graph, node.meta[LINEAR]
+    x, w_node, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+    weight, _, _ = linear_weight(gm, w_node)
+    prefix = fresh_name(gm, site.module or "linear", "_w_q")
+    with graph.inserting_before(node):
+        w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
+        if input_scale is not None:  # AWQ: the layer reads x / s
+            x = _divide_input(gm, graph, prefix, x, input_scale)
+        new_x, act_names, act = x, (None, None), scheme.activation
+        if act is not None:
+            value = tensor_info(x)
+            static = None if act.dynamic else _static_qparams(ranges, site, act)
+            scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.ndim, static)
+            new_x = _fake_quant_activation_nodes(graph, x, act, value.ndim, value.dtype, scale, zero_point)
+    node.args = (new_x, w_dq, bias)
+    node.meta[FLOAT_WEIGHT] = w_node
+    return _qlinear_spec(site, scheme, qw, names, act_names, bias is not None)
+
+
 def insert_qdq(
     gm: fx.GraphModule,
-    recipe: Recipe,
+    rounding: GPTQ | AWQ | HQQ | None = None,
+    recipe_name: str = "",
     int8_pair_limit: int | None = None,
     cache: WeightCache = WEIGHTS,
-    ranges: Mapping[str, ActivationRanges] | None = None,
+    ranges: Mapping | None = None,
     rounded: Mapping | None = None,
 ) -> PassResult:
-    """``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums saturate.
-    ``ranges``: calibrated statistics of the linears' inputs by module, required for static layers.
-    ``rounded``: GPTQ/AWQ weights by module (``CalibrationStats.weights``), required by those recipes."""
-    _check_stats_cover(gm, recipe, ranges)
-    graph = gm.graph
+    """Quantize every linear the plan quantizes. ``rounding``: the recipe's rounding method (None: round
+    to nearest). ``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums
+    saturate. ``ranges``: calibrated statistics of the linears' inputs by module (``ActivationRanges``),
+    required for static layers. ``rounded``: GPTQ/AWQ weights by module (``CalibrationStats.weights``)."""
+    _check_stats_cover(gm, recipe_name, ranges)
     decisions = []
     quantized = 0
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         site: LinearSite | None = node.meta.get(LINEAR)
         if site is None or QLINEAR in node.meta:
             continue
-        x, w_node, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
-        weight, owner, weight_key = linear_weight(gm, w_node)
+        plan = plan_of(node)
+        weight, owner, weight_key = linear_weight(gm, node.args[1])
         float_bytes = owner.numel() * owner.element_size()  # the parameter as the user's model stores it
-        scheme = recipe.scheme_for(site.module)
-        group_note = ""
+        scheme = None if plan is None else plan.scheme
+        reason = "no plan for this layer" if plan is None else plan.reason
+        group = scheme.weight.group_size if scheme is not None and scheme.weight.granularity == "per_group" else None
+        if group is not None and site.in_features % group:
+            # a transform (outlier splitting, LLM.int8() columns) changed the width the plan was fitted to
+            scheme, reason = None, f"in_features {site.in_features} is not a multiple of group_size {group}"
         if scheme is None:
-            reason = f"skipped by the recipe's skip pattern {recipe.skip_pattern_for(site.module)!r}"
+            decision = _float_decision(site, plan, weight, float_bytes, reason)
         else:
-            fitted = scheme.fitted(site.in_features)
-            if fitted is not scheme:
-                group_note = (f"group {fitted.weight.group_size}: in_features {site.in_features} is not a multiple "
-                              f"of {scheme.weight.group_size}")
-            scheme = fitted
-            reason = _why_not_quantizable(site, scheme, weight, x)
-        if reason is not None:
-            decision = LayerDecision(site.module, False, site.weight_param, scheme.describe() if scheme else "",
-                                     reason=reason, bits_per_weight=8.0 * weight.element_size(),
-                                     weight_bytes=float_bytes, float_weight_bytes=float_bytes)
-            node.meta[DECISION] = decision
-            decisions.append(decision)
-            continue
-        limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
-        qw, input_scale, rounding_note = _rounded_weight(site, scheme, weight, owner, weight_key, recipe, rounded,
-                                                         cache, limit)
-        prefix = _buffer_prefix(gm, site.module)
-        with graph.inserting_before(node):
-            w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
-            if input_scale is not None:  # AWQ: the layer reads x / s
-                x = _divide_input(gm, graph, prefix, x, input_scale)
-            new_x, act_kind, act_names = x, None, (None, None)
-            act = scheme.activation
-            if act is not None:
-                value = tensor_info(x)
-                static = None if act.dynamic else _static_qparams(ranges, site, act)
-                scale, zero_point, act_names = _activation_qparam_nodes(gm, graph, prefix, x, act, value.ndim, static)
-                new_x = _fake_quant_activation_nodes(graph, x, act, value.ndim, value.dtype, scale, zero_point)
-                act_kind = act.kind
-        node.args = (new_x, w_dq, bias)
-        node.meta[FLOAT_WEIGHT] = w_node
-        node.meta[QLINEAR] = QLinearSpec(
-            module=site.module,
-            weight_bits=scheme.weight.bits,
-            weight_symmetric=scheme.weight.symmetric,
-            weight_block_size=qw.block_size,
-            activation=act_kind,
-            activation_bits=scheme.activation.bits if scheme.activation else None,
-            activation_symmetric=scheme.activation.symmetric if scheme.activation else None,
-            w_q=names[0],
-            w_scale=names[1],
-            w_zero_point=names[2],
-            has_bias=bias is not None,
-            x_scale=act_names[0],
-            x_zero_point=act_names[1],
-        )
-        note = f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels" if qw.pairs_limited else ""
-        note = "; ".join(filter(None, [rounding_note, group_note, note]))
-        float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
-        if float_side:
-            note = "; ".join(filter(None, [note, f"{float_side} bytes of outlier columns kept in float"]))
-        decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
-                                 bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes + float_side,
-                                 float_weight_bytes=float_bytes)
+            limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
+            qw, input_scale, rounding_note = _rounded_weight(site, scheme, weight, owner, weight_key, rounding,
+                                                             recipe_name, rounded, cache, limit)
+            node.meta[QLINEAR] = _quantize_node(gm, node, scheme, qw, input_scale, ranges)
+            float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
+            limited = (f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels"
+                       if qw.pairs_limited else "")
+            side = f"{float_side} bytes of outlier columns kept in float" if float_side else ""
+            note = "; ".join(filter(None, [rounding_note, plan.reason, limited, side]))
+            decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
+                                     bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes + float_side,
+                                     float_weight_bytes=float_bytes)
+            quantized += 1
         node.meta[DECISION] = decision
         decisions.append(decision)
-        quantized += 1
     if quantized:
-        graph.lint()
+        gm.graph.lint()
         gm.recompile()
     counts = {"quantized": quantized, "float": len(decisions) - quantized}
     return PassResult(gm, modified=quantized > 0, counts=counts, details=tuple(decisions))

@@ -19,8 +19,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from qcompiler.config import MixedInt8, Recipe
-from qcompiler.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR, ChannelStats, PassResult, linear_weight
+from qcompiler.config import MixedInt8
+from qcompiler.core.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR, PLAN, ChannelStats, PassResult, linear_weight, plan_of
 from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
@@ -30,14 +30,16 @@ def _index_select(gm: fx.GraphModule, x: fx.Node, index: torch.Tensor, stem: str
         return same_tensor_info(gm.graph.call_function(torch.index_select, (x, -1, idx)), x)
 
 
-def mixed_int8(gm: fx.GraphModule, recipe: Recipe, config: MixedInt8) -> PassResult:
+def mixed_int8(gm: fx.GraphModule, config: MixedInt8) -> PassResult:
+    """Decompose every linear the plan quantizes with activations (schemes from the plan)."""
     graph = gm.graph
     details, decomposed, outlier_columns = [], 0, 0
     for node in list(graph.nodes):
         site = node.meta.get(LINEAR)
         if site is None:
             continue
-        scheme = recipe.scheme_for(site.module)
+        plan = plan_of(node)
+        scheme = None if plan is None else plan.scheme
         if scheme is None or scheme.activation is None:
             continue
         stats: ChannelStats | None = node.meta.get(CHANNELS)
@@ -63,6 +65,7 @@ def mixed_int8(gm: fx.GraphModule, recipe: Recipe, config: MixedInt8) -> PassRes
         replace_linear_weight(gm, node, weight.detach()[:, rest], ("int8_cols", tag))
         node.update_arg(0, x_rest)
         node.meta[LINEAR] = dataclasses.replace(site, in_features=int(rest.numel()))
+        node.meta[PLAN] = dataclasses.replace(plan, in_features=int(rest.numel()))
         node.meta[CHANNELS] = ChannelStats(stats.channel_min[rest], stats.channel_max[rest],
                                            None if stats.samples is None else stats.samples[:, rest])
         node.meta[FLOAT_SIDE_BYTES] = w_out.numel() * w_out.element_size()

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from qcompiler import primitives
-from qcompiler.config import Recipe, SmoothQuant
-from qcompiler.ir import CHANNELS, LINEAR, PassResult, linear_weight
+from qcompiler.config import SmoothQuant
+from qcompiler.core import primitives
+from qcompiler.core.ir import CHANNELS, LINEAR, PassResult, linear_weight, plan_of
 from qcompiler.passes.graph_utils import (
     add_buffer,
+    ancestors,
     bias_of,
     constant_value,
     replace_arg_with_tensor,
@@ -115,17 +116,6 @@ def _norm_group(gm: fx.GraphModule, node: fx.Node) -> Group | None:
     return None
 
 
-def _ancestors(node: fx.Node, stop: int = 4000) -> set[fx.Node]:
-    seen, frontier = set(), [node]
-    while frontier and len(seen) < stop:
-        current = frontier.pop()
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                frontier.append(parent)
-    return seen
-
-
 def _linear_group(node: fx.Node) -> Group | None:
     """``node`` is a consumer D whose input is ``a * U(x)``; returns the group with producer U."""
     if LINEAR not in node.meta:
@@ -144,7 +134,7 @@ def _linear_group(node: fx.Node) -> Group | None:
         if LINEAR not in producer.meta or len(producer.users) != 1:
             continue
         other = product.args[1 - i]
-        if producer in _ancestors(other) or other is producer:
+        if producer in ancestors([other], limit=4000) or other is producer:
             continue
         if producer.meta[LINEAR].out_features != node.meta[LINEAR].in_features:
             continue
@@ -217,11 +207,8 @@ def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
 
 
 def _fake_quant_weight(w: torch.Tensor, scheme) -> torch.Tensor:
-    block = scheme.block_size()
     qmin, qmax = scheme.qrange
-    scale, zp = primitives.choose_qparams_math(w, block, qmin, qmax, scheme.symmetric)
-    q = primitives.quantize_math(w, scale, None if scheme.symmetric else zp, block, qmin, qmax, torch.int32)
-    return primitives.dequantize_math(q, scale, None if scheme.symmetric else zp, block, w.dtype)
+    return primitives.fake_quantize_math(w, scheme.block_size(), qmin, qmax, scheme.symmetric)
 
 
 def _fake_quant_activation(x: torch.Tensor, scheme, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -230,15 +217,11 @@ def _fake_quant_activation(x: torch.Tensor, scheme, lo: torch.Tensor, hi: torch.
         return x
     qmin, qmax = scheme.qrange
     if scheme.dynamic:
-        block = scheme.block_size(2)
-        scale, zp = primitives.choose_qparams_math(x, block, qmin, qmax, scheme.symmetric)
-    else:
-        block = primitives.per_tensor(2)
-        scale, zp = primitives.qparams_from_range(lo.min().reshape(1, 1), hi.max().reshape(1, 1), qmin, qmax,
-                                                  scheme.symmetric)
-    zp = None if scheme.symmetric else zp
-    q = primitives.quantize_math(x, scale, zp, block, qmin, qmax, torch.int32)
-    return primitives.dequantize_math(q, scale, zp, block, x.dtype)
+        return primitives.fake_quantize_math(x, scheme.block_size(2), qmin, qmax, scheme.symmetric)
+    scale, zp = primitives.qparams_from_range(lo.min().reshape(1, 1), hi.max().reshape(1, 1), qmin, qmax,
+                                              scheme.symmetric)
+    return primitives.fake_quantize_math(x, primitives.per_tensor(2), qmin, qmax, scheme.symmetric, scale=scale,
+                                         zero_point=zp)
 
 
 def search_alpha(samples, cmin, cmax, weights, schemes, grid) -> tuple[float | None, dict]:
@@ -298,15 +281,16 @@ def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, tag: tuple) -> Non
         replace_arg_with_tensor(gm, producer, 2, b.detach() / s.to(b.dtype), f"{producer.meta[LINEAR].module}_b")
 
 
-def smoothquant(gm: fx.GraphModule, recipe: Recipe, config: SmoothQuant) -> PassResult:
+def smoothquant(gm: fx.GraphModule, config: SmoothQuant) -> PassResult:
+    """Smooth every group of ``config.groups`` whose consumers the plan quantizes (schemes from the plan)."""
     groups, notes = find_groups(gm, config.groups)
     details = list(notes)
     applied = 0
     for group in groups:
         consumers = group.consumers
-        schemes = [recipe.scheme_for(c.meta[LINEAR].module) for c in consumers]
+        schemes = [None if plan_of(c) is None else plan_of(c).scheme for c in consumers]
         if any(scheme is None for scheme in schemes):
-            details.append(f"{group.name}: not smoothed, the recipe keeps a consumer in float")
+            details.append(f"{group.name}: not smoothed, the plan keeps a consumer in float")
             continue
         stats = consumers[0].meta.get(CHANNELS)
         if stats is None:

@@ -23,8 +23,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from qcompiler.config import OutlierSplit, Recipe
-from qcompiler.ir import CHANNELS, LINEAR, ChannelStats, PassResult, linear_weight
+from qcompiler.config import OutlierSplit
+from qcompiler.core.ir import CHANNELS, LINEAR, PLAN, ChannelStats, PassResult, linear_weight, plan_of
 from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
@@ -62,14 +62,16 @@ def quant_aware_offsets(w_split: torch.Tensor, src: torch.Tensor, qmax: int) -> 
     return out
 
 
-def split_outliers(gm: fx.GraphModule, recipe: Recipe, config: OutlierSplit) -> PassResult:
+def split_outliers(gm: fx.GraphModule, config: OutlierSplit) -> PassResult:
+    """Split the outlier channels of every linear the plan quantizes."""
     graph = gm.graph
     details, split_layers, extra = [], 0, 0
     for node in list(graph.nodes):
         site = node.meta.get(LINEAR)
         if site is None:
             continue
-        scheme = recipe.scheme_for(site.module)
+        plan = plan_of(node)
+        scheme = None if plan is None else plan.scheme
         if scheme is None:
             continue
         stats: ChannelStats | None = node.meta.get(CHANNELS)
@@ -105,6 +107,7 @@ def split_outliers(gm: fx.GraphModule, recipe: Recipe, config: OutlierSplit) -> 
         replace_linear_weight(gm, node, w_split, ("split", config.mode, config.quant_aware, tag))
         node.update_arg(0, x_split)
         node.meta[LINEAR] = dataclasses.replace(site, in_features=int(src.numel()))
+        node.meta[PLAN] = dataclasses.replace(plan, in_features=int(src.numel()))
         if stats is not None:
             f = channel_factor.to(stats.channel_min.dtype)
             samples = None if stats.samples is None else stats.samples[:, src] * f.to(stats.samples.dtype)

@@ -4,15 +4,16 @@
     with torch.inference_mode():
         logits = compiled(input_ids).logits
     print(qcompiler.last_report())
+
+Layout (imports point down only): ``qcompiler.tools`` (CLI, evaluation, benchmarks, reports, export)
+-> the composition root (``backend``, ``pipeline``, ``plan``, ``report``, ``dump``, ``artifact``,
+``calibration``) -> ``qcompiler.passes`` / ``qcompiler.lowering`` -> ``qcompiler.config`` ->
+``qcompiler.core``.
 """
 
-__version__ = "0.1.0"
-
-from qcompiler import primitives  # noqa: E402  (registers the qcompiler:: ops)
-from qcompiler import debug  # noqa: E402
-from qcompiler.artifact import load  # noqa: E402
-from qcompiler.calibrate import calibrate  # noqa: E402
-from qcompiler.config import (  # noqa: E402
+from qcompiler.calibration.calibrate import calibrate
+from qcompiler.calibration.stats import CalibrationStats
+from qcompiler.config import (
     AWQ,
     GPTQ,
     HQQ,
@@ -26,8 +27,10 @@ from qcompiler.config import (  # noqa: E402
     SmoothQuant,
     WeightScheme,
 )
-from qcompiler.report import clear_reports, last_report, reports  # noqa: E402
-from qcompiler.stats import CalibrationStats  # noqa: E402
+from qcompiler.core import __version__, primitives  # noqa: F401  (primitives registers the qcompiler:: ops)
+from qcompiler.report import clear_reports, last_report, reports
+from qcompiler.tools.compare import compare
+from qcompiler.tools.quantize import load
 
 __all__ = [
     "AWQ",
@@ -43,11 +46,12 @@ __all__ = [
     "Recipe",
     "SmoothQuant",
     "WeightScheme",
+    "__version__",
     "calibrate",
-    "debug",
-    "load",
     "clear_reports",
+    "compare",
     "last_report",
+    "load",
     "primitives",
     "reports",
 ]

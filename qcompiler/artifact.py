@@ -1,4 +1,5 @@
-"""Saved quantized models: ``qcompiler quantize`` writes one, ``qcompiler.load`` rebuilds from it.
+"""The artifact format: ``qcompiler quantize`` (``qcompiler/tools/quantize.py``) writes one,
+``qcompiler.load`` rebuilds a model from it.
 
 An artifact folder holds:
 
@@ -27,19 +28,18 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-import qcompiler
-from qcompiler.errors import QCompilerError
-from qcompiler.ir import PassResult
+from qcompiler.calibration.stats import CalibrationStats
+from qcompiler.config import recipe_from_json, recipe_to_json
+from qcompiler.core import __version__
+from qcompiler.core.capture import PARAM_META
+from qcompiler.core.errors import ArtifactError
+from qcompiler.core.ir import PassResult
 
 FORMAT = "qcompiler-artifact"
 VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 STATS = "stats"
-
-
-class ArtifactError(QCompilerError):
-    """An artifact folder is missing, corrupted, tampered with, or made for another model."""
 
 
 def _sha256(path: Path) -> str:
@@ -51,7 +51,7 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict:
-    out = {"qcompiler": qcompiler.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"qcompiler": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for name in ("triton", "transformers", "safetensors"):
         try:
             out[name] = __import__(name).__version__
@@ -64,19 +64,17 @@ def parameter_fingerprint(named_tensors) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in named_tensors}
 
 
-def save(folder: Path, gm: fx.GraphModule, options, report, comparison, params: dict) -> Path:
+def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, params: dict) -> Path:
     """Write an artifact for the graph ``gm`` in QDQ form (after ``insert_qdq``)."""
     from safetensors.torch import save_file
-
-    from qcompiler.config import recipe_to_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: buf.detach().contiguous().clone() for name, buf in gm.named_buffers()}
     save_file(tensors, str(folder / WEIGHTS))
     files = {WEIGHTS: _sha256(folder / WEIGHTS)}
-    if options.stats is not None:
-        options.stats.save(folder / STATS)
+    if stats is not None:
+        stats.save(folder / STATS)
         for path in sorted((folder / STATS).iterdir()):
             files[f"{STATS}/{path.name}"] = _sha256(path)
     sqnr = {e.module: e.sqnr_db for e in comparison.layers} if comparison is not None else {}
@@ -88,7 +86,7 @@ def save(folder: Path, gm: fx.GraphModule, options, report, comparison, params: 
             "sqnr_db": None if d.module not in sqnr or sqnr[d.module] == float("inf") else round(sqnr[d.module], 3),
         })
     manifest = {
-        "format": FORMAT, "version": VERSION, "recipe": recipe_to_json(options.recipe),
+        "format": FORMAT, "version": VERSION, "recipe": recipe_to_json(recipe),
         "parameters": params, "buffers": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()},
         "layers": layers, "transforms": report.transforms,
         "logits_kl_on_example": comparison.kl if comparison is not None else None,
@@ -102,8 +100,6 @@ class Artifact:
     """A verified artifact folder: its recipe, statistics and saved tensors."""
 
     def __init__(self, folder) -> None:
-        from qcompiler.config import recipe_from_json
-
         self.folder = Path(folder)
         hint = "write it again with `qcompiler quantize`"
         manifest_path = self.folder / MANIFEST
@@ -136,8 +132,6 @@ class Artifact:
         self.tensors = load_file(str(self.folder / WEIGHTS))
         self.stats = None
         if (self.folder / STATS).is_dir():
-            from qcompiler.stats import CalibrationStats
-
             self.stats = CalibrationStats.load(self.folder / STATS)
 
     def check_parameters(self, named_tensors) -> None:
@@ -153,8 +147,6 @@ class Artifact:
 
     def apply(self, gm: fx.GraphModule) -> PassResult:
         """Replace the tensors the passes computed by the saved ones (names, shapes and dtypes checked)."""
-        from qcompiler.capture import PARAM_META
-
         params = [(n.meta[PARAM_META].name, n.meta[PARAM_META].tensor) for n in gm.graph.nodes
                   if n.op == "placeholder" and PARAM_META in n.meta]
         expected = self.manifest.get("parameters", {})
@@ -174,27 +166,3 @@ class Artifact:
             gm.register_buffer(name, saved.to(buf.device))
             replaced += 1
         return PassResult(gm, modified=replaced > 0, counts={"tensors_loaded": replaced})
-
-
-def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True) -> Path:
-    """Quantize ``model`` with ``recipe`` on one example ``batch`` and write the artifact to ``out``."""
-    from qcompiler import capture, debug, pipeline
-    from qcompiler.config import BackendOptions
-    from qcompiler.report import CompileReport
-
-    options = BackendOptions(recipe=recipe, stats=stats, kernels="reference")
-    gm, inputs = debug.capture_graph(model, batch)
-    bound = capture.bind_parameters(gm, inputs)
-    device = next((info.tensor.device for info in bound.values()), torch.device("cpu"))
-    report = CompileReport(0, options.recipe.name, options.kernels)
-    gm = pipeline.run(gm, pipeline.build(options, device), report)
-    comparison = debug.compare(model, options.recipe, batch, stats=options.stats, top=0) if errors else None
-    return save(Path(out), gm, options, report, comparison,
-                parameter_fingerprint(model.named_parameters()))
-
-
-def load(folder, model: torch.nn.Module, **options):
-    """``torch.compile(model, backend="qcompiler", options={"artifact": folder, ...})`` after checking
-    that ``model`` is the one the artifact was made for."""
-    Artifact(folder).check_parameters(model.named_parameters())
-    return torch.compile(model, backend="qcompiler", options={"artifact": str(folder), **options})

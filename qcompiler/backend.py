@@ -1,23 +1,54 @@
 """The ``torch.compile`` backend: ``torch.compile(model, backend="qcompiler", options={...})``.
 
 Dynamo hands us one FX graph per captured region with the model's parameters lifted into
-placeholders. We bind those to their tensors and names, run the pass pipeline (which attaches the
-quantized weights as buffers), and give the result to Inductor. The compiled model is a snapshot of
-the weights at compile time: recompile after changing them.
+placeholders. We resolve the options (load the statistics and artifact folders they name), bind the
+placeholders to their tensors and names, run the pass pipeline (which attaches the quantized weights as
+buffers), and give the result to Inductor. The compiled model is a snapshot of the weights at compile
+time: recompile after changing them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from qcompiler import capture, debug, pipeline, report
-from qcompiler.config import BackendOptions
-from qcompiler.errors import QCompilerError
-from qcompiler.lowering import ops
+from qcompiler import dump, pipeline, report
+from qcompiler.artifact import Artifact
+from qcompiler.calibration.stats import CalibrationStats, resolve_stats
+from qcompiler.config import BackendOptions, Recipe, needs_stats_message
+from qcompiler.core import capture
+from qcompiler.core.errors import ConfigError, ConfigTypeError, QCompilerError
+
+
+@dataclass(frozen=True, eq=False)
+class Resolved:
+    """:class:`~qcompiler.config.BackendOptions` with the folders they name loaded and verified."""
+
+    recipe: Recipe
+    kernels: str
+    stats: CalibrationStats | None
+    artifact: Artifact | None
+    debug: object
+
+
+def resolve(options: BackendOptions) -> Resolved:
+    """Load the statistics or artifact folder the options name (an artifact brings its own recipe and
+    statistics); raise if the recipe needs statistics and none are given."""
+    recipe, stats, artifact = options.recipe, resolve_stats(options.stats), options.artifact
+    if artifact is not None:
+        if not isinstance(artifact, Artifact):
+            if not isinstance(artifact, (str, os.PathLike)):
+                raise ConfigTypeError(f"option 'artifact' must be a folder path, got {type(artifact).__name__}")
+            artifact = Artifact(artifact)
+        recipe, stats = artifact.recipe, artifact.stats
+    if recipe.needs_calibration and stats is None:
+        raise ConfigError(needs_stats_message(recipe))
+    return Resolved(recipe, options.kernels, stats, artifact, options.debug)
 
 
 def _weights_device(bound) -> torch.device:
@@ -41,39 +72,33 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     """Dynamo backend entry point (registered as ``qcompiler`` through the ``torch_dynamo_backends`` entry point)."""
     if mode is not None:
         raise QCompilerError(f"qcompiler does not take mode={mode!r}; configure it with options={{...}}")
-    opts = BackendOptions.from_user(options)
+    opts = resolve(BackendOptions.from_user(options))
     _check_inference(example_inputs)
-    start = time.perf_counter()
-    bound = capture.bind_parameters(gm, example_inputs)
-    device = _weights_device(bound)
-    rep = report.CompileReport(
-        graph_index=report.next_index(),
-        recipe=opts.recipe.name,
-        kernels=opts.kernels,
-        device_note=(ops.kernel_for(device, opts.recipe.weight.bits) if opts.kernels == "fast"
-                     else "reference quantize/dequantize ops"),
-    )
-    steps = pipeline.build(opts, device)
-    float_graph = _copy_graph(gm.graph)
-    folder = debug.dump_dir(opts.debug)
-    dumper = None
-    if folder is not None:  # the dumps run the graph eagerly: sizes as ints
-        dumper = debug.Dumper(folder, rep.graph_index, gm, capture.concrete_inputs(example_inputs))
-    try:
-        gm = pipeline.run(gm, steps, rep, dumper)
-    except pipeline.PassFailed as exc:
-        # A bug of ours must not take the user's model down: run this graph in float, loudly.
-        rep.error = str(exc)
-        warnings.warn(f"{exc}. This graph runs in float; see qcompiler.last_report().", stacklevel=2)
-        gm = fx.GraphModule(gm, float_graph)
-    rep.seconds = time.perf_counter() - start
-    report.record(rep)
+    gm = quantize_graph(gm, example_inputs, opts)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(fx.GraphModule(gm, gm.graph), example_inputs)
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
-    return copy
+def quantize_graph(gm: fx.GraphModule, example_inputs, opts: Resolved) -> fx.GraphModule:
+    """Run the pipeline on one captured graph and record its report; a bug of ours leaves it in float."""
+    start = time.perf_counter()
+    bound = capture.bind_parameters(gm, example_inputs)
+    device = _weights_device(bound)
+    rep = report.CompileReport(graph_index=report.next_index(), recipe=opts.recipe.name, kernels=opts.kernels)
+    steps = pipeline.build(opts.recipe, device, stats=opts.stats, artifact=opts.artifact, kernels=opts.kernels)
+    float_graph = dump.copy_graph(gm.graph)
+    folder = dump.dump_dir(opts.debug)
+    dumper = None
+    if folder is not None:  # the dumps run the graph eagerly: sizes as ints
+        dumper = dump.Dumper(folder, rep.graph_index, gm, capture.concrete_inputs(example_inputs))
+    try:
+        gm = pipeline.run(gm, steps, rep, dumper)
+    except pipeline.PassFailed as exc:
+        # A bug of ours must not take the user's model down: run this graph in float, loudly.
+        rep.error = str(exc)
+        warnings.warn(f"{exc}. This graph runs in float; see qcompiler.last_report().", stacklevel=3)
+        gm = fx.GraphModule(gm, float_graph)
+    rep.seconds = time.perf_counter() - start
+    report.record(rep)
+    return gm

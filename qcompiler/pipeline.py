@@ -3,14 +3,16 @@
 Order (a pass runs only if the recipe asks for it; each requires the ones named in ``requires``):
 
 1. ``canonicalize``    every linear-like op on a parameter -> ``linear(x, W, b)`` (function-preserving)
-2. ``attach_stats``    calibrated input channel ranges onto the linears (when transforms need them)
-3. ``smoothquant``     SmoothQuant migration (function-preserving)
-4. ``split_outliers``  outlier channel splitting (function-preserving)
-5. ``mixed_int8``      LLM.int8() decomposition: outlier columns to a float linear (function-preserving)
-6. ``insert_qdq``      quantize/dequantize per the recipe; weights become buffers
-7. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
+2. ``plan``            per layer: the fitted scheme, the kernel and why, or why float (``qcompiler/plan.py``)
+3. ``attach_stats``    calibrated input channel ranges onto the linears (when transforms need them)
+4. ``smoothquant``     SmoothQuant migration (function-preserving)
+5. ``split_outliers``  outlier channel splitting (function-preserving)
+6. ``mixed_int8``      LLM.int8() decomposition: outlier columns to a float linear (function-preserving)
+7. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
+8. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
+9. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
 
-Calibration runs 1-5 and then inserts observers, so static ranges are those of the transformed
+Calibration runs 1-6 and then inserts observers, so static ranges are those of the transformed
 inputs. A pass that raises is named, with the passes that ran before it.
 """
 
@@ -20,22 +22,24 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
-from qcompiler.config import BackendOptions, Recipe
-from qcompiler.errors import QCompilerError, StatsError
-from qcompiler.ir import PassResult
+from qcompiler.config import Recipe
+from qcompiler.core.errors import QCompilerError, StatsError
+from qcompiler.core.ir import PLAN, PassResult
 from qcompiler.lowering import fuse, ops
-from qcompiler.observers import ActivationRanges
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
 from qcompiler.passes.smoothquant import smoothquant
 from qcompiler.passes.split_outliers import split_outliers
+from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
-ORDER = ("canonicalize", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq", "lower")
+ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq",
+         "load_artifact", "lower")
 
 
 class PassFailed(RuntimeError):
@@ -49,30 +53,31 @@ class Step:
     requires: tuple[str, ...] = ()
 
 
-def transform_steps(recipe: Recipe, raw: Mapping[str, ActivationRanges] | None) -> list[Step]:
-    """canonicalize and the recipe's function-preserving transforms (shared with calibration)."""
-    steps = [Step("canonicalize", canonicalize)]
+def transform_steps(recipe: Recipe, raw: Mapping | None, device: torch.device | None = None,
+                    kernels: str = "fast") -> list[Step]:
+    """canonicalize, the plan and the recipe's function-preserving transforms (shared with calibration).
+    ``raw``: the float model's calibration statistics by module (what the transforms are computed from)."""
+    steps = [Step("canonicalize", canonicalize),
+             Step("plan", lambda gm: make_plan(gm, recipe, device, kernels), requires=("canonicalize",))]
     if not recipe.transforms:
         return steps
     if raw is not None:
-        skip = lambda module: recipe.scheme_for(module) is None  # noqa: E731
-        steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw, skip), requires=("canonicalize",)))
+        steps.append(Step("attach_stats", lambda gm: attach_stats(gm, raw), requires=("plan",)))
     if recipe.smoothquant is not None:
-        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe, recipe.smoothquant),
-                          requires=("canonicalize", "attach_stats")))
+        steps.append(Step("smoothquant", lambda gm: smoothquant(gm, recipe.smoothquant),
+                          requires=("plan", "attach_stats")))
     if recipe.split_outliers is not None:
         needs = ("attach_stats",) if recipe.split_outliers.mode == "activation" else ()
-        steps.append(Step("split_outliers", lambda gm: split_outliers(gm, recipe, recipe.split_outliers),
-                          requires=("canonicalize",) + needs))
+        steps.append(Step("split_outliers", lambda gm: split_outliers(gm, recipe.split_outliers),
+                          requires=("plan",) + needs))
     if recipe.mixed_int8 is not None:
-        steps.append(Step("mixed_int8", lambda gm: mixed_int8(gm, recipe, recipe.mixed_int8),
-                          requires=("canonicalize", "attach_stats")))
+        steps.append(Step("mixed_int8", lambda gm: mixed_int8(gm, recipe.mixed_int8),
+                          requires=("plan", "attach_stats")))
     return steps
 
 
-def static_ranges(options: BackendOptions) -> Mapping[str, ActivationRanges] | None:
+def static_ranges(recipe: Recipe, stats) -> Mapping | None:
     """The statistics static activation ranges are read from: those of the transformed inputs."""
-    stats, recipe = options.stats, options.recipe
     if stats is None:
         return None
     if not recipe.transforms:
@@ -88,9 +93,8 @@ def static_ranges(options: BackendOptions) -> Mapping[str, ActivationRanges] | N
     )
 
 
-def rounded_weights(options: BackendOptions):
+def rounded_weights(recipe: Recipe, stats):
     """GPTQ/AWQ weights from the statistics, checked to be for this recipe's rounding and schemes."""
-    recipe, stats = options.recipe, options.stats
     if not recipe.data_driven_rounding:
         return None
     if stats is None:
@@ -102,20 +106,21 @@ def rounded_weights(options: BackendOptions):
     return stats.weights
 
 
-def build(options: BackendOptions, device) -> list[Step]:
-    stats = options.stats
-    steps = transform_steps(options.recipe, None if stats is None else stats.raw)
-    ranges = static_ranges(options)
-    rounded = rounded_weights(options)
+def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, kernels: str = "fast") -> list[Step]:
+    """The steps for one graph: ``stats`` a loaded ``CalibrationStats`` (or None), ``artifact`` a loaded
+    ``qcompiler.artifact.Artifact`` whose tensors replace the computed ones (or None)."""
+    steps = transform_steps(recipe, None if stats is None else stats.raw, device, kernels)
+    ranges = static_ranges(recipe, stats)
+    rounded = rounded_weights(recipe, stats)
     steps.append(Step(
         "insert_qdq",
-        lambda gm: insert_qdq(gm, options.recipe, int8_pair_limit=ops.int8_pair_limit(device), ranges=ranges,
-                              rounded=rounded),
-        requires=("canonicalize",),
+        lambda gm: insert_qdq(gm, recipe.rounding, recipe.name, int8_pair_limit=ops.int8_pair_limit(device),
+                              ranges=ranges, rounded=rounded),
+        requires=("plan",),
     ))
-    if options.artifact is not None:
-        steps.append(Step("load_artifact", options.artifact.apply, requires=("insert_qdq",)))
-    if options.kernels == "fast":
+    if artifact is not None:
+        steps.append(Step("load_artifact", artifact.apply, requires=("insert_qdq",)))
+    if kernels == "fast":
         steps.append(Step("lower", fuse.lower, requires=("insert_qdq",)))
     check_order(steps)
     return steps
@@ -133,7 +138,7 @@ def check_order(steps: list[Step]) -> None:
 
 
 def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=None) -> fx.GraphModule:
-    """Run ``steps`` in order; ``dumper`` (``qcompiler.debug.Dumper``) records each pass when debugging."""
+    """Run ``steps`` in order; ``dumper`` (``qcompiler.dump.Dumper``) records each pass when debugging."""
     done: list[str] = []
     for step in steps:
         if dumper is not None:
@@ -154,7 +159,9 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=Non
         report.passes.append(PassRecord(step.name, seconds, result.modified, dict(result.counts)))
         if dumper is not None:
             dumper.after(step.name, gm, seconds, result.modified, dict(result.counts), done)
-        if step.name in ("canonicalize", "insert_qdq"):
+        if step.name == "plan":
+            report.plan = gm.meta.get(PLAN)
+        elif step.name in ("canonicalize", "insert_qdq"):
             report.layers.extend(result.details)  # canonicalize: products on parameters it could not rewrite
         elif step.name == "lower":
             repacked = {}

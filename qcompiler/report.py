@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qcompiler.ir import LayerDecision
+from qcompiler.core.ir import LayerDecision
 
 
 @dataclass
@@ -24,7 +24,7 @@ class CompileReport:
     graph_index: int
     recipe: str
     kernels: str
-    device_note: str = ""
+    plan: object = None  # qcompiler.plan.Plan of the graph, once the plan step ran
     layers: list[LayerDecision] = field(default_factory=list)
     kernel_of: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (kernel, why)
     passes: list[PassRecord] = field(default_factory=list)
@@ -50,8 +50,9 @@ class CompileReport:
 
     def __str__(self) -> str:
         lines = [self.summary()]
-        if self.device_note:
-            lines.append(f"  kernels: {self.device_note}")
+        if self.plan is not None and self.plan.kernels:
+            used = "; ".join(f"{kernel} ({count} layers)" for kernel, count in self.plan.kernels.items())
+            lines.append(f"  kernels: {used}")
         for p in self.passes:
             counts = ", ".join(f"{k}={v}" for k, v in p.counts.items())
             lines.append(f"  pass {p.name:<14} {p.seconds * 1000:8.1f} ms  {counts}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from qcompiler import capture
+from qcompiler.core import capture
 
 
 def tiny_llama(seed: int = 0):
@@ -35,19 +35,9 @@ def tiny_bert(seed: int = 0):
 
 
 def capture_graph(model, *args, **kwargs) -> tuple[fx.GraphModule, list]:
-    """The Dynamo graph and example inputs the backend would get, with parameters bound."""
-    captured = []
-
-    def grab(gm, example_inputs, **_):
-        capture.bind_parameters(gm, example_inputs)  # Dynamo drops placeholder sources afterwards
-        captured.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        torch.compile(model, backend=grab, fullgraph=True)(*args, **kwargs)
-    assert len(captured) == 1, f"expected one graph, got {len(captured)}"
-    return captured[0]
+    """The Dynamo graph and example inputs the backend would get (one graph, parameters bound)."""
+    gm, calls = capture.capture(model, [capture.Batch(args, kwargs)], fullgraph=True, what="the test")
+    return gm, calls[0]
 
 
 def count_calls(gm: fx.GraphModule, target) -> int:

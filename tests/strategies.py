@@ -9,7 +9,7 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qcompiler import primitives
+from qcompiler.core import primitives
 
 bits = st.integers(min_value=2, max_value=8)
 

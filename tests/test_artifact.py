@@ -5,7 +5,9 @@ import torch
 from graphs import tiny_llama
 
 import qcompiler
-from qcompiler import artifact, cli
+from qcompiler import artifact
+from qcompiler.core.errors import ArtifactError
+from qcompiler.tools import cli, quantize
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,7 @@ def test_save_and_load_give_bit_identical_logits(tmp_path, recipe):
     resolved = qcompiler.config.resolve_recipe(recipe)
     stats = qcompiler.calibrate(model, _batches(), resolved, progress=False) if resolved.needs_calibration else None
     ids = torch.randint(0, 128, (2, 24))
-    folder = artifact.quantize(model, resolved, ids[:1], tmp_path / "art", stats)
+    folder = quantize.quantize(model, resolved, ids[:1], tmp_path / "art", stats)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == resolved.name and "torch" in manifest["versions"]
     assert len([entry for entry in manifest["layers"] if entry["quantized"]]) == 14
@@ -47,14 +49,14 @@ def test_save_and_load_give_bit_identical_logits(tmp_path, recipe):
 def test_saved_tensors_are_the_ones_used(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 16))
-    folder = artifact.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
+    folder = quantize.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(folder / "weights.safetensors"))
     name = next(n for n in tensors if n.endswith("_w_scale"))
     tensors[name] = tensors[name] * 2  # a different (but well-formed) artifact
     save_file(tensors, str(folder / "weights.safetensors"))
-    with pytest.raises(artifact.ArtifactError, match="checksum"):
+    with pytest.raises(ArtifactError, match="checksum"):
         artifact.Artifact(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["weights.safetensors"] = artifact._sha256(folder / "weights.safetensors")
@@ -69,18 +71,18 @@ def test_saved_tensors_are_the_ones_used(tmp_path):
 def test_corrupted_tampered_and_mismatched_artifacts_are_clear_errors(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 16))
-    folder = artifact.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
-    with pytest.raises(artifact.ArtifactError, match="missing"):
+    folder = quantize.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
+    with pytest.raises(ArtifactError, match="missing"):
         artifact.Artifact(tmp_path / "nowhere")
-    with pytest.raises(artifact.ArtifactError, match="another model"):
+    with pytest.raises(ArtifactError, match="another model"):
         qcompiler.load(folder, tiny_llama_other())
     blob = bytearray((folder / "weights.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (folder / "weights.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(artifact.ArtifactError, match="changed or corrupted"):
+    with pytest.raises(ArtifactError, match="changed or corrupted"):
         qcompiler.load(folder, model)
     (folder / "manifest.json").write_text("{not json")
-    with pytest.raises(artifact.ArtifactError, match="not valid JSON"):
+    with pytest.raises(ArtifactError, match="not valid JSON"):
         artifact.Artifact(folder)
     with pytest.raises(ValueError, match="brings its own recipe"):
         qcompiler.BackendOptions.from_user({"artifact": str(folder), "recipe": "w8a8-dynamic"})

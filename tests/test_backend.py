@@ -10,8 +10,8 @@ from graphs import tiny_gpt2, tiny_llama
 import qcompiler
 from qcompiler import pipeline, primitives
 from qcompiler.config import BackendOptions, Recipe, WeightScheme
+from qcompiler.core.weight_cache import WEIGHTS
 from qcompiler.report import CompileReport
-from qcompiler.weight_cache import WEIGHTS
 
 
 @pytest.fixture(autouse=True)

@@ -25,16 +25,16 @@ def test_debug_option_dumps_every_pass_with_code_diff_counts_and_errors(tmp_path
     graph = tmp_path / "graph_0"
     assert "def forward" in (graph / "float.py").read_text()
     steps = _passes(graph)
-    assert steps == ["01_canonicalize", "02_insert_qdq", "03_lower"]
+    assert steps == ["01_canonicalize", "02_plan", "03_insert_qdq", "04_lower"]
     for step in steps:
         files = {p.name for p in (graph / step).iterdir()}
         assert files == {"before.py", "after.py", "diff.txt", "summary.json", "errors.tsv"}
-    summary = json.loads((graph / "02_insert_qdq" / "summary.json").read_text())
+    summary = json.loads((graph / "03_insert_qdq" / "summary.json").read_text())
     assert summary["pass"] == "insert_qdq" and summary["counts"]["quantized"] == 14
-    assert summary["after"] == ["canonicalize"]
-    assert "qcompiler.quantize" in (graph / "02_insert_qdq" / "diff.txt").read_text()
-    assert "int8_gemm" in (graph / "03_lower" / "after.py").read_text()
-    rows = [line.split("\t") for line in (graph / "03_lower" / "errors.tsv").read_text().splitlines()[1:]]
+    assert summary["after"] == ["canonicalize", "plan"]
+    assert "qcompiler.quantize" in (graph / "03_insert_qdq" / "diff.txt").read_text()
+    assert "int8_gemm" in (graph / "04_lower" / "after.py").read_text()
+    rows = [line.split("\t") for line in (graph / "04_lower" / "errors.tsv").read_text().splitlines()[1:]]
     sqnr = {r[0]: float(r[1]) for r in rows if r[1]}
     assert sqnr, "no node compared"
     # canonicalize preserves values exactly; quantized nodes are finite but not exact
@@ -55,7 +55,7 @@ def test_dumps_of_a_graph_with_dynamic_sizes_run_on_the_real_sizes(tmp_path):
     assert len(reports) == 2 and not any(r.error for r in reports)
     graph = tmp_path / f"graph_{reports[-1].graph_index}"
     assert "s" in (graph / "float.py").read_text().split("def forward", 1)[1].split(")", 1)[0]  # a size input
-    rows = (graph / "03_lower" / "errors.tsv").read_text().splitlines()[1:]
+    rows = (graph / "04_lower" / "errors.tsv").read_text().splitlines()[1:]
     assert any(line.split("\t")[1] not in ("", "inf") for line in rows)
 
 
@@ -66,13 +66,13 @@ def test_environment_variable_turns_dumps_on_and_a_failing_pass_is_recorded(tmp_
         raise RuntimeError("deliberately broken")
 
     real_build = pipeline.build
-    monkeypatch.setattr(pipeline, "build", lambda *a, **k: real_build(*a, **k)[:2] + [pipeline.Step("broken", broken)])
+    monkeypatch.setattr(pipeline, "build", lambda *a, **k: real_build(*a, **k)[:3] + [pipeline.Step("broken", broken)])
     model = tiny_llama()
     with pytest.warns(UserWarning, match="broken"), torch.inference_mode():
         torch.compile(model, backend="qcompiler")(torch.randint(0, 128, (1, 8)))
-    failed = tmp_path / "graph_0" / "03_broken" / "FAILED.txt"
+    failed = tmp_path / "graph_0" / "04_broken" / "FAILED.txt"
     text = failed.read_text()
-    assert "deliberately broken" in text and "['canonicalize', 'insert_qdq']" in text
+    assert "deliberately broken" in text and "['canonicalize', 'plan', 'insert_qdq']" in text
 
 
 def test_debug_option_must_be_a_path():
@@ -84,8 +84,8 @@ def test_compare_reports_passes_layers_and_attribution_on_a_tiny_llama():
     model = tiny_llama()
     batch = torch.randint(0, 128, (1, 24))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = qcompiler.debug.compare(model, "w8a8-dynamic", batch, top=3)
-    assert [p.name for p in result.passes] == ["canonicalize", "insert_qdq", "lower"]
+    result = qcompiler.compare(model, "w8a8-dynamic", batch, top=3)
+    assert [p.name for p in result.passes] == ["canonicalize", "plan", "insert_qdq", "lower"]
     assert result.passes[0].sqnr_db == float("inf") and result.passes[0].kl == 0
     assert 10 < result.passes[-1].sqnr_db < float("inf") and result.kl > 0
     assert len(result.layers) == 14
@@ -98,7 +98,7 @@ def test_compare_reports_passes_layers_and_attribution_on_a_tiny_llama():
 
 def test_compare_pinpoints_a_deliberately_broken_pass():
     from qcompiler.config import BackendOptions
-    from qcompiler.ir import LINEAR, PassResult
+    from qcompiler.core.ir import LINEAR, PassResult
     from qcompiler.passes.graph_utils import same_tensor_info
 
     def broken(gm):  # scales one layer's output: a wrong rewrite
@@ -111,16 +111,17 @@ def test_compare_pinpoints_a_deliberately_broken_pass():
         return PassResult(gm, True, {"broken": 1})
 
     model = tiny_llama()
-    steps = pipeline.build(BackendOptions(), torch.device("cpu"))
-    steps.insert(1, pipeline.Step("broken", broken))
-    result = qcompiler.debug.compare(model, "w8a8-dynamic", torch.randint(0, 128, (1, 24)), top=0, steps=steps)
+    steps = pipeline.build(BackendOptions().recipe, torch.device("cpu"))
+    steps.insert(2, pipeline.Step("broken", broken))
+    result = qcompiler.compare(model, "w8a8-dynamic", torch.randint(0, 128, (1, 24)), top=0, steps=steps)
     names = [p.name for p in result.passes]
-    drops = {names[i]: result.passes[i - 1].sqnr_db - result.passes[i].sqnr_db for i in range(1, len(names))}
+    sqnr = [p.sqnr_db for p in result.passes]  # inf until a pass changes the function (inf - inf: no drop)
+    drops = {names[i]: 0.0 if sqnr[i - 1] == sqnr[i] else sqnr[i - 1] - sqnr[i] for i in range(1, len(names))}
     assert max(drops, key=drops.get) == "broken"
 
 
 def test_explain_cli_prints_the_plan_and_the_error_table(capsys):
-    from qcompiler import cli
+    from qcompiler.tools import cli
 
     assert cli.main(["explain", "--model", "stories260k", "--recipe", "w8a8-dynamic", "--tokens", "32", "--top", "1"]) == 0
     out = capsys.readouterr().out

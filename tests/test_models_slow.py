@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from graphs import tiny_gpt2
 
 import qcompiler
-from qcompiler import models
+from qcompiler.tools import models
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_minilm_has_no_graph_breaks_and_keeps_its_embeddings(minilm):
                              padding=True, return_tensors="pt")
     assert _graph_breaks(minilm.model, **batch) == 0
     torch._dynamo.reset()
-    from qcompiler.evaluate import _mean_pooled
+    from qcompiler.tools.evaluate import _mean_pooled
 
     with torch.inference_mode():
         ref = _mean_pooled(minilm.model, batch)
@@ -102,8 +102,8 @@ def test_eval_cli_json_has_every_key_on_stories260k(tmp_path):
 
 
 def test_eval_on_minilm_reports_cosine_similarity(minilm):
-    from qcompiler import evaluate
     from qcompiler.config import BackendOptions
+    from qcompiler.tools import evaluate
 
     torch._dynamo.reset()
     cfg = evaluate.EvalConfig(speed=False, passages=32, progress=False)
@@ -113,8 +113,8 @@ def test_eval_on_minilm_reports_cosine_similarity(minilm):
 
 
 def test_smollm2_calibration_is_fast_and_mse_beats_minmax(smollm2, tmp_path):
-    from qcompiler import evaluate
     from qcompiler.config import BackendOptions
+    from qcompiler.tools import evaluate
 
     out = tmp_path / "stats"
     cmd = [sys.executable, "-m", "qcompiler.cli", "calibrate", "--model", "smollm2-135m", "--recipe", "w8a8-static",
@@ -142,12 +142,13 @@ def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
     from graphs import capture_graph
 
     from qcompiler.config import MixedInt8, OutlierSplit, Recipe, SmoothQuant
-    from qcompiler.ir import LINEAR
+    from qcompiler.core.ir import LINEAR
     from qcompiler.passes.attach_stats import attach_stats
     from qcompiler.passes.canonicalize import canonicalize
     from qcompiler.passes.mixed_int8 import mixed_int8
     from qcompiler.passes.smoothquant import smoothquant
     from qcompiler.passes.split_outliers import split_outliers
+    from qcompiler.plan import make_plan
 
     model = copy_mod.deepcopy(smollm2.model).double()
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -158,13 +159,14 @@ def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
     torch._dynamo.reset()
     gm, example_inputs = capture_graph(model, input_ids=ids, use_cache=False)
     canonicalize(gm)
+    make_plan(gm, recipe)
     attach_stats(gm, stats.raw)
     before = copy_mod.deepcopy(gm)
     with torch.inference_mode():
         expected = before(*example_inputs)
-        sq = smoothquant(gm, recipe, recipe.smoothquant)
-        ocs = split_outliers(gm, recipe, recipe.split_outliers)
-        mixed = mixed_int8(gm, recipe, recipe.mixed_int8)
+        sq = smoothquant(gm, recipe.smoothquant)
+        ocs = split_outliers(gm, recipe.split_outliers)
+        mixed = mixed_int8(gm, recipe.mixed_int8)
         gm.graph.lint()
         got = gm(*example_inputs)
     kinds = [d.split(":")[1].split()[0] for d in sq.details if " group, " in d]
@@ -179,7 +181,7 @@ def test_outlier_passes_preserve_smollm2_in_float64(smollm2):
 @pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8",
                                     "w8a8-ocs-llm-int8"])
 def test_every_outlier_preset_compiles_smollm2_without_graph_breaks(smollm2, preset):
-    from qcompiler.calibrate import text_batches
+    from qcompiler.calibration.calibrate import text_batches
 
     batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 4, 128)
     torch._dynamo.reset()
@@ -195,9 +197,9 @@ def test_every_outlier_preset_compiles_smollm2_without_graph_breaks(smollm2, pre
 
 
 def test_smoothquant_closes_half_the_static_gap_on_smollm2(smollm2):
-    from qcompiler import evaluate
-    from qcompiler.calibrate import text_batches
+    from qcompiler.calibration.calibrate import text_batches
     from qcompiler.config import BackendOptions
+    from qcompiler.tools import evaluate
 
     batches = text_batches(smollm2.tokenizer, models.default_calibration_text(), 32, 512)
     cfg = evaluate.EvalConfig(tokens=4096, speed=False, progress=False)
@@ -216,7 +218,7 @@ def test_smoothquant_closes_half_the_static_gap_on_smollm2(smollm2):
 
 @pytest.mark.parametrize("preset", ["w4a16-rtn", "w4a16-hqq", "w4a16-gptq", "w4a16-awq"])
 def test_every_w4a16_preset_compiles_smollm2_whole_onto_the_int4_kernel(smollm2, preset):
-    from qcompiler.calibrate import text_batches
+    from qcompiler.calibration.calibrate import text_batches
 
     recipe = qcompiler.PRESETS[preset]
     stats = None
@@ -240,9 +242,9 @@ def test_every_w4a16_preset_compiles_smollm2_whole_onto_the_int4_kernel(smollm2,
 
 
 def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):
-    from qcompiler import evaluate
-    from qcompiler.calibrate import text_batches
+    from qcompiler.calibration.calibrate import text_batches
     from qcompiler.config import BackendOptions
+    from qcompiler.tools import evaluate
 
     # GPTQ on the full 128 x 512 calibration tokens (timed: under 10 minutes on 2 cores); AWQ on 16 x 512
     full = text_batches(smollm2.tokenizer, models.default_calibration_text(), 128, 512)
@@ -262,9 +264,9 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):
 
 
 def test_gptq_and_awq_beat_rtn_on_minilm(minilm):
-    from qcompiler import evaluate
-    from qcompiler.calibrate import text_batches
+    from qcompiler.calibration.calibrate import text_batches
     from qcompiler.config import BackendOptions
+    from qcompiler.tools import evaluate
 
     batches = text_batches(minilm.tokenizer, models.default_calibration_text(), 32, 128, add_bos=minilm.add_bos)
     cfg = evaluate.EvalConfig(speed=False, passages=64, progress=False)

@@ -1,12 +1,14 @@
 """The outlier presets end to end on a tiny Llama: calibration (two passes), compile, kernels = reference."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from graphs import tiny_llama
 
 import qcompiler
-from qcompiler.config import SmoothQuant, replace
-from qcompiler.errors import StatsError
+from qcompiler.config import SmoothQuant
+from qcompiler.core.errors import StatsError
 
 PRESETS = ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8"]
 
@@ -89,7 +91,7 @@ def test_stats_gathered_without_the_transforms_are_rejected(model):
             torch._dynamo.reset()
             torch.compile(model, backend="qcompiler",
                           options={"recipe": "w8a8-smoothquant", "stats": plain})(torch.randint(0, 128, (1, 8)))
-    assert issubclass(StatsError, qcompiler.errors.QCompilerError)
+    assert issubclass(StatsError, qcompiler.core.errors.QCompilerError)
 
 
 def test_smoothquant_survives_dynamic_shapes_in_calibration_and_compile(model):

@@ -35,8 +35,7 @@ class Config:
     def meta(self) -> dict:
         """Keyword arguments for the kernel launch."""
         meta = asdict(self)
-        if "SPLIT_K" in meta:
-            meta.pop("SPLIT_K")
+        meta.pop("SPLIT_K")  # the launcher's, not the kernel's (it sizes the grid and the partial sums)
         return meta
 
 
@@ -70,12 +69,14 @@ def gpu_bench(device: torch.device, launch: Callable[[Config], object]) -> Calla
     return lambda cfg: timer(lambda: launch(cfg))
 
 
+# The chosen config per (kernel, config list, M bucket, N, K): a few entries per layer shape, never stale
+# (configs are frozen values, and a key holds the list itself, not its id).
 _cache: dict[tuple, Config] = {}
 
 
 def pick_config(configs: list[Config], m: int, n: int, k: int,
                 bench: Callable[[Config], float] | None = None, name: str = "") -> Config:
-    key = (name, id(configs), m_bucket(m), n, k)
+    key = (name, tuple(configs), m_bucket(m), n, k)
     if key in _cache:
         return _cache[key]
     if bench is not None:

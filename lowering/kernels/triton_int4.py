@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from qcompiler.lowering.kernels.autotune import Config, gpu_bench, interpreting, pick_config
+from qcompiler.lowering.kernels.grouping import grouped_program_ids
 from qcompiler.lowering.kernels.reference import pack_int4, unpack_int4  # noqa: F401  (the format's home)
 
 CONFIGS = [
@@ -71,14 +72,7 @@ def int4_gemm_kernel(
     # dots of BLOCK_K // 2: even columns of `a` with the low nibbles, odd columns with the high ones.
     pid = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_program_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

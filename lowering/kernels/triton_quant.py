@@ -4,7 +4,7 @@
     scale[m] = max(max_k |x_s[m, k]| / 127, MIN_SCALE)
     q[m, k] = round_half_even(x_s[m, k] / scale[m])   as int8 in [-127, 127]
 
-The same arithmetic as ``qcompiler.primitives`` (choose_qparams_math / quantize_math) for per-token
+The same arithmetic as ``qcompiler.core.primitives`` (choose_qparams_math / quantize_math) for per-token
 symmetric int8 on ``x`` upcast to fp32, so the Triton path and the reference agree bit for bit. Every
 division is ``div_rn`` (IEEE round to nearest, as torch divides): Triton's ``/`` on fp32 compiles
 to ``div.full.f32``, which is off by up to 2 ulp and would move values across rounding ties. One
@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from qcompiler.core.primitives import MIN_SCALE
 from qcompiler.lowering.kernels.autotune import interpreting
-from qcompiler.primitives import MIN_SCALE
 
 # fp32 values below 2**22 in magnitude: adding and subtracting 1.5 * 2**23 rounds to nearest even.
 # Used under the interpreter, where libdevice's rint is not available; compiled kernels use rint.

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler import primitives
 from qcompiler.config import AWQ, WeightScheme
+from qcompiler.core import primitives
+from qcompiler.core.ir import QuantizedWeight
 from qcompiler.passes.weight_rounding.common import (
     dequantize_groups,
     group_size_of,
@@ -30,7 +31,6 @@ from qcompiler.passes.weight_rounding.common import (
     output_error,
     quantize_groups,
 )
-from qcompiler.passes.weight_rounding.rtn import QuantizedWeight
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler import primitives
 from qcompiler.config import WeightScheme
+from qcompiler.core import primitives
 
 
 def group_size_of(scheme: WeightScheme, in_features: int) -> int:
@@ -58,18 +58,17 @@ def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Te
 
 
 def quantize_groups(w_groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
-    """Integers ``round(w / scale + zero)``, clamped, per group (float or integer ``zero``)."""
+    """Integers ``round(w / scale + zero)``, clamped, per group of ``w_groups [..., g]`` (scales ``[...]``),
+    as float values (the primitives' float-zero-point quantization)."""
     qmin, qmax = scheme.qrange
-    x = w_groups / scale[..., None]
-    if zero is not None and not scheme.symmetric:
-        x = x + zero[..., None]
-    return torch.round(x).clamp(qmin, qmax)
+    zero = None if zero is None or scheme.symmetric else zero[..., None].to(torch.float32)
+    return primitives.quantize_math(w_groups, scale[..., None], zero, primitives.per_token(w_groups.dim()), qmin, qmax,
+                                    w_groups.dtype)
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
-    if zero is not None and not scheme.symmetric:
-        q = q - zero[..., None]
-    return q * scale[..., None]
+    zero = None if zero is None or scheme.symmetric else zero[..., None].to(torch.float32)
+    return primitives.dequantize_math(q, scale[..., None], zero, primitives.per_token(q.dim()), q.dtype)
 
 
 def fake_quant(w: torch.Tensor, scheme: WeightScheme, group: int, ratio=1.0) -> torch.Tensor:

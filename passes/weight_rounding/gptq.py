@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from qcompiler.config import GPTQ, WeightScheme
+from qcompiler.core import primitives
+from qcompiler.core.ir import QuantizedWeight
 from qcompiler.passes.weight_rounding.common import (
     dequantize_groups,
     group_size_of,
@@ -23,7 +25,6 @@ from qcompiler.passes.weight_rounding.common import (
     minmax_qparams,
     quantize_groups,
 )
-from qcompiler.passes.weight_rounding.rtn import QuantizedWeight
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -42,8 +43,8 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the Hessian stays singular after dampening; calibrate on more tokens")
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme,
-                  config: GPTQ | None = None) -> QuantizedWeight:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme,  # long: the paper's algorithm
+                  config: GPTQ | None = None) -> QuantizedWeight:                    # reads best as one loop
     """Round ``weight [N, K]`` with GPTQ against ``hessian [K, K]`` (``X^T X`` of the layer's inputs)."""
     config = config or GPTQ()
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -100,8 +101,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     inverse = torch.argsort(perm)
     q = q[:, inverse]
     qmin, qmax = scheme.qrange
-    from qcompiler import primitives
-
     return QuantizedWeight(
         q=q.to(primitives.storage_dtype(qmin, qmax)),
         scale=scale_all.to(torch.float32),

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler import primitives
 from qcompiler.config import HQQ, WeightScheme
+from qcompiler.core import primitives
+from qcompiler.core.ir import QuantizedWeight
 from qcompiler.passes.weight_rounding.common import group_size_of, grouped, minmax_qparams
-from qcompiler.passes.weight_rounding.rtn import QuantizedWeight
 
 
 def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float) -> torch.Tensor:
@@ -42,9 +42,11 @@ def hqq_quantize(weight: torch.Tensor, scheme: WeightScheme, config: HQQ | None 
     s = scale[..., None]
     z = zp.to(torch.float32)[..., None]
 
+    block = primitives.per_token(3)
+
     def reconstruct(zero):
-        q = torch.clamp(torch.round(w / s + zero), qmin, qmax)
-        return q, (q - zero) * s
+        q = primitives.quantize_math(w, s, zero, block, qmin, qmax, torch.float32)
+        return q, primitives.dequantize_math(q, s, zero, block, torch.float32)
 
     q, w_hat = reconstruct(z)
     best_err, best_z = lp_error(w, w_hat, config.lp_norm), z.clone()

@@ -2,46 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from qcompiler import observers, primitives
 from qcompiler.config import WeightScheme
+from qcompiler.core import primitives
+from qcompiler.core.ir import QuantizedWeight
+from qcompiler.core.ranges import weight_range
 from qcompiler.passes.weight_rounding.common import weight_qparams
-
-
-@dataclass(frozen=True, eq=False)
-class QuantizedWeight:
-    """Integer weight ``[out, in]`` with one scale (and zero point) per block."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None
-    block_size: tuple[int, ...]
-    bits: int
-    symmetric: bool
-    pairs_limited: int = 0  # how many (2j, 2j+1) pairs were shrunk by limit_pair_sums
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return primitives.dequantize_math(self.q, self.scale, self.zero_point, self.block_size, dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes as stored: integers at their storage width, scales and zero points as held."""
-        total = self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
-        if self.zero_point is not None:
-            total += self.zero_point.numel() * self.zero_point.element_size()
-        return total
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Effective bits per weight at the storage widths actually used."""
-        zp_bits = 0 if self.zero_point is None else 8 * self.zero_point.element_size()
-        return primitives.bits_per_weight(
-            tuple(self.q.shape), self.block_size, 8 * self.q.element_size(),
-            scale_bits=8 * self.scale.element_size(), zero_point_bits=zp_bits,
-        )
 
 
 def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
@@ -73,15 +40,6 @@ def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
     return out, changed
 
 
-def _quantize_blocks(w, scale, zero, block_size, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(w / scale + zero))`` per block (``zero`` may be a float), in the storage dtype."""
-    blocked, broadcast, _ = primitives._blocked_shapes(w.shape, block_size)
-    x = w.to(torch.float32).reshape(blocked) / scale.reshape(broadcast)
-    if zero is not None:
-        x = x + zero.reshape(broadcast)
-    return torch.round(x).clamp(qmin, qmax).reshape(w.shape).to(primitives.storage_dtype(qmin, qmax))
-
-
 def round_to_nearest(
     weight: torch.Tensor, scheme: WeightScheme, pair_limit: int | None = None
 ) -> QuantizedWeight:
@@ -99,10 +57,11 @@ def round_to_nearest(
         q = primitives.quantize(w, scale, zero_point, block_size, scheme.bits, scheme.symmetric)
     else:
         primitives.check_finite(w, "weight")
-        lo, hi = observers.weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric,
-                                        scheme.percentile)
+        lo, hi = weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric, scheme.percentile)
         scale, zero_point = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
-        q = _quantize_blocks(w, scale, None if scheme.symmetric else zero_point, block_size, qmin, qmax)
+        # a float zero point (asymmetric): round(w / scale + zero), computed in float32 for every weight dtype
+        q = primitives.quantize_math(w, scale, None if scheme.symmetric else zero_point, block_size, qmin, qmax,
+                                     primitives.storage_dtype(qmin, qmax), compute_dtype=torch.float32)
     changed = 0
     if pair_limit is not None:
         if not scheme.symmetric:

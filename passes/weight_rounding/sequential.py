@@ -12,80 +12,20 @@ live activations of one point of the graph for the calibration batches, plus one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qcompiler.config import AWQ, GPTQ, Recipe
-from qcompiler.errors import CalibrationError
-from qcompiler.ir import LINEAR, LinearSite, linear_weight
+from qcompiler.config import AWQ, GPTQ
+from qcompiler.core.errors import CalibrationError
+from qcompiler.core.ir import LINEAR, RoundedLayer, linear_weight, plan_of, weight_checksum
+from qcompiler.passes.graph_utils import ancestors
 from qcompiler.passes.weight_rounding.awq import awq_quantize
 from qcompiler.passes.weight_rounding.common import group_size_of
 from qcompiler.passes.weight_rounding.gptq import gptq_quantize
-from qcompiler.passes.weight_rounding.rtn import QuantizedWeight
-
-
-@dataclass(frozen=True, eq=False)
-class RoundedLayer:
-    """A layer's weight as GPTQ/AWQ rounded it. ``input_scale`` (AWQ): the layer's input is divided
-    by it. ``checksum``: ``sum |W|`` of the float weight it came from, to catch stale results."""
-
-    weight: QuantizedWeight
-    method: str
-    checksum: float
-    input_scale: torch.Tensor | None = None
-    note: str = ""
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the layer computes with, as seen by its original (unscaled) input."""
-        w = self.weight.dequantize(torch.float32)
-        if self.input_scale is not None:
-            w = w / self.input_scale
-        return w.to(dtype)
-
-
-def weight_checksum(weight: torch.Tensor) -> float:
-    return float(weight.detach().double().abs().sum())
-
-
-class _Recorded(Exception):
-    """Raised by the recording backend instead of running the graph."""
-
-
-def record(model: torch.nn.Module, batches: list, run_batch: Callable, prepare: Callable):
-    """The captured graph and, per batch, the graph's input values (the model is not run)."""
-    graphs: list[tuple[fx.GraphModule, list]] = []
-
-    def backend(gm, example_inputs, **_):
-        prepare(gm, example_inputs)
-        calls: list = []
-        graphs.append((gm, calls))
-
-        def run(*args):
-            calls.append(args)
-            raise _Recorded
-
-        return run
-
-    compiled = torch.compile(model, backend=backend)
-    with torch.inference_mode():
-        for batch in batches:
-            try:
-                run_batch(compiled, batch)
-            except _Recorded:
-                continue
-            raise CalibrationError("GPTQ/AWQ calibration: the model ran without reaching its captured graph")
-    torch._dynamo.reset()
-    if len(graphs) != 1:
-        raise CalibrationError(
-            f"GPTQ/AWQ calibration needs the model captured as one graph for batches of one shape; got "
-            f"{len(graphs)} graphs (graph breaks, or calibration batches of different shapes)"
-        )
-    return graphs[0]
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -100,32 +40,40 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return frees
 
 
-def _hessian(xs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _hessian(xs: list[torch.Tensor], k: int, module: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     h = torch.zeros(k, k, dtype=torch.float64)
     abs_sum = torch.zeros(k, dtype=torch.float64)
     rows = 0
-    for x in xs:
+    for batch, x in enumerate(xs):
         x2 = x.detach().reshape(-1, k).to(torch.float32)
         if not torch.isfinite(x2).all():
-            raise CalibrationError("inf/NaN in a linear layer's calibration input")
+            raise CalibrationError(
+                f"GPTQ/AWQ calibration: the input of layer {module!r} holds inf/NaN on batch {batch}; check the "
+                "calibration data and the model in float, or skip this layer in the recipe"
+            )
         h += (x2.t() @ x2).double()
         abs_sum += x2.abs().sum(0).double()
         rows += x2.shape[0]
     return h, abs_sum / max(rows, 1), rows
 
 
+def _rounded_sites(graph: fx.Graph) -> list[fx.Node]:
+    """The canonical linears the plan quantizes."""
+    return [n for n in graph.nodes if LINEAR in n.meta and plan_of(n) is not None and plan_of(n).quantized]
+
+
 @torch.no_grad()  # the parameters require grad: without this every activation would be kept for backward
-def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: bool = True) -> dict[str, RoundedLayer]:
-    """Run the graph node by node over ``calls`` and round every quantizable linear's weight."""
-    method = recipe.rounding
+def round_weights(gm: fx.GraphModule, calls: list, method: GPTQ | AWQ, progress: bool = True) -> dict[str, RoundedLayer]:
+    """Run the graph (canonical, with its plan) node by node over ``calls`` and round the weight of every
+    linear the plan quantizes with ``method``."""
     if not isinstance(method, (GPTQ, AWQ)):
-        raise ValueError(f"round_weights needs a GPTQ or AWQ recipe, got rounding={method!r}")
+        raise ValueError(f"round_weights needs GPTQ or AWQ rounding, got {method!r}")
     graph = gm.graph
     frees = _last_uses(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     env: dict[fx.Node, list] = {node: [call[i] for call in calls] for i, node in enumerate(placeholders)}
-    sites = [n for n in graph.nodes if LINEAR in n.meta and recipe.scheme_for(n.meta[LINEAR].module) is not None]
-    needed = _ancestors(sites)  # what runs after the last rounded layer (the LM head, the logits) is not needed
+    sites = _rounded_sites(graph)
+    needed = ancestors(sites)  # what runs after the last rounded layer (the LM head, the logits) is not needed
     results: dict[str, RoundedLayer] = {}
     hessians: dict[fx.Node, tuple] = {}  # by input node: q/k/v (gate/up) share one
     bar = tqdm(total=len(sites), desc=f"{type(method).__name__} rounding", disable=not progress)
@@ -133,16 +81,12 @@ def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: boo
         if node.op in ("placeholder", "output") or (node not in needed and node not in sites):
             continue
         if node.op == "get_attr":
-            value = getattr(gm, node.target)
-            env[node] = [value] * len(calls)
-            continue
-        site: LinearSite | None = node.meta.get(LINEAR)
-        if site is not None:
-            rounded = _round_site(gm, node, site, recipe, env, hessians)
+            env[node] = [getattr(gm, node.target)] * len(calls)
+        elif LINEAR in node.meta:
+            rounded = _round_site(gm, node, method, env, hessians)
             if rounded is not None:
-                results[site.module] = rounded
-            if node in sites:
-                bar.update(1)
+                results[node.meta[LINEAR].module] = rounded
+            bar.update(node in sites)
         else:
             env[node] = [_run_node(gm, node, env, j) for j in range(len(calls))]
         for dead in frees.get(node, ()):
@@ -150,17 +94,6 @@ def round_weights(gm: fx.GraphModule, calls: list, recipe: Recipe, progress: boo
             hessians.pop(dead, None)  # its last reader has run: no linear needs its Hessian any more
     bar.close()
     return results
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    frontier = [inp for node in nodes for inp in node.all_input_nodes]
-    while frontier:
-        node = frontier.pop()
-        if node not in seen:
-            seen.add(node)
-            frontier.extend(node.all_input_nodes)
-    return seen
 
 
 def _run_node(gm: fx.GraphModule, node: fx.Node, env, j: int):
@@ -175,12 +108,23 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env, j: int):
     raise CalibrationError(f"cannot run graph node {node.format_node()}")
 
 
-def _round_site(gm, node: fx.Node, site: LinearSite, recipe: Recipe, env, hessians) -> RoundedLayer | None:
+def _round(weight: torch.Tensor, hessian_entry: tuple, scheme, method: GPTQ | AWQ) -> RoundedLayer:
+    h, act_mean, _ = hessian_entry
+    if isinstance(method, GPTQ):
+        qw = gptq_quantize(weight, h, scheme.weight, method)
+        return RoundedLayer(qw, "gptq", weight_checksum(weight), note=f"damp {method.damp}")
+    res = awq_quantize(weight, h, act_mean.to(torch.float32), scheme.weight, method)
+    return RoundedLayer(res.weight, "awq", weight_checksum(weight), input_scale=res.input_scale,
+                        note=f"alpha {res.alpha:.2f}")
+
+
+def _round_site(gm, node: fx.Node, method: GPTQ | AWQ, env, hessians) -> RoundedLayer | None:
+    """Round ``node``'s weight when the plan quantizes it, then run it (rounded) on every batch."""
+    site, plan = node.meta[LINEAR], plan_of(node)
     x_node, w_node = node.args[0], node.args[1]
     bias_node = node.args[2] if len(node.args) > 2 else None
     weight, _, _ = linear_weight(gm, w_node)
-    scheme = recipe.scheme_for(site.module)
-    scheme = None if scheme is None else scheme.fitted(site.in_features)
+    scheme = plan.scheme if plan is not None else None
     usable = scheme is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     if usable:
         try:
@@ -191,16 +135,8 @@ def _round_site(gm, node: fx.Node, site: LinearSite, recipe: Recipe, env, hessia
     w_used = weight
     if usable:
         if x_node not in hessians:
-            hessians[x_node] = _hessian(env[x_node], site.in_features)
-        h, act_mean, _ = hessians[x_node]
-        method = recipe.rounding
-        if isinstance(method, GPTQ):
-            qw = gptq_quantize(weight, h, scheme.weight, method)
-            rounded = RoundedLayer(qw, "gptq", weight_checksum(weight), note=f"damp {method.damp}")
-        else:
-            res = awq_quantize(weight, h, act_mean.to(torch.float32), scheme.weight, method)
-            rounded = RoundedLayer(res.weight, "awq", weight_checksum(weight), input_scale=res.input_scale,
-                                   note=f"alpha {res.alpha:.2f}")
+            hessians[x_node] = _hessian(env[x_node], site.in_features, site.module)
+        rounded = _round(weight, hessians[x_node], scheme, method)
         w_used = rounded.dequantized(weight.dtype)
     outs = []
     for j, x in enumerate(env[x_node]):

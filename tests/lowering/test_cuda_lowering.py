@@ -1,7 +1,7 @@
 """The CUDA half of the lowering, without a GPU.
 
 - The ops the CUDA lowering emits (``quantize_per_token``, ``int8_linear``, ``int4_gemm_reference``):
-  their CPU references against ``qcompiler.primitives`` / ``kernels/reference.py``, and opcheck.
+  their CPU references against ``qcompiler.core.primitives`` / ``kernels/reference.py``, and opcheck.
 - The CUDA dispatch wrappers in ``ops`` called as plain functions on CPU tensors, so their Triton
   kernels run under the interpreter (leading dims, uint8 zero points), against the references.
 - ``fuse.lower(gm, device=cuda)`` on graphs built from CPU tensors: which ops it emits, what it
@@ -17,9 +17,10 @@ from graphs import capture_graph, tiny_llama
 import qcompiler
 from qcompiler import pipeline, primitives, report
 from qcompiler.config import ActivationScheme, BackendOptions, LayerOverride, Recipe, WeightScheme
-from qcompiler.lowering import fuse, ops, patterns
+from qcompiler.lowering import fuse, int4, ops
 from qcompiler.lowering.kernels import reference
 from qcompiler.lowering.kernels.autotune import interpreting
+from qcompiler.lowering.key import Layer
 
 CUDA = torch.device("cuda")
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
@@ -56,7 +57,7 @@ def _qdq(model, args, recipe, stats=None):
     """The graph the backend would lower (``kernels="reference"`` stops before ``lower``), its inputs and output."""
     gm, inputs = capture_graph(model, *args)
     opts = BackendOptions.from_user({"recipe": recipe, "kernels": "reference", "stats": stats})
-    gm = pipeline.run(gm, pipeline.build(opts, torch.device("cpu")), report.CompileReport(0, "test", "reference"))
+    gm = pipeline.run(gm, pipeline.build(opts.recipe, torch.device("cpu"), stats=opts.stats, kernels=opts.kernels), report.CompileReport(0, "test", "reference"))
     with torch.inference_mode():
         out = gm(*inputs)
     return gm, inputs, out
@@ -229,7 +230,7 @@ def test_w8a8_on_cuda_adds_the_bias_and_writes_the_activation_dtype_in_the_epilo
 
 
 def test_dynamic_w8a8_cpu_lowering_is_unchanged():
-    gm, inputs, qdq_out = _qdq(tiny_llama(), (torch.randint(0, 128, (1, 8)),), "w8a8-dynamic")
+    gm, inputs, qdq_out = _qdq(tiny_llama(), (torch.randint(0, 128, (2, 8)),), "w8a8-dynamic")  # 16 rows
     fuse.lower(gm)
     assert len(_calls(gm, _Q.int8_gemm)) == 14
     assert not _calls(gm, _Q.quantize_per_token) and not _calls(gm, _Q.int8_linear)
@@ -288,7 +289,11 @@ def test_int4_layers_the_triton_kernel_cannot_take_are_routed_to_the_reference_a
     gm, inputs, qdq_out = _qdq(model, (torch.randn(2, 5, 64),), _W4_MIXED)
     specs = {n.meta["qcompiler.qlinear"].module: n.meta["qcompiler.qlinear"] for n in gm.graph.nodes
              if "qcompiler.qlinear" in n.meta}
-    prepared = {m: patterns._prepare_int4(gm, spec, CUDA) for m, spec in specs.items()}
+    def layer(spec):
+        n, k = gm.get_buffer(spec.w_q).shape
+        return Layer(n, k, spec.group_size or k, None, CUDA)
+
+    prepared = {m: int4._prepare_int4(gm, spec, layer(spec)) for m, spec in specs.items()}
     assert prepared["fc1"].constants["layout"] == "triton" and "Triton int4" in prepared["fc1"].kernel
     assert prepared["fc2"].constants["layout"] == "reference" and "group size 16" in prepared["fc2"].kernel
     assert prepared["fc3"].constants["layout"] == "reference" and "per-channel K=48" in prepared["fc3"].kernel
@@ -306,7 +311,8 @@ def test_int4_layers_the_triton_kernel_cannot_take_are_routed_to_the_reference_a
 
 
 @pytest.mark.parametrize("recipe,why", [
-    (Recipe(name="w8-only", weight=WeightScheme(bits=8), activation=None), "no kernel for W8 per_channel sym, A16/32"),
+    (Recipe(name="w8-only-asym", weight=WeightScheme(bits=8, symmetric=False), activation=None),
+     "no kernel for W8 per_channel asym, A16/32"),
     (Recipe(name="w8a8-per-tensor-dynamic", activation=ActivationScheme(bits=8, granularity="per_tensor")),
      "no kernel for W8 per_channel sym, A8 dynamic_per_tensor"),
 ])
@@ -316,7 +322,7 @@ def test_schemes_without_a_kernel_keep_their_qdq_form_and_are_reported(recipe, w
     gm, inputs = capture_graph(model, x)
     opts = BackendOptions.from_user({"recipe": recipe, "kernels": "fast"})
     rep = report.CompileReport(0, recipe.name, "fast")
-    gm = pipeline.run(gm, pipeline.build(opts, torch.device("cpu")), rep)
+    gm = pipeline.run(gm, pipeline.build(opts.recipe, torch.device("cpu"), stats=opts.stats, kernels=opts.kernels), rep)
     assert rep.passes[-1].name == "lower" and rep.passes[-1].counts == {"lowered": 0, "not_lowered": 3}
     assert rep.kernel_of == {m: ("reference quantize/dequantize ops", why) for m in ("fc1", "fc2", "fc3")}
     assert len(_calls(gm, _Q.dequantize)) >= 3  # the QDQ form is still there, and runs

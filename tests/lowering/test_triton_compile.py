@@ -19,7 +19,7 @@ QUANT_VARIANTS = {f"{x} -> int8{s}" for x in ("fp16", "bf16", "fp32") for s in (
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter patches tl
-    proc = subprocess.run([sys.executable, "-m", "qcompiler.lowering.kernels.compile_check", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "qcompiler.tools.compile_check", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the registers / shared memory table, in the test log

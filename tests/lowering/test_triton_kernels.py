@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import float_tensors, int8_gemm_problems
 
-from qcompiler import primitives as P
+from qcompiler.core import primitives as P
 from qcompiler.lowering.kernels import autotune, reference, triton_int4, triton_int8, triton_quant
 from qcompiler.lowering.kernels.autotune import Config, interpreting, m_bucket, pick_config
 
@@ -205,7 +205,7 @@ def test_first_call_on_a_gpu_times_every_config_and_later_calls_reuse_the_choice
     assert len(timed) == len(triton_int8.CONFIGS)  # every config timed, each on the real problem
     assert all(torch.equal(t, expected) for t in timed) and torch.equal(out, expected)
     # the last config "timed fastest": chosen over the heuristic's skinny tile for M=3
-    assert autotune._cache[("int8", id(triton_int8.CONFIGS), 4, 20, 40)] == triton_int8.CONFIGS[-1]
+    assert autotune._cache[("int8", tuple(triton_int8.CONFIGS), 4, 20, 40)] == triton_int8.CONFIGS[-1]
     triton_int8.int8_gemm(torch.cat([a, a[:1]]), torch.ones(1), w, torch.ones(20))  # M=4, same bucket: no timing
     assert len(timed) == len(triton_int8.CONFIGS)
 
@@ -215,7 +215,7 @@ def test_first_call_on_a_gpu_times_every_config_and_later_calls_reuse_the_choice
     out = triton_int4.int4_gemm(x, packed, scale, zero, 32)
     assert len(timed) == len(triton_int4.CONFIGS)
     torch.testing.assert_close(out, reference.int4_gemm(x, packed, scale, zero, 32), rtol=1e-5, atol=1e-5)
-    assert autotune._cache[("int4 g32", id(triton_int4.CONFIGS), 1, 8, 64)] == triton_int4.CONFIGS[-1]
+    assert autotune._cache[("int4 g32", tuple(triton_int4.CONFIGS), 1, 8, 64)] == triton_int4.CONFIGS[-1]
 
 
 def test_only_cuda_tensors_outside_the_interpreter_are_timed(monkeypatch):

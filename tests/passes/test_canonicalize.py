@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from graphs import capture_graph, count_calls, tiny_bert, tiny_gpt2, tiny_llama
 
-from qcompiler.ir import LINEAR
+from qcompiler.core.ir import LINEAR
 from qcompiler.passes.canonicalize import LINEAR_TARGET, canonicalize
 
 

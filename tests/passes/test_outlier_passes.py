@@ -6,11 +6,12 @@ from graphs import capture_graph, tiny_gpt2, tiny_llama
 
 import qcompiler
 from qcompiler.config import MixedInt8, OutlierSplit
-from qcompiler.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR
+from qcompiler.core.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.mixed_int8 import mixed_int8
 from qcompiler.passes.split_outliers import plan_splits, quant_aware_offsets, split_outliers
+from qcompiler.plan import make_plan
 
 RECIPE = qcompiler.PRESETS["w8a8-static"]
 
@@ -23,6 +24,7 @@ def _prepared(factory, ids):
     kwargs = {"use_cache": False} if hasattr(model, "lm_head") and factory is tiny_llama else {}
     gm, example_inputs = capture_graph(model, ids, **kwargs)
     canonicalize(gm)
+    make_plan(gm, RECIPE)
     attach_stats(gm, stats.raw)
     return gm, example_inputs
 
@@ -43,7 +45,7 @@ def _assert_same_function(gm, example_inputs, run_pass):
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
 def test_mixed_int8_decomposition_preserves_the_function(factory):
     gm, example_inputs = _prepared(factory, torch.randint(0, 128, (1, 12)))
-    result = _assert_same_function(gm, example_inputs, lambda g: mixed_int8(g, RECIPE, MixedInt8(threshold=1.0)))
+    result = _assert_same_function(gm, example_inputs, lambda g: mixed_int8(g, MixedInt8(threshold=1.0)))
     assert result.modified and result.counts["decomposed"] > 0
     decomposed = [n for n in gm.graph.nodes if FLOAT_SIDE_BYTES in n.meta]
     assert len(decomposed) == result.counts["decomposed"]
@@ -55,7 +57,7 @@ def test_mixed_int8_decomposition_preserves_the_function(factory):
 
 def test_mixed_int8_leaves_layers_without_outliers_alone():
     gm, example_inputs = _prepared(tiny_llama, torch.randint(0, 128, (1, 12)))
-    result = mixed_int8(gm, RECIPE, MixedInt8(threshold=1e6))
+    result = mixed_int8(gm, MixedInt8(threshold=1e6))
     assert not result.modified and result.counts["decomposed"] == 0
 
 
@@ -64,7 +66,7 @@ def test_mixed_int8_leaves_layers_without_outliers_alone():
 def test_outlier_splitting_preserves_the_function_and_charges_the_channels(factory, mode):
     gm, example_inputs = _prepared(factory, torch.randint(0, 128, (1, 12)))
     config = OutlierSplit(mode=mode, expand_ratio=0.05)
-    result = _assert_same_function(gm, example_inputs, lambda g: split_outliers(g, RECIPE, config))
+    result = _assert_same_function(gm, example_inputs, lambda g: split_outliers(g, config))
     assert result.modified and result.counts["extra_channels"] > 0
     for node in gm.graph.nodes:
         if LINEAR in node.meta and RECIPE.scheme_for(node.meta[LINEAR].module) is not None:
@@ -83,7 +85,7 @@ def test_split_activation_range_shrinks():
     gm, _ = _prepared(tiny_llama, torch.randint(0, 128, (1, 12)))
     node = next(n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("0.mlp.down_proj"))
     before = float(node.meta[CHANNELS].absmax.max())
-    split_outliers(gm, RECIPE, OutlierSplit(mode="activation", expand_ratio=0.05))
+    split_outliers(gm, OutlierSplit(mode="activation", expand_ratio=0.05))
     assert float(node.meta[CHANNELS].absmax.max()) < before
 
 

@@ -6,10 +6,11 @@ from graphs import capture_graph, tiny_gpt2, tiny_llama
 
 import qcompiler
 from qcompiler.config import SmoothQuant
-from qcompiler.ir import CHANNELS, LINEAR
+from qcompiler.core.ir import CHANNELS, LINEAR
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.smoothquant import find_groups, search_alpha, smoothing_scales, smoothquant
+from qcompiler.plan import make_plan
 
 RECIPE = qcompiler.PRESETS["w8a8-smoothquant"]
 
@@ -22,6 +23,7 @@ def _prepared(model, ids, sample_rows=0, use_cache=False):
     gm, example_inputs = (capture_graph(model, ids, use_cache=use_cache) if hasattr(model, "lm_head")
                           else capture_graph(model, ids))
     canonicalize(gm)
+    make_plan(gm, RECIPE)
     attach_stats(gm, stats.raw)
     return gm, example_inputs
 
@@ -44,7 +46,7 @@ def test_llama_groups_are_found_from_the_graph():
 def _o_proj_inputs(model, ids, use_cache):
     """Every o_proj's input after smoothing, from the graph captured with or without a KV cache."""
     gm, example_inputs = _prepared(model, ids, use_cache=use_cache)
-    result = smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
+    result = smoothquant(gm, SmoothQuant(alpha=0.5))
     o_projs = [n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("o_proj")]
     seen = {}
 
@@ -79,7 +81,7 @@ def test_kv_cache_returned_by_a_smoothed_graph_is_unchanged():
     gm, example_inputs = _prepared(tiny_llama(), ids, use_cache=True)
     with torch.inference_mode():
         expected = copy.deepcopy(gm)(*example_inputs)
-        smoothquant(gm, RECIPE, SmoothQuant(alpha=0.5))
+        smoothquant(gm, SmoothQuant(alpha=0.5))
         got = gm(*example_inputs)
     leaves = list(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)))
     assert len(leaves) > 1  # logits and the cache's keys and values
@@ -101,7 +103,7 @@ def test_smoothing_preserves_the_function_in_float64(factory, alpha):
     before = copy.deepcopy(gm)
     with torch.inference_mode():
         expected = before(*example_inputs)
-        result = smoothquant(gm, RECIPE, SmoothQuant(alpha=alpha))
+        result = smoothquant(gm, SmoothQuant(alpha=alpha))
         gm.graph.lint()
         got = gm(*example_inputs)
     assert result.modified and result.counts["smoothed"] >= 2
@@ -114,7 +116,7 @@ def test_smoothed_channel_ranges_are_flatter():
     gm, _ = _prepared(tiny_llama(), torch.randint(0, 128, (1, 12)))
     consumer = next(n for n in gm.graph.nodes if LINEAR in n.meta and n.meta[LINEAR].module.endswith("0.mlp.down_proj"))
     before = consumer.meta[CHANNELS].absmax
-    smoothquant(gm, RECIPE, SmoothQuant(alpha=1.0))
+    smoothquant(gm, SmoothQuant(alpha=1.0))
     after = consumer.meta[CHANNELS].absmax
     # alpha=1 moves all of the range into the weights: every channel's max|X| becomes 1
     assert torch.allclose(after[before > 0], torch.ones_like(after[before > 0]))

@@ -1,0 +1,168 @@
+// Matrix-vector kernels for the decode step on x86 CPUs: a few rows of activations against a weight
+// that is read once from memory, so the time is the weight's bytes over the memory bandwidth. Built at
+// first use with -O3 -march=native (lowering/kernels/native.py): the compiler turns the inner loops
+// into the machine's widest integer dot products (vpdpbusd on AVX512-VNNI, vpmaddwd on AVX2).
+//
+// All three take activations [M, K] (M small) and a weight [N, K] stored row by row, and split the
+// output channels over the threads; every output element is one dot product in one thread.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// Output channels per task: enough work per thread wake-up, small enough to balance two threads.
+constexpr int64_t kGrain = 32;
+
+inline int32_t dot_u8s8(const uint8_t* __restrict a, const int8_t* __restrict b, int64_t n) {
+  int32_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
+  return acc;
+}
+
+// Float sums are reassociated into vector lanes (omp simd): within float32 rounding of the reference.
+inline float dot_f32s8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
+
+// sum_j a_lo[j] * (b[j] & 15) + a_hi[j] * (b[j] >> 4) over one group's bytes
+inline float dot_f32u4(const float* __restrict a_lo, const float* __restrict a_hi, const uint8_t* __restrict b,
+                       int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    acc += a_lo[j] * static_cast<float>(b[j] & 15) + a_hi[j] * static_cast<float>(b[j] >> 4);
+  }
+  return acc;
+}
+
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return sizes;
+}
+
+}  // namespace
+
+// ((x_q - x_zero_point) @ w_q.T) * w_scale, float32 out: uint8 activations with their zero point, int8
+// weights, exact int32 accumulation. w_rowsum[n] = sum_k w_q[n, k] takes the zero point back out.
+at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& w_q, const at::Tensor& w_rowsum,
+                     const at::Tensor& w_scale) {
+  TORCH_CHECK(x_q.scalar_type() == at::kByte, "int8_gemv takes uint8 activations, got ", x_q.scalar_type());
+  TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous(),
+              "int8_gemv takes a contiguous int8 weight [N, K]");
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  TORCH_CHECK(x_q.size(-1) == k, "int8_gemv: x has K=", x_q.size(-1), ", the weight ", k);
+  TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.numel() == n, "int8_gemv: w_rowsum must be int32 [N]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == n, "int8_gemv: w_scale must be float32 [N]");
+  const auto x2 = x_q.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  auto out = at::empty({m, n}, x_q.options().dtype(at::kFloat));
+  const uint8_t* xp = x2.data_ptr<uint8_t>();
+  const int8_t* wp = w_q.data_ptr<int8_t>();
+  const int32_t* rs = w_rowsum.contiguous().data_ptr<int32_t>();
+  const float* sp = w_scale.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int32_t zp = static_cast<int32_t>(x_zero_point);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int32_t acc = dot_u8s8(xp + i * k, wp + j * k, k) - zp * rs[j];
+        op[i * n + j] = static_cast<float>(acc) * sp[j];
+      }
+    }
+  });
+  return out.reshape(out_sizes(x_q, n));
+}
+
+// (x @ w_q.T) * w_scale for float32 activations and int8 weights (weight-only int8), float32 out.
+at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_weight_gemv takes float32 activations, got ", x.scalar_type());
+  TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous(),
+              "int8_weight_gemv takes a contiguous int8 weight [N, K]");
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  TORCH_CHECK(x.size(-1) == k && w_scale.numel() == n && w_scale.scalar_type() == at::kFloat,
+              "int8_weight_gemv: shapes do not match");
+  const auto x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  auto out = at::empty({m, n}, x.options());
+  const float* xp = x2.data_ptr<float>();
+  const int8_t* wp = w_q.data_ptr<int8_t>();
+  const float* sp = w_scale.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t i = 0; i < m; ++i) op[i * n + j] = dot_f32s8(xp + i * k, wp + j * k, k) * sp[j];
+    }
+  });
+  return out.reshape(out_sizes(x, n));
+}
+
+// x @ W.T with W = (q - zero) * scale per group of `group` input channels, float32 activations; q packed
+// two per byte as lowering/kernels/reference.pack_int4 does (byte j: q[2j] low nibble, q[2j+1] high).
+// Per group: scale * (sum_k x[k] q[k] - zero * sum_k x[k]).
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale, const at::Tensor& zero,
+                     int64_t group) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int4_gemv takes float32 activations, got ", x.scalar_type());
+  TORCH_CHECK(w_packed.scalar_type() == at::kByte && w_packed.dim() == 2 && w_packed.is_contiguous(),
+              "int4_gemv takes a contiguous uint8 packed weight [N, K / 2]");
+  const int64_t n = w_packed.size(0), k = 2 * w_packed.size(1);
+  TORCH_CHECK(x.size(-1) == k, "int4_gemv: x has K=", x.size(-1), ", the packed weight ", k);
+  TORCH_CHECK(group >= 2 && group % 2 == 0 && k % group == 0, "int4_gemv: group ", group, " does not fit K=", k);
+  const int64_t groups = k / group, half = group / 2;
+  TORCH_CHECK(scale.numel() == n * groups && zero.numel() == n * groups, "int4_gemv: scale/zero must be [N, K/group]");
+  const auto x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  // de-interleave each row into even and odd columns (so both loops read memory in order) and sum its groups
+  auto even = at::empty({m, k / 2}, x.options()), odd = at::empty({m, k / 2}, x.options());
+  auto gsum = at::empty({m, groups}, x.options());
+  const float* xp = x2.data_ptr<float>();
+  float *ep = even.data_ptr<float>(), *dp = odd.data_ptr<float>(), *gp = gsum.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k / 2; ++j) {
+      ep[i * (k / 2) + j] = xp[i * k + 2 * j];
+      dp[i * (k / 2) + j] = xp[i * k + 2 * j + 1];
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) s += xp[i * k + c];
+      gp[i * groups + g] = s;
+    }
+  }
+  auto out = at::empty({m, n}, x.options());
+  const uint8_t* wp = w_packed.data_ptr<uint8_t>();
+  const float* sp = scale.contiguous().data_ptr<float>();
+  const float* zp = zero.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t i = 0; i < m; ++i) {
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float dot = dot_f32u4(ep + i * (k / 2) + g * half, dp + i * (k / 2) + g * half,
+                                      wp + j * (k / 2) + g * half, half);
+          acc += sp[j * groups + g] * (dot - zp[j * groups + g] * gp[i * groups + g]);
+        }
+        op[i * n + j] = acc;
+      }
+    }
+  });
+  return out.reshape(out_sizes(x, n));
+}
+
+TORCH_LIBRARY_FRAGMENT(qcompiler, m) {
+  m.def("int8_gemv(Tensor x_q, int x_zero_point, Tensor w_q, Tensor w_rowsum, Tensor w_scale) -> Tensor");
+  m.def("int8_weight_gemv(Tensor x, Tensor w_q, Tensor w_scale) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcompiler, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_weight_gemv", &int8_weight_gemv);
+  m.impl("int4_gemv", &int4_gemv);
+}

@@ -1,0 +1,72 @@
+"""The C++ matrix-vector kernels of ``cpu_gemv.cpp``, built at first use for this machine.
+
+``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
+``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights) and ``qcompiler::int4_gemv``
+(float32 activations x packed 4-bit weights with group scales and zeros) are C++ ops: a compiled
+graph calls them without running any Python, which matters in the decode step where each of them
+takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
+is fixed and small); larger products keep the library kernels of ``cpu.py``.
+
+The source is compiled with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (the same C++
+toolchain Inductor needs for CPU code) once per machine type: the build (about 30 s) is cached in
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name that includes a hash of
+the CPU's model and flags, so a cache shared by other machines never runs code built for another ISA.
+Where it cannot be built, :func:`unavailable_reason` says why and the lowering keeps the library
+kernels (and the report names the reason).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv")
+
+
+def _machine_tag() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    digest = hashlib.sha256(("\n".join(fields) + torch.__version__).encode()).hexdigest()[:12]
+    return digest
+
+
+@functools.cache
+def _build() -> str | None:
+    """Build and load the ops; None on success, else why not."""
+    if all(hasattr(torch.ops.qcompiler, op) for op in OPS):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], is_python_module=False, verbose=False)
+    except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
+        return f"the C++ GEMV kernels could not be built ({type(exc).__name__}: {str(exc)[:200]})"
+    _register_fakes()
+    return None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("qcompiler::int8_gemv")
+    def _(x_q, x_zero_point, w_q, w_rowsum, w_scale):
+        return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("qcompiler::int8_weight_gemv")
+    def _(x, w_q, w_scale):
+        return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+    @torch.library.register_fake("qcompiler::int4_gemv")
+    def _(x, w_packed, scale, zero, group_size):
+        return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def unavailable_reason() -> str | None:
+    """None when the GEMV ops are loaded (building them on the first call), else why they cannot be."""
+    return _build()

@@ -1,0 +1,185 @@
+"""Calibration: run batches through the model, captured as the backend captures it, with observers.
+
+    stats = qcompiler.calibrate(model, batches, "w8a8-static")
+    stats.save("stats/")
+    compiled = torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-static", "stats": stats})
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qcompiler import pipeline
+from qcompiler.calibration.observers import ActivationObserver
+from qcompiler.calibration.stats import CalibrationStats
+from qcompiler.config import Recipe, resolve_recipe
+from qcompiler.core import __version__, capture
+from qcompiler.core.errors import CalibrationError, ConfigError, QCompilerError
+from qcompiler.core.histogram import DEFAULT_BINS
+from qcompiler.passes.insert_observers import insert_observers
+from qcompiler.passes.weight_rounding import sequential
+
+SAMPLE_ROWS = 128  # rows of each layer input kept for searches (SmoothQuant's alpha="auto")
+
+
+def _batches(batches) -> list:
+    """The batches as a list (iterated twice when the recipe has transforms), each checked for its type."""
+    if isinstance(batches, (torch.Tensor, str, bytes)):
+        raise CalibrationError(
+            f"batches must be an iterable of batches (e.g. a list of input-id tensors), not a single "
+            f"{type(batches).__name__}; wrap it in a list"
+        )
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("no calibration batches: pass a non-empty list of batches (e.g. 128 x 512 tokens)")
+    try:
+        return [capture.as_batch(b) for b in batches]
+    except QCompilerError as exc:
+        raise CalibrationError(f"calibration: {exc}") from None
+
+
+def calibrate(
+    model: torch.nn.Module,
+    batches: Iterable,
+    recipe: str | Recipe | None = None,
+    *,
+    progress: bool = True,
+    bins: int = DEFAULT_BINS,
+    sample_rows: int | None = None,
+    channel_bins: int = 0,
+) -> CalibrationStats:
+    """Statistics of every linear layer's input over ``batches`` (layers the recipe skips are left out).
+
+    With transforms (SmoothQuant, outlier splitting, LLM.int8()) and static activations the batches
+    run twice: once for the float inputs the transforms are computed from, once after the transforms
+    for the static ranges. ``sample_rows`` rows per layer input are kept for SmoothQuant's
+    ``alpha="auto"`` search (default: 128 when the recipe asks for it, else none). ``channel_bins`` > 0
+    also keeps a histogram per input channel (``C x channel_bins`` counts per layer input, float64
+    while calibrating and float32 once frozen: with 1024 bins about 8 KB per input channel, 1.2 GB
+    live for SmolLM2-135M's 150k linear input channels; 1024 is a good size) so that ``stats[module].channel_range("percentile" | "mse" | "kl", ...)`` works;
+    per-channel min/max and their moving averages are always kept.
+    The model's weights and outputs are not changed. Raises :class:`CalibrationError` on no batches,
+    unsupported batch types, a model without linear layers, or inf/NaN in a layer's input (named).
+    """
+    recipe = resolve_recipe(recipe)
+    if channel_bins and (channel_bins < 2 or channel_bins & (channel_bins - 1)):
+        raise ConfigError(f"channel_bins must be 0 (no per-channel histograms) or a power of two >= 2, got {channel_bins}")
+    use_cache_off = capture.accepts(model, "use_cache")
+    batches = [capture.as_batch(b, use_cache_off) for b in _batches(batches)]
+
+    if sample_rows is None:
+        sample_rows = SAMPLE_ROWS if recipe.smoothquant is not None and recipe.smoothquant.alpha == "auto" else 0
+
+    start = time.perf_counter()
+    if recipe.data_driven_rounding:
+        return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins)
+    raw, count, tokens = _observe(model, batches, lambda: pipeline.transform_steps(recipe, None)[:2],
+                                  bins, sample_rows, progress, "calibrating", channel_bins)
+    info = {
+        "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins, "channel_bins": channel_bins,
+        "transforms": repr(((), recipe.skip)), "qcompiler_version": __version__,
+    }
+    transformed = None
+    if recipe.transforms and recipe.has_static_activations:
+        # the static ranges must be those of the transformed inputs: observe again, after the transforms
+        def steps():
+            return pipeline.transform_steps(recipe, raw)
+
+        transformed, _, _ = _observe(model, batches, steps, bins, 0, progress,
+                                     "calibrating (transformed)", channel_bins)
+        info["transforms"] = recipe.transform_fingerprint()
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    if transformed is None:
+        return CalibrationStats(raw, info)
+    return CalibrationStats(transformed, info, raw=raw)
+
+
+def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: bool, start: float,
+                        channel_bins: int = 0) -> CalibrationStats:
+    """GPTQ/AWQ: round every layer's weight on the batches, layer by layer (and observe the inputs too
+    when the recipe also has static activation ranges)."""
+    steps = pipeline.transform_steps(recipe, None)[:2]  # canonicalize and the plan
+
+    def prepare(gm, example_inputs):
+        for step in steps:
+            step.run(gm)
+
+    try:
+        gm, calls = capture.capture(model, batches, prepare=prepare, what="GPTQ/AWQ calibration")
+    except CalibrationError:
+        raise
+    except QCompilerError as exc:
+        raise CalibrationError(str(exc)) from None
+    weights = sequential.round_weights(gm, calls, recipe.rounding, progress)
+    if not weights:
+        raise CalibrationError(
+            "no linear layer could be rounded (none found, all skipped by the recipe's skip list "
+            f"{recipe.skip}, or none whose width is a multiple of the group size)"
+        )
+    activations = {}
+    if recipe.has_static_activations:
+        activations, _, _ = _observe(model, batches, lambda: steps, bins, 0, progress, "calibrating", channel_bins)
+    info = {
+        "batches": len(batches), "tokens": sum(capture.batch_tokens(b) for b in batches), "recipe": recipe.name,
+        "bins": bins, "channel_bins": channel_bins, "transforms": repr(((), recipe.skip)),
+        "rounding": recipe.rounding_fingerprint(), "qcompiler_version": __version__,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return CalibrationStats(activations, info, weights=weights)
+
+
+def _observe(model, batches: list, steps, bins: int, sample_rows: int, progress: bool, desc: str,
+             channel_bins: int = 0):
+    """Run the batches through the model captured with ``steps()`` and observers on the linear inputs
+    the plan quantizes."""
+    observers: dict[str, ActivationObserver] = {}
+
+    def observer_for(module: str):
+        return observers.setdefault(module, ActivationObserver(module, bins, sample_rows=sample_rows,
+                                                                          channel_bins=channel_bins)).observe
+
+    def calibration_backend(gm, example_inputs, **_):
+        capture.bind_parameters(gm, example_inputs)
+        for step in steps():
+            step.run(gm)
+        insert_observers(gm, observer_for)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=calibration_backend)
+    tokens = 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, total=len(batches), desc=desc, disable=not progress):
+            capture.call(compiled, batch)
+            tokens += capture.batch_tokens(batch)
+    seen = {m: o.freeze() for m, o in observers.items() if o.batches > 0}
+    if not seen:
+        raise CalibrationError(
+            "the model has no linear layers to calibrate (none found, or all kept in float by the recipe: its "
+            "skip list, or none it can quantize)"
+        )
+    return seen, len(batches), tokens
+
+
+def text_batches(tokenizer, path: str | Path, samples: int, seq_len: int, add_bos: bool = False) -> list[torch.Tensor]:
+    """``samples`` consecutive, non-overlapping windows of ``seq_len`` tokens from a text file, as [1, T] tensors."""
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    body = seq_len - 1 if add_bos else seq_len
+    need = samples * body
+    if len(ids) < need:
+        raise CalibrationError(
+            f"{path} has {len(ids)} tokens, fewer than {samples} samples x {body} tokens; "
+            "use fewer --samples, a shorter --seq-len, or a longer text"
+        )
+    out = []
+    for i in range(samples):
+        chunk = torch.tensor(ids[i * body : (i + 1) * body], dtype=torch.long)
+        if add_bos:
+            chunk = torch.cat([torch.tensor([tokenizer.bos_token_id]), chunk])
+        out.append(chunk.unsqueeze(0))
+    return out

@@ -1,0 +1,270 @@
+"""The IR contract shared by passes and lowering: pass results, the ``node.meta`` records, the weight types.
+
+``passes/`` and ``lowering/`` never import each other; both import ``qcompiler.core`` (this module,
+``qcompiler.core.primitives``) and ``qcompiler.config``. ``passes/README.md`` lists which pass reads
+and writes each key; ``lowering/README.md`` what the lowering reads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from qcompiler.core import primitives
+
+# node.meta keys
+LINEAR = "qcompiler.linear"  # LinearSite, on canonical linear nodes (canonicalize)
+FLOAT_WEIGHT = "qcompiler.float_weight"  # fx.Node of the float weight a QDQ linear replaced (insert_qdq)
+DECISION = "qcompiler.decision"  # LayerDecision, on canonical linear nodes (insert_qdq)
+QLINEAR = "qcompiler.qlinear"  # QLinearSpec, on linear nodes whose inputs are QDQ (insert_qdq)
+DERIVED = "qcompiler.derived"  # DerivedWeight, on get_attr nodes of transformed weights
+CHANNELS = "qcompiler.channels"  # ChannelStats, on canonical linears: their input's per-channel range now
+FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears with float outlier columns
+TENSOR_INFO = "qcompiler.tensor_info"  # TensorInfo, on nodes a pass created (Dynamo's example_value is absent)
+PLAN = "qcompiler.plan"  # LayerPlan, on canonical linears (the plan step); gm.meta[PLAN]: the graph's Plan
+LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that replaced a QDQ linear (lowering)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns. ``modified`` is true only when the graph changed.
+
+    ``counts`` holds the pass's match counts; ``details`` one record per decision it made (the
+    backend's report is built from them).
+    """
+
+    graph_module: fx.GraphModule
+    modified: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    details: tuple = ()
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear-like op in canonical form ``linear(x, weight, bias)``.
+
+    ``weight_param`` is the qualified name of the parameter the weight comes from; when
+    ``transposed`` the parameter is stored ``[in, out]`` (HF Conv1D, ``x @ W``) and the canonical
+    weight is its transpose.
+    """
+
+    module: str
+    weight_param: str
+    transposed: bool
+    in_features: int
+    out_features: int
+    has_bias: bool
+    source_op: str
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """Whether a linear layer was quantized, with which scheme, or why it stayed in float."""
+
+    module: str
+    quantized: bool
+    param: str = ""  # qualified name of the weight parameter
+    scheme: str = ""
+    reason: str = ""
+    bits_per_weight: float = 32.0
+    weight_bytes: int = 0
+    float_weight_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class QLinearSpec:
+    """Describes a quantized linear in QDQ form, for the lowering to match.
+
+    Weight buffers are attributes of the GraphModule named ``w_q``, ``w_scale``, ``w_zero_point``
+    (the last None for symmetric weights); a static activation range is in ``x_scale`` and
+    ``x_zero_point`` (None when symmetric). ``weight_granularity`` is ``"per_channel"``,
+    ``"per_group"`` (``group_size`` input channels per scale) or ``"per_tensor"``.
+    """
+
+    module: str
+    weight_bits: int
+    weight_symmetric: bool
+    weight_granularity: str
+    group_size: int | None
+    activation: str | None  # "dynamic_per_token", "dynamic_per_tensor", "static_per_tensor", None (weight-only)
+    activation_bits: int | None
+    activation_symmetric: bool | None
+    w_q: str
+    w_scale: str
+    w_zero_point: str | None
+    has_bias: bool
+    x_scale: str | None = None  # buffers of a static activation range
+    x_zero_point: str | None = None
+
+    @property
+    def weight_block_size(self) -> tuple[int, ...]:
+        if self.weight_granularity == "per_channel":
+            return primitives.per_channel(2, axis=0)
+        if self.weight_granularity == "per_group":
+            return primitives.per_group(2, self.group_size)
+        return primitives.per_tensor(2)
+
+
+@dataclass(frozen=True, eq=False)
+class DerivedWeight:
+    """A weight a transform pass computed from a parameter (SmoothQuant scaling, split columns, ...).
+
+    ``key`` names the transform chain; with ``origin`` it keys the quantized-weight cache, so an
+    unchanged transform of an unchanged parameter is not quantized again on recompiles.
+    """
+
+    origin: object  # the torch.nn.Parameter the weight was computed from
+    key: tuple
+    param_name: str
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelStats:
+    """Per-input-channel min/max of a linear's input as the graph computes it now (after transforms),
+    and a few sample rows (for searches such as SmoothQuant's alpha); from raw calibration stats."""
+
+    channel_min: object  # torch.Tensor [K]
+    channel_max: object  # torch.Tensor [K]
+    samples: object = None  # torch.Tensor [n, K] or None
+
+    @property
+    def absmax(self):
+        return self.channel_min.abs().maximum(self.channel_max.abs())
+
+
+def linear_weight(gm: fx.GraphModule, w_node: fx.Node):
+    """``(weight [out, in], cache_owner, cache_key)`` of a canonical linear's weight argument."""
+    from qcompiler.core.capture import PARAM_META
+
+    if w_node.op == "placeholder":
+        param = w_node.meta[PARAM_META].tensor
+        return param, param, ("param",)
+    if w_node.op == "call_function" and w_node.args and getattr(w_node.args[0], "op", None) == "placeholder":
+        param = w_node.args[0].meta[PARAM_META].tensor
+        return param.t(), param, ("param", "t")
+    if w_node.op == "get_attr" and DERIVED in w_node.meta:
+        derived = w_node.meta[DERIVED]
+        return getattr(gm, w_node.target), derived.origin, derived.key
+    raise ValueError(f"unexpected weight node {w_node.format_node()} for a canonical linear")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Rank and dtype of a node's value: what the passes need to know about an activation."""
+
+    ndim: int
+    dtype: object  # torch.dtype
+
+
+def tensor_info(node) -> TensorInfo | None:
+    """From Dynamo's ``example_value``, or from the ``TensorInfo`` a pass recorded on a node it made."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value")
+    if value is not None and hasattr(value, "dim") and hasattr(value, "dtype"):
+        return TensorInfo(value.dim(), value.dtype)
+    return node.meta.get(TENSOR_INFO)
+
+
+def fresh_name(gm: fx.GraphModule, stem: str, suffix: str = "") -> str:
+    """``qc_<stem>`` made an identifier, numbered until neither it nor ``<it><suffix>`` is taken on ``gm``."""
+    base = stem if stem.startswith("qc_") else "qc_" + re.sub(r"\W", "_", stem)
+    name, i = base, 1
+    while hasattr(gm, name) or hasattr(gm, name + suffix):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the plan decided for one linear layer (``qcompiler/plan.py``), read by every later step.
+
+    ``scheme`` is the recipe's :class:`~qcompiler.config.LayerScheme` for the layer, fitted to its
+    width, or None when the layer stays float (``reason`` says why; otherwise ``reason`` holds notes
+    such as a fitted group). ``kernel`` names what the layer will run on and ``kernel_reason`` why it
+    is not the device's fast kernel (empty when it is).
+    """
+
+    module: str
+    weight_param: str
+    in_features: int
+    out_features: int
+    scheme: object | None  # config.LayerScheme
+    reason: str = ""
+    kernel: str = ""
+    kernel_reason: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme is not None
+
+
+def plan_of(node: fx.Node) -> LayerPlan | None:
+    """The plan entry of a canonical linear node (None before the plan step ran)."""
+    return node.meta.get(PLAN)
+
+
+# --- weights ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """Integer weight ``[out, in]`` with one scale (and zero point) per block."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    block_size: tuple[int, ...]
+    bits: int
+    symmetric: bool
+    pairs_limited: int = 0  # how many (2j, 2j+1) pairs were shrunk for saturating int16 kernels
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return primitives.dequantize_math(self.q, self.scale, self.zero_point, self.block_size, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored: integers at their storage width, scales and zero points as held."""
+        total = self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+        if self.zero_point is not None:
+            total += self.zero_point.numel() * self.zero_point.element_size()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight at the storage widths actually used."""
+        zp_bits = 0 if self.zero_point is None else 8 * self.zero_point.element_size()
+        return primitives.bits_per_weight(
+            tuple(self.q.shape), self.block_size, 8 * self.q.element_size(),
+            scale_bits=8 * self.scale.element_size(), zero_point_bits=zp_bits,
+        )
+
+
+def weight_checksum(weight: torch.Tensor) -> float:
+    """``sum |W|``: what a rounded layer remembers of the float weight it came from."""
+    return float(weight.detach().double().abs().sum())
+
+
+@dataclass(frozen=True, eq=False)
+class RoundedLayer:
+    """A layer's weight as GPTQ/AWQ rounded it. ``input_scale`` (AWQ): the layer's input is divided
+    by it. ``checksum``: :func:`weight_checksum` of the float weight it came from, to catch stale results."""
+
+    weight: QuantizedWeight
+    method: str
+    checksum: float
+    input_scale: torch.Tensor | None = None
+    note: str = ""
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer computes with, as seen by its original (unscaled) input."""
+        w = self.weight.dequantize(torch.float32)
+        if self.input_scale is not None:
+            w = w / self.input_scale
+        return w.to(dtype)

@@ -1,0 +1,296 @@
+"""Float vs quantized, side by side in one process: accuracy, size, latency.
+
+Perplexity convention: the text file is read as one string (``wiki.test.raw`` as is, lines joined by
+its own newlines), tokenized once, and the first ``tokens`` tokens are cut into non-overlapping windows
+of ``window`` tokens (a last partial window is dropped). Each window is scored on its own: every token
+after the first is predicted from the tokens before it in the window; models that want a BOS token get
+one prepended, and then the first token is predicted too. KL is ``KL(p_float || p_quant)`` of the
+next-token distributions, averaged over predicted positions; top-1 agreement is the fraction of
+positions where both models' argmax agree.
+
+Encoders (MiniLM) are scored by the cosine similarity of mean-pooled embeddings of text passages.
+
+Latency ratios are float time / quantized time, medians of interleaved repeats in the same process:
+``decode`` is one new token on a KV cache of ``decode_context`` tokens, ``prefill`` one forward of
+``prefill_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qcompiler import report as report_mod
+from qcompiler.config import BackendOptions
+from qcompiler.tools.metrics import next_token_divergence, nll
+from qcompiler.tools.models import LoadedModel
+from qcompiler.tools.timing import time_interleaved
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 20480
+    window: int = 512
+    speed: bool = True
+    speed_repeats: int = 10
+    decode_context: int = 128
+    prefill_tokens: int = 512
+    passages: int = 256
+    progress: bool = True
+    inductor_baseline: bool = False  # also time the float model compiled by Inductor
+
+
+@dataclass
+class EvalResult:
+    model: str
+    recipe: str
+    text: str
+    convention: str
+    float: dict = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)
+    speed: dict = field(default_factory=dict)
+    weight_bytes: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)
+    pass_seconds: float = 0.0  # qcompiler's passes (Inductor's own compile time not included)
+    calibration: dict = field(default_factory=dict)  # info of the calibration statistics used, if any
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "recipe": self.recipe, "text": self.text, "convention": self.convention,
+            "float": self.float, "quantized": self.quantized, "speed": self.speed,
+            "weight_bytes": self.weight_bytes, "layers": self.layers, "pass_seconds": self.pass_seconds,
+            "calibration": self.calibration,
+        }
+
+
+def read_tokens(path: Path, tokenizer, limit: int) -> torch.Tensor:
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < limit:
+        raise ValueError(f"{path} has only {len(ids)} tokens, fewer than the {limit} asked for")
+    return torch.tensor(ids[:limit], dtype=torch.long)
+
+
+def compile_quantized(model: torch.nn.Module, options: BackendOptions):
+    return torch.compile(model, backend="qcompiler", options=options)
+
+
+def _windows(ids: torch.Tensor, window: int, bos: int | None) -> list[torch.Tensor]:
+    count = ids.numel() // window
+    if count == 0:
+        raise ValueError(f"{ids.numel()} tokens make no full window of {window}")
+    out = []
+    for i in range(count):
+        chunk = ids[i * window : (i + 1) * window]
+        if bos is not None:
+            chunk = torch.cat([torch.tensor([bos]), chunk])
+        out.append(chunk.unsqueeze(0))
+    return out
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.nll_float = self.nll_quant = self.kl = 0.0
+        self.agree = self.count = 0
+
+    def add(self, logits_f: torch.Tensor, logits_q: torch.Tensor, targets: torch.Tensor) -> None:
+        self.nll_float += nll(logits_f, targets).item()
+        self.nll_quant += nll(logits_q, targets).item()
+        kl, agree = next_token_divergence(logits_f, logits_q)
+        self.kl += kl.sum().item()
+        self.agree += agree.sum().item()
+        self.count += targets.numel()
+
+
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+def evaluate_causal_lm(loaded: LoadedModel, quantized_model, text: Path, cfg: EvalConfig):
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if loaded.add_bos else None
+    ids = read_tokens(text, tok, cfg.tokens)
+    acc = _Accumulator()
+    windows = _windows(ids, cfg.window, bos)
+    for w in tqdm(windows, desc="perplexity windows", disable=not cfg.progress):
+        logits_f = _logits(loaded.model, w)
+        logits_q = _logits(quantized_model, w)
+        acc.add(logits_f[:-1], logits_q[:-1], w[0, 1:])
+    convention = (
+        f"first {cfg.tokens} tokens of {Path(text).name} read as one string, {len(windows)} non-overlapping "
+        f"windows of {cfg.window} tokens{' each with BOS prepended' if bos is not None else ''}, "
+        f"{acc.count} predicted tokens"
+    )
+    float_metrics = {"perplexity": math.exp(acc.nll_float / acc.count)}
+    quant_metrics = {
+        "perplexity": math.exp(acc.nll_quant / acc.count),
+        "kl": acc.kl / acc.count,
+        "top1_agreement": acc.agree / acc.count,
+    }
+    return float_metrics, quant_metrics, convention
+
+
+def _passages(text: Path, count: int) -> list[str]:
+    lines = [ln.strip() for ln in Path(text).read_text(encoding="utf-8").splitlines()]
+    paragraphs = [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")]
+    if not paragraphs:
+        raise ValueError(f"{text} has no paragraphs to embed")
+    return paragraphs[:count]
+
+
+def _mean_pooled(model, batch) -> torch.Tensor:
+    out = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+    return (out * mask).sum(1) / mask.sum(1)
+
+
+def evaluate_encoder(loaded: LoadedModel, quantized_model, text: Path, cfg: EvalConfig):
+    passages = _passages(text, cfg.passages)
+    sims = []
+    for i in tqdm(range(0, len(passages), 16), desc="embedding passages", disable=not cfg.progress):
+        batch = loaded.tokenizer(passages[i : i + 16], padding="max_length", truncation=True,
+                                 max_length=128, return_tensors="pt")
+        e_f = _mean_pooled(loaded.model, batch)
+        e_q = _mean_pooled(quantized_model, batch)
+        sims.append(F.cosine_similarity(e_f, e_q, dim=-1))
+    sims = torch.cat(sims)
+    convention = (
+        f"{len(passages)} paragraphs of {Path(text).name} (lines over 80 characters, headings skipped), "
+        "128 tokens each (padded/truncated), mean-pooled last hidden state"
+    )
+    return {}, {"cosine_similarity": sims.mean().item(), "cosine_similarity_min": sims.min().item()}, convention
+
+
+def _median_ratio(run_float, run_quant, repeats: int) -> dict:
+    medians = time_interleaved({"float": run_float, "quantized": run_quant}, repeats)
+    f, q = medians["float"], medians["quantized"]
+    return {"float_ms": f * 1000, "quantized_ms": q * 1000, "speedup": f / q}
+
+
+def measure_speed(loaded: LoadedModel, quantized_model, cfg: EvalConfig) -> dict:
+    """Float eager vs quantized; with ``cfg.inductor_baseline`` also float Inductor vs quantized."""
+    out = _speed_against(loaded, loaded.model, quantized_model, cfg)
+    if cfg.inductor_baseline:
+        inductor = torch.compile(loaded.model)
+        vs = _speed_against(loaded, inductor, quantized_model, cfg)
+        out["vs_float_inductor"] = {k: v for k, v in vs.items() if isinstance(v, dict)}
+    return out
+
+
+def _speed_against(loaded: LoadedModel, float_model, quantized_model, cfg: EvalConfig) -> dict:
+    vocab = getattr(loaded.model.config, "vocab_size", 1000)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    if loaded.kind == "encoder":
+        batch = {
+            "input_ids": torch.randint(0, vocab, (8, 128), generator=gen),
+            "attention_mask": torch.ones(8, 128, dtype=torch.long),
+        }
+        r = _median_ratio(lambda: float_model(**batch), lambda: quantized_model(**batch), cfg.speed_repeats)
+        out["encode_8x128"] = r
+        out["prefill_speedup"] = r["speedup"]
+        return out
+    prefill = torch.randint(0, vocab, (1, cfg.prefill_tokens), generator=gen)
+    r = _median_ratio(lambda: float_model(input_ids=prefill, use_cache=False),
+                      lambda: quantized_model(input_ids=prefill, use_cache=False), cfg.speed_repeats)
+    out[f"prefill_{cfg.prefill_tokens}"] = r
+    out["prefill_speedup"] = r["speedup"]
+
+    context = torch.randint(0, vocab, (1, cfg.decode_context), generator=gen)
+    next_token = torch.randint(0, vocab, (1, 1), generator=gen)
+
+    def decode_step(model, cache):
+        def step():
+            model(input_ids=next_token, cache=cache, use_cache=True)
+            cache.crop(-1)  # back to decode_context tokens: every step sees the same cache length
+        return step
+
+    cache_f = loaded.model(input_ids=context, use_cache=True).cache
+    cache_q = loaded.model(input_ids=context, use_cache=True).cache
+    r = _median_ratio(decode_step(float_model, cache_f), decode_step(quantized_model, cache_q),
+                      max(cfg.speed_repeats * 3, 10))
+    out[f"decode_ctx{cfg.decode_context}"] = r
+    out["decode_speedup"] = r["speedup"]
+    return out
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_weight_bytes(model: torch.nn.Module, layers) -> int:
+    """Float bytes of the model with each quantized weight counted at its stored size (once)."""
+    total = model_weight_bytes(model)
+    seen = set()
+    for d in layers:
+        if d.quantized and d.param not in seen:
+            seen.add(d.param)
+            total += d.weight_bytes - d.float_weight_bytes
+    return total
+
+
+def evaluate(loaded: LoadedModel, options: BackendOptions, text: Path, cfg: EvalConfig) -> EvalResult:
+    report_mod.clear_reports()
+    quantized_model = compile_quantized(loaded.model, options)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if loaded.kind == "encoder":
+            float_m, quant_m, convention = evaluate_encoder(loaded, quantized_model, text, cfg)
+        else:
+            float_m, quant_m, convention = evaluate_causal_lm(loaded, quantized_model, text, cfg)
+        accuracy_seconds = time.perf_counter() - start
+        speed = measure_speed(loaded, quantized_model, cfg) if cfg.speed else {}
+    reports = report_mod.reports()
+    layers = {d.module: d for r in reports for d in r.layers}
+    result = EvalResult(
+        model=loaded.name, recipe=options.recipe.name, text=str(text), convention=convention,
+        float=float_m, quantized=quant_m, speed=speed,
+    )
+    result.weight_bytes = {
+        "float": model_weight_bytes(loaded.model),
+        "quantized": quantized_weight_bytes(loaded.model, layers.values()),
+    }
+    result.layers = {
+        "quantized": sum(d.quantized for d in layers.values()),
+        "float": sorted(f"{d.module}: {d.reason}" for d in layers.values() if not d.quantized),
+        "graphs_compiled": len(reports),
+    }
+    result.pass_seconds = sum(r.seconds for r in reports)
+    result.quantized["eval_seconds"] = accuracy_seconds
+    return result
+
+
+def format_table(result: EvalResult) -> str:
+    rows = [("", "float", "quantized")]
+    for key in sorted(set(result.float) | set(result.quantized)):
+        if key == "eval_seconds":
+            continue
+        f, q = result.float.get(key), result.quantized.get(key)
+        rows.append((key, "" if f is None else f"{f:.4f}", "" if q is None else f"{q:.4f}"))
+    wb = result.weight_bytes
+    rows.append(("weight MB", f"{wb['float'] / 1e6:.1f}", f"{wb['quantized'] / 1e6:.1f}"))
+    for name, value in result.speed.items():
+        if name == "vs_float_inductor":
+            for sub, v in value.items():
+                rows.append((f"{sub} ms (float Inductor)", f"{v['float_ms']:.2f}", f"{v['quantized_ms']:.2f}  ({v['speedup']:.2f}x)"))
+        elif isinstance(value, dict):
+            rows.append((f"{name} ms (float eager)", f"{value['float_ms']:.2f}", f"{value['quantized_ms']:.2f}  ({value['speedup']:.2f}x)"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"model {result.model}, recipe {result.recipe}", f"  {result.convention}"]
+    lines += [f"  {a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
+    lines.append(f"  layers quantized: {result.layers['quantized']}, kept in float: {len(result.layers['float'])}")
+    if result.calibration:
+        c = result.calibration
+        lines.append(f"  calibration: {c.get('batches')} batches, {c.get('tokens')} tokens, {c.get('seconds')} s")
+    return "\n".join(lines)

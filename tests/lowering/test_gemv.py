@@ -1,0 +1,72 @@
+"""The C++ GEMV kernels of the decode step (lowering/kernels/cpu_gemv.cpp) and the lowering that picks them."""
+
+import pytest
+import torch
+from graphs import tiny_llama
+
+import qcompiler
+from qcompiler.lowering.int8 import GEMV_KERNEL
+from qcompiler.lowering.kernels import native, reference
+
+pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
+                                reason=f"no C++ toolchain here: {native.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (3, 17, 70), (8, 48, 576), (1, 5, 1)])
+@pytest.mark.parametrize("zero_point", [0, 128, 37])
+def test_int8_gemv_is_exact(m, n, k, zero_point):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int32).to(torch.int8)
+    scale = torch.rand(n, generator=gen) + 0.01
+    out = torch.ops.qcompiler.int8_gemv(x, zero_point, w, w.sum(1, dtype=torch.int32), scale)
+    assert torch.equal(out, reference.int8_gemm(x, zero_point, w, scale))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (2, 7, 576), (8, 49, 100)])
+def test_int8_weight_gemv_is_the_float_product(m, n, k):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int32).to(torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01
+    out = torch.ops.qcompiler.int8_weight_gemv(x, w, scale)
+    expected = (x.double() @ w.double().t() * scale.double()).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 9, 576, 64), (8, 32, 256, 256)])
+def test_int4_gemv_matches_the_reference(m, n, k, group):
+    gen = torch.Generator().manual_seed(k + group)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    packed = reference.pack_int4(q)
+    out = torch.ops.qcompiler.int4_gemv(x, packed, scale, zero, group)
+    torch.testing.assert_close(out, reference.int4_gemm(x, packed, scale, zero, group), rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_shaped_graph_runs_the_gemv_and_matches_the_reference():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 1))  # one fixed row: the decode step's shape
+    qcompiler.clear_reports()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        ref = torch.compile(model, backend="qcompiler", options={"kernels": "reference"})(ids).logits
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="qcompiler")(ids).logits
+    rep = qcompiler.last_report()
+    assert {kernel for kernel, _ in rep.kernel_of.values()} == {GEMV_KERNEL}
+    assert rep.plan.kernels == {GEMV_KERNEL: 14}
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_with_symbolic_rows_keeps_the_library_gemm():
+    model = tiny_llama()
+    qcompiler.clear_reports()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        compiled = torch.compile(model, backend="qcompiler", dynamic=True)
+        compiled(torch.randint(0, 128, (1, 5)))
+    kernels = {kernel for kernel, _ in qcompiler.last_report().kernel_of.values()}
+    assert GEMV_KERNEL not in kernels and any("FBGEMM" in k for k in kernels)
