@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qcompiler.core.errors import ExportError
 from qcompiler.tools.export import compressed_tensors as ct
 from qcompiler.tools.export.model import ExportActivation, ExportLinear, ExportModel
 
@@ -254,7 +255,7 @@ NAME = "model.layers.1.mlp.down_proj"
 def test_refused_before_writing(llama, tmp_path, change, message):
     em = export_model(llama, lambda n, w: grouped(w, 4, 32, symmetric=False))
     replace(em, NAME, **change(em.linears[NAME]))
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(ExportError, match=message) as err:
         ct.write_compressed_tensors(em, tmp_path / "ckpt")
     assert NAME in str(err.value)
     assert list(tmp_path.iterdir()) == []
@@ -262,10 +263,10 @@ def test_refused_before_writing(llama, tmp_path, change, message):
 
 def test_refused_activation_schemes(llama, tmp_path):
     em = export_model(llama, lambda n, w: int8_per_channel(w, ExportActivation(8, False, True)))
-    with pytest.raises(ValueError, match="dynamic asymmetric activations.*exportable: W8A8"):
+    with pytest.raises(ExportError, match="dynamic asymmetric activations.*exportable: W8A8"):
         ct.write_compressed_tensors(em, tmp_path / "ckpt")
     em = export_model(llama, lambda n, w: int8_per_channel(w, ExportActivation(8, True, False)))
-    with pytest.raises(ValueError, match="without a calibrated scale"):
+    with pytest.raises(ExportError, match="without a calibrated scale"):
         ct.write_compressed_tensors(em, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 
@@ -274,7 +275,7 @@ def test_out_dir_must_be_absent_or_empty(llama, tmp_path):
     em = export_model(llama, lambda n, w: grouped(w, 4, 32, symmetric=True))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="not an empty folder"):
+    with pytest.raises(ExportError, match="not an empty folder"):
         ct.write_compressed_tensors(em, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     (tmp_path / "ckpt" / "keep.txt").unlink()
@@ -285,7 +286,7 @@ def test_out_dir_must_be_absent_or_empty(llama, tmp_path):
 def test_refused_without_architectures(llama, tmp_path):
     em = export_model(llama, lambda n, w: grouped(w, 4, 32, symmetric=True))
     em.config["architectures"] = None  # as a GGUF-loaded config has it: vLLM could not pick a class
-    with pytest.raises(ValueError, match="architectures"):
+    with pytest.raises(ExportError, match="architectures"):
         ct.write_compressed_tensors(em, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from qcompiler.core.errors import ExportError
 from qcompiler.tools.export import gguf as gw
 from qcompiler.tools.export.model import ExportLinear, ExportModel
 
@@ -226,7 +227,7 @@ def test_byte_level_bpe_tokenizer(tmp_path):
     assert kv["tokenizer.ggml.eos_token_id"] == 0 and kv["tokenizer.ggml.add_bos_token"] is False
     tok["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "x"}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(ValueError, match="tokenizer_pre="):
+    with pytest.raises(ExportError, match="tokenizer_pre="):
         gw.gguf_tokenizer.build_from_dir(gguf.GGUFWriter(None, "llama"), tmp_path, 8)
     writer = gguf.GGUFWriter(None, "llama")
     gw.gguf_tokenizer.build_from_dir(writer, tmp_path, 8, pre="llama-bpe")
@@ -290,7 +291,7 @@ def test_errors_name_the_layer_and_leave_no_file(tmp_path, case):
     kind, edit, message = ERRORS[case]
     model = tiny_model(kind)
     edit(model)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ExportError, match=message):
         gw.write_gguf(model, tmp_path / "m.gguf", kind)
     assert list(tmp_path.iterdir()) == []
 
@@ -310,7 +311,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_unsupported_type_and_names():
-    with pytest.raises(ValueError, match="Q8_0, Q4_0, Q4_1"):
+    with pytest.raises(ExportError, match="Q8_0, Q4_0, Q4_1"):
         gw.write_gguf(ExportModel(dict(CFG), {}, {}), "/nonexistent/m.gguf", "Q5_K")
     assert gw.gguf_name("model.layers.7.mlp.down_proj.weight") == "blk.7.ffn_down.weight"
     assert gw.gguf_name("model.layers.0.self_attn.o_proj.bias") == "blk.0.attn_output.bias"

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qcompiler.core.errors import ExportError
 from qcompiler.tools.export.model import ExportActivation, ExportLinear, ExportModel
 
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose output this mirrors
@@ -67,15 +68,15 @@ def _args(bits: int, symmetric: bool, strategy: str, group_size: int | None, dyn
 
 def _activation_args(name: str, act: ExportActivation) -> dict:
     if act.bits != 8:
-        raise ValueError(f"{name}: {act.bits}-bit activations; {_HINT}")
+        raise ExportError(f"{name}: {act.bits}-bit activations; {_HINT}")
     if act.dynamic:
         if not act.symmetric:
-            raise ValueError(f"{name}: dynamic asymmetric activations are not exported; {_HINT}")
+            raise ExportError(f"{name}: dynamic asymmetric activations are not exported; {_HINT}")
         return _args(8, True, "token", None, True)
     if act.scale is None or (not act.symmetric and act.zero_point is None):
-        raise ValueError(f"{name}: static activations without a calibrated scale/zero point")
+        raise ExportError(f"{name}: static activations without a calibrated scale/zero point")
     if not act.symmetric and not 0 <= act.zero_point <= 255:
-        raise ValueError(f"{name}: activation zero point {act.zero_point} outside the uint8 range")
+        raise ExportError(f"{name}: activation zero point {act.zero_point} outside the uint8 range")
     return _args(8, act.symmetric, "tensor", None, False)
 
 
@@ -87,20 +88,20 @@ def _check_integers(name: str, lin: ExportLinear) -> None:
     b = lin.bits
     lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if lin.symmetric else (0, 2**b - 1)
     if not _integral(lin.q) or int(lin.q.min()) < lo or int(lin.q.max()) > hi:
-        raise ValueError(f"{name}: q is not integers in [{lo}, {hi}] for {b}-bit weights")
+        raise ExportError(f"{name}: q is not integers in [{lo}, {hi}] for {b}-bit weights")
     zp = lin.zero_point
     if lin.symmetric:
         if zp is not None and bool(zp.ne(0).any()):
-            raise ValueError(f"{name}: symmetric weights with a non-zero zero point")
+            raise ExportError(f"{name}: symmetric weights with a non-zero zero point")
         return
     if zp is None:
-        raise ValueError(f"{name}: asymmetric weights without a zero point")
+        raise ExportError(f"{name}: asymmetric weights without a zero point")
     if not _integral(zp):
-        raise ValueError(f"{name}: fractional (float) zero points cannot be stored exactly in "
+        raise ExportError(f"{name}: fractional (float) zero points cannot be stored exactly in "
                          "compressed-tensors (int8 zero points); re-quantize with integer zero points "
                          "or export symmetric weights")
     if int(zp.min()) < 0 or int(zp.max()) > 2**b - 1:
-        raise ValueError(f"{name}: zero points outside [0, {2**b - 1}] for {b}-bit weights")
+        raise ExportError(f"{name}: zero points outside [0, {2**b - 1}] for {b}-bit weights")
 
 
 def scheme_of(name: str, lin: ExportLinear) -> dict:
@@ -111,14 +112,14 @@ def scheme_of(name: str, lin: ExportLinear) -> dict:
     strategy = "group" if lin.group_size else "channel"
     if lin.activation is None:
         if lin.bits not in PACKED_BITS:
-            raise ValueError(f"{name}: {have}, weight-only; pack-quantized is exported for "
+            raise ExportError(f"{name}: {have}, weight-only; pack-quantized is exported for "
                              f"{PACKED_BITS} bits only (3/5/6/7-bit packing differs between "
                              f"compressed-tensors versions); {_HINT}")
         weights = _args(lin.bits, lin.symmetric, strategy, lin.group_size, False)
         return {"weights": weights, "input_activations": None, "output_activations": None,
                 "format": "pack-quantized"}
     if lin.bits != 8 or not lin.symmetric or lin.group_size is not None:
-        raise ValueError(f"{name}: {have}, with {lin.activation.bits}-bit activations; vLLM's "
+        raise ExportError(f"{name}: {have}, with {lin.activation.bits}-bit activations; vLLM's "
                          f"W8A8 int8 takes symmetric per-channel/tensor 8-bit weights; {_HINT}")
     return {"weights": _args(8, True, "channel", None, False),
             "input_activations": _activation_args(name, lin.activation),
@@ -171,7 +172,7 @@ def config_groups_for(model: ExportModel, schemes: dict[str, dict] | None = None
 def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack signed ``bits``-bit integers ``[R, C]`` into int32 along ``dim`` (see the module docstring)."""
     if bits not in PACKED_BITS:
-        raise ValueError(f"packing {bits}-bit values is not exported (only {PACKED_BITS})")
+        raise ExportError(f"packing {bits}-bit values is not exported (only {PACKED_BITS})")
     v = values.to(torch.int64) + 2 ** (bits - 1)
     if dim == 0:
         v = v.t()
@@ -277,9 +278,9 @@ def write_compressed_tensors(model: ExportModel, out_dir: str | os.PathLike) -> 
     """Write ``model`` into ``out_dir`` (absent or empty), atomically: built as a sibling, then renamed."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder")
+        raise ExportError(f"{out} exists and is not an empty folder")
     if not model.config.get("architectures"):
-        raise ValueError("config has no `architectures`, which vLLM needs to pick the model class (a "
+        raise ExportError("config has no `architectures`, which vLLM needs to pick the model class (a "
                          "GGUF-loaded or from_config config lacks it): set config['architectures'] = "
                          "[type(hf_model).__name__], e.g. ['LlamaForCausalLM']")
     schemes = schemes_of(model)  # validates every linear before anything is written

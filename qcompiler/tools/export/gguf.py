@@ -44,6 +44,7 @@ import gguf
 import numpy as np
 import torch
 
+from qcompiler.core.errors import ExportError
 from qcompiler.tools.export import gguf_tokenizer
 from qcompiler.tools.export.model import ExportLinear, ExportModel
 
@@ -69,9 +70,9 @@ def write_gguf(model: ExportModel, path: str | Path, gguf_type: str, *, embeddin
     atomically (temporary file in the same folder, then ``os.replace``).
     """
     if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"gguf_type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
+        raise ExportError(f"gguf_type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
     if embedding_type not in ("Q8_0", "F16", "F32") or float_type not in ("F16", "F32"):
-        raise ValueError("embedding_type must be Q8_0, F16 or F32; float_type F16 or F32")
+        raise ExportError("embedding_type must be Q8_0, F16 or F32; float_type F16 or F32")
     cfg = model.config
     _check_architecture(cfg)
     writer = gguf.GGUFWriter(None, "llama")
@@ -89,10 +90,10 @@ def write_gguf(model: ExportModel, path: str | Path, gguf_type: str, *, embeddin
 def _check_architecture(cfg: dict) -> None:
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     if cfg.get("model_type") != "llama" or archs != ["LlamaForCausalLM"]:
-        raise ValueError(f"GGUF export supports model_type 'llama' (LlamaForCausalLM) only; this model is "
+        raise ExportError(f"GGUF export supports model_type 'llama' (LlamaForCausalLM) only; this model is "
                          f"model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"llama.cpp's llama architecture uses SiLU; this model has {cfg['hidden_act']!r}")
+        raise ExportError(f"llama.cpp's llama architecture uses SiLU; this model has {cfg['hidden_act']!r}")
 
 
 def _rope(cfg: dict) -> dict:
@@ -100,7 +101,7 @@ def _rope(cfg: dict) -> dict:
     rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     if rope["rope_type"] not in ("default", "linear", "llama3"):
-        raise ValueError(f"RoPE type {rope['rope_type']!r} is not supported by the GGUF writer; "
+        raise ExportError(f"RoPE type {rope['rope_type']!r} is not supported by the GGUF writer; "
                          "supported: default, linear, llama3")
     return rope
 
@@ -161,7 +162,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, model: ExportModel, pre: str | None) -> i
         return gguf_tokenizer.copy_from_gguf(w, model.source_gguf)
     if model.tokenizer_dir is not None:
         return gguf_tokenizer.build_from_dir(w, model.tokenizer_dir, model.config["vocab_size"], pre)
-    raise ValueError("a GGUF file carries its tokenizer: set ExportModel.source_gguf (copied) or "
+    raise ExportError("a GGUF file carries its tokenizer: set ExportModel.source_gguf (copied) or "
                      "ExportModel.tokenizer_dir (built from tokenizer.json)")
 
 
@@ -174,7 +175,7 @@ def gguf_name(hf_name: str) -> str:
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
         if m and m[2] in _LAYER:
             return f"blk.{m[1]}.{_LAYER[m[2]]}.{suffix}"
-    raise ValueError(f"{hf_name}: no tensor of llama.cpp's llama architecture corresponds to this name")
+    raise ExportError(f"{hf_name}: no tensor of llama.cpp's llama architecture corresponds to this name")
 
 
 def permute_qk(t: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
@@ -210,7 +211,7 @@ def _gguf_tensors(model: ExportModel, gguf_type: str, embedding_type: str, float
             continue  # tied: llama.cpp falls back to token_embd
         gname = gguf_name(hf)
         if gname in out:
-            raise ValueError(f"{hf}: given both as a float tensor and in model.linears")
+            raise ExportError(f"{hf}: given both as a float tensor and in model.linears")
         if (heads := qk_heads(hf, cfg)) is not None:
             t = permute_qk(t, heads)
         if t.ndim == 1:
@@ -232,12 +233,12 @@ def _check_tensors(tensors: dict, cfg: dict, vocab: int, tied: bool) -> None:
         for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                   "ffn_down")]
     if missing := [n for n in need if n not in tensors]:
-        raise ValueError(f"the model lacks tensors llama.cpp's llama loader needs: {missing[:8]}")
+        raise ExportError(f"the model lacks tensors llama.cpp's llama loader needs: {missing[:8]}")
     if "output.weight" not in tensors and not (tied or cfg.get("tie_word_embeddings", False)):
-        raise ValueError("the model has no lm_head and tie_word_embeddings is false")
+        raise ExportError("the model has no lm_head and tie_word_embeddings is false")
     rows = tensors["token_embd.weight"][0].shape[0]
     if rows != vocab:
-        raise ValueError(f"the tokenizer has {vocab} tokens but the embedding {rows} rows")
+        raise ExportError(f"the tokenizer has {vocab} tokens but the embedding {rows} rows")
 
 
 def _permute_linear(lin: ExportLinear, heads: int) -> ExportLinear:
@@ -249,7 +250,7 @@ def _float(name: str, t: torch.Tensor, kind: str) -> tuple[np.ndarray, gguf.GGML
     dtype = torch.float16 if kind == "F16" else torch.float32
     data = t.detach().to(torch.float32).to(dtype)
     if not torch.isfinite(data).all():
-        raise ValueError(f"{name}: values are not finite in {kind}: write float layers as F32 (float_type='F32')")
+        raise ExportError(f"{name}: values are not finite in {kind}: write float layers as F32 (float_type='F32')")
     return data.contiguous().numpy(), gguf.GGMLQuantizationType[kind]
 
 
@@ -257,7 +258,7 @@ def _embedding(hf: str, t: torch.Tensor, kind: str) -> tuple[np.ndarray, gguf.GG
     if kind != "Q8_0":
         return _float(hf, t, kind)
     if t.shape[-1] % QK:
-        raise ValueError(f"{hf}: width {t.shape[-1]} is not a multiple of 32: use embedding_type='F16'")
+        raise ExportError(f"{hf}: width {t.shape[-1]} is not a multiple of 32: use embedding_type='F16'")
     qtype = gguf.GGMLQuantizationType.Q8_0
     return gguf.quants.quantize(t.detach().to(torch.float32).numpy(), qtype), qtype
 
@@ -267,7 +268,7 @@ def _blocks(name: str, lin: ExportLinear, gguf_type: str) -> tuple:
     n, k = lin.q.shape
     group = k if lin.group_size is None else lin.group_size
     if k % QK or group % QK:
-        raise ValueError(f"{name}: GGUF {gguf_type} stores blocks of 32 input channels, but this layer has "
+        raise ExportError(f"{name}: GGUF {gguf_type} stores blocks of 32 input channels, but this layer has "
                          f"group_size {lin.group_size} over {k} inputs: quantize it with a group size that is a "
                          "multiple of 32 (32, 64, 128; per channel if the input size is one), or keep it in float")
     per = lambda t: t.to(torch.float32).reshape(n, k // group).repeat_interleave(group // QK, dim=1)  # noqa: E731
@@ -279,20 +280,20 @@ def _fp16(t: torch.Tensor, name: str, what: str, fix: str) -> torch.Tensor:
     half = t.to(torch.float16)
     if not torch.equal(half.to(torch.float32), t):
         bad = int((half.to(torch.float32) != t).sum())
-        raise ValueError(f"{name}: {bad} of {t.numel()} {what} are not exactly representable in fp16, and GGUF "
+        raise ExportError(f"{name}: {bad} of {t.numel()} {what} are not exactly representable in fp16, and GGUF "
                          f"stores them as fp16: {fix}")
     return half
 
 
 def _check_range(name: str, q: torch.Tensor, lo: int, hi: int, gguf_type: str) -> None:
     if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
-        raise ValueError(f"{name}: integers span [{int(q.min())}, {int(q.max())}], outside {gguf_type}'s "
+        raise ExportError(f"{name}: integers span [{int(q.min())}, {int(q.max())}], outside {gguf_type}'s "
                          f"[{lo}, {hi}]")
 
 
 def _need_bits(name: str, lin: ExportLinear, bits: int, gguf_type: str) -> None:
     if lin.bits > bits:
-        raise ValueError(f"{name}: {lin.bits}-bit weights do not fit {gguf_type} ({bits} bits): quantize this "
+        raise ExportError(f"{name}: {lin.bits}-bit weights do not fit {gguf_type} ({bits} bits): quantize this "
                          f"layer to {bits} bits or fewer, or export as Q8_0")
 
 
@@ -306,7 +307,7 @@ def pack_linear(name: str, lin: ExportLinear, gguf_type: str) -> tuple[np.ndarra
         _need_bits(name, lin, 8, gguf_type)
         if z is not None:  # (q - z) is an exact int8 when the zero points are integers
             if not torch.equal(z, z.round()):
-                raise ValueError(f"{name}: fractional zero points cannot be written as Q8_0 (d * q): quantize "
+                raise ExportError(f"{name}: fractional zero points cannot be written as Q8_0 (d * q): quantize "
                                  "symmetrically or with integer zero points (or to 4 bits and export as Q4_1)")
             q = q - z.to(torch.int16)[..., None]
         _check_range(name, q, -128, 127, gguf_type)
@@ -314,7 +315,7 @@ def pack_linear(name: str, lin: ExportLinear, gguf_type: str) -> tuple[np.ndarra
     _need_bits(name, lin, 4, gguf_type)
     if gguf_type == "Q4_0":
         if z is not None:
-            raise ValueError(f"{name}: Q4_0 holds symmetric weights (d * q) and this layer is asymmetric: "
+            raise ExportError(f"{name}: Q4_0 holds symmetric weights (d * q) and this layer is asymmetric: "
                              "export as Q4_1 or quantize it symmetrically")
         _check_range(name, q, -8, 7, gguf_type)
         return _pack(gguf_type, _fp16(s, name, "scales", _FP16_SCALES), _nibbles(q + 8))
@@ -387,7 +388,7 @@ def read_gguf_linear(source: str | Path | gguf.GGUFReader,
         return nib - 8, d, None
     if kind == "Q4_1":
         return nib, d, half(blocks[..., 2:4])
-    raise ValueError(f"{gguf_tensor} is {kind}, not Q8_0/Q4_0/Q4_1")
+    raise ExportError(f"{gguf_tensor} is {kind}, not Q8_0/Q4_0/Q4_1")
 
 
 def dequantize_gguf_tensor(source: str | Path | gguf.GGUFReader, gguf_tensor: str) -> torch.Tensor:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import gguf
 
+from qcompiler.core.errors import ExportError
+
 _T = gguf.GGUFValueType
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -49,7 +51,7 @@ def copy_from_gguf(writer: gguf.GGUFWriter, source: str | Path) -> int:
         if main == _T.ARRAY:
             sub = _T(field.types[-1])
             if len(field.types) != 2:
-                raise ValueError(f"{source}: {key} is a nested array, which this writer cannot copy")
+                raise ExportError(f"{source}: {key} is a nested array, which this writer cannot copy")
             if sub == _T.STRING:
                 value = [bytes(field.parts[i]) for i in field.data]
             else:
@@ -62,7 +64,7 @@ def copy_from_gguf(writer: gguf.GGUFWriter, source: str | Path) -> int:
         else:
             writer.add_key_value(key, field.contents(), main)
     if n_tokens is None:
-        raise ValueError(f"{source} has no tokenizer.ggml.tokens: cannot copy its tokenizer")
+        raise ExportError(f"{source} has no tokenizer.ggml.tokens: cannot copy its tokenizer")
     return n_tokens
 
 
@@ -71,11 +73,11 @@ def build_from_dir(writer: gguf.GGUFWriter, folder: str | Path, vocab_size: int,
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"{folder} has no tokenizer.json: the GGUF writer builds its vocabulary from it")
+        raise ExportError(f"{folder} has no tokenizer.json: the GGUF writer builds its vocabulary from it")
     tok = json.loads(path.read_text(encoding="utf-8"))
     bpe = tok["model"]
     if bpe.get("type") != "BPE":
-        raise ValueError(f"{path}: tokenizer model {bpe.get('type')!r} is not supported; supported: BPE "
+        raise ExportError(f"{path}: tokenizer model {bpe.get('type')!r} is not supported; supported: BPE "
                          "(SentencePiece byte-fallback -> 'llama', byte-level -> 'gpt2')")
     spm = bool(bpe.get("byte_fallback")) and (tok.get("decoder") or {}).get("type") == "Sequence"
     tokens, types = _vocab(tok, vocab_size, spm)
@@ -157,6 +159,6 @@ def _infer_pre(tok: dict, path: Path) -> str:
         return "smollm"  # SmolLM / StarCoder: single digits, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get("Regex") == _LLAMA3_REGEX:
         return "llama-bpe"  # Llama 3
-    raise ValueError(f"{path}: cannot tell llama.cpp's pre-tokenizer for pre_tokenizer {json.dumps(pt)[:200]}; "
+    raise ExportError(f"{path}: cannot tell llama.cpp's pre-tokenizer for pre_tokenizer {json.dumps(pt)[:200]}; "
                      "pass tokenizer_pre= (a tokenizer.ggml.pre name, e.g. 'llama-bpe', 'qwen2', 'gpt-2') "
                      "or set model.source_gguf to copy the tokenizer of an existing GGUF")
