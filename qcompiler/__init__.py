@@ -5,6 +5,10 @@
         logits = compiled(input_ids).logits
     print(qcompiler.last_report())
 
+    # generation: Hugging Face's generate() on the quantized graphs (a static KV cache)
+    quantized = qcompiler.compile(model, "w8a8-dynamic")
+    out = quantized.generate(input_ids, max_new_tokens=64)
+
 Layout (imports point down only): ``qcompiler.tools`` (CLI, evaluation, benchmarks, reports, export)
 -> the composition root (``backend``, ``pipeline``, ``plan``, ``report``, ``dump``, ``artifact``,
 ``calibration``) -> ``qcompiler.passes`` / ``qcompiler.lowering`` -> ``qcompiler.config`` ->
@@ -30,6 +34,7 @@ from qcompiler.config import (
 from qcompiler.core import __version__, primitives  # noqa: F401  (primitives registers the qcompiler:: ops)
 from qcompiler.report import clear_reports, last_report, reports
 from qcompiler.tools.compare import compare
+from qcompiler.tools.generate import compile  # noqa: A004  (qcompiler.compile, as torch.compile)
 from qcompiler.tools.quantize import load
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "calibrate",
     "clear_reports",
     "compare",
+    "compile",
     "last_report",
     "load",
     "primitives",

@@ -7,7 +7,7 @@ LLM.int8(), GPTQ, AWQ, HQQ), ``recipe`` (:class:`Recipe`), ``presets`` (named re
 
 from qcompiler.config.methods import AWQ, GPTQ, HQQ, ROUNDINGS, MixedInt8, OutlierSplit, SmoothQuant
 from qcompiler.config.options import KERNEL_CHOICES, BackendOptions, needs_stats_message
-from qcompiler.config.presets import DEFAULT_RECIPE, PRESETS, resolve_recipe
+from qcompiler.config.presets import DEFAULT_RECIPE, LM_HEAD_INT8, PRESETS, resolve_recipe, with_int8_lm_head
 from qcompiler.config.recipe import Recipe
 from qcompiler.config.schemes import (
     ACTIVATION_GRANULARITIES,
@@ -23,5 +23,5 @@ __all__ = [
     "ACTIVATION_GRANULARITIES", "AWQ", "DEFAULT_RECIPE", "GPTQ", "HQQ", "KERNEL_CHOICES", "PRESETS", "ROUNDINGS",
     "WEIGHT_GRANULARITIES", "ActivationScheme", "BackendOptions", "LayerOverride", "LayerScheme", "MixedInt8",
     "OutlierSplit", "Recipe", "SmoothQuant", "WeightScheme", "needs_stats_message", "recipe_from_json",
-    "recipe_to_json", "resolve_recipe",
+    "recipe_to_json", "resolve_recipe", "with_int8_lm_head", "LM_HEAD_INT8",
 ]
