@@ -6,6 +6,8 @@
     qcompiler eval --model smollm2-135m --recipe w8a8-static --stats stats/
     qcompiler explain --model smollm2-135m --recipe w8a8-smoothquant
     qcompiler quantize --model smollm2-135m --recipe w8a8-ocs-llm-int8 --out smol-int8/
+    qcompiler generate --model smollm2-135m --recipe w8a8-dynamic --prompt "The capital of France is" --compare-float
+    qcompiler export --model smollm2-135m --recipe w8a8-dynamic --format compressed-tensors --out smol-w8a8/
     qcompiler bench kernels
 """
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompiler", description="Post-training quantization compiler for PyTorch LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_args(sub.add_parser("eval", help="float vs quantized: perplexity, KL, top-1, size, latency"), demo=False)
-    _add_eval_args(sub.add_parser("demo", help="eval SmolLM2-135M with w8a8-dynamic on WikiText-2"), demo=True)
+    _add_eval_args(sub.add_parser("demo", help="eval SmolLM2-135M with w8a8-dynamic on WikiText-2, then generate"), demo=True)
     cal = sub.add_parser("calibrate", help="gather activation statistics for static recipes")
     cal.add_argument("--model", required=True, help=MODEL_HELP)
     cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
@@ -89,19 +91,57 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
     explain.add_argument("--top", type=int, default=5, help="worst layers to attribute by keeping each in float")
     explain.add_argument("--no-errors", action="store_true", help="print the plan only, skip the error table")
-    bench = sub.add_parser("bench", help="time qcompiler's kernels against their float baselines")
-    bench.add_argument("what", choices=["kernels"], help="what to benchmark")
+    from qcompiler.tools.export import command as export_command
+
+    export_command.add_arguments(sub.add_parser("export", help="write a compressed-tensors folder (vLLM, transformers) "
+                                                "or a GGUF file (llama.cpp)"), MODEL_HELP, ", ".join(sorted(PRESETS)))
+    _add_generate_parser(sub.add_parser("generate", help="stream text from the quantized model; prefill and decode tokens/s"))
+    _add_bench_parser(sub.add_parser("bench", help="time qcompiler's kernels, or generation, against their float baselines"))
+    return parser
+
+def _add_generate_parser(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    source.add_argument("--artifact", default=None, help="a folder written by `qcompiler quantize` (brings its recipe)")
+    _add_calibration_args(gen, "--calib-text")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", default=None, help="the prompt text")
+    prompt.add_argument("--prompt-file", default=None, help="a UTF-8 text file holding the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    gen.add_argument("--compare-float", action="store_true", help="also generate with the float model and compare")
+    gen.add_argument("--max-cache-len", type=int, default=None, help="KV cache positions (default: min(context, 1024))")
+    gen.add_argument("--json", dest="json_out", default=None, help="write the text and timings to this JSON file")
+    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    gen.add_argument("--lm-head", choices=["int8", "recipe"], default="int8",
+                     help="int8 (default): int8 weights per channel for an LM head the recipe keeps float; recipe: as is")
+
+
+def _add_bench_parser(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("what", choices=["kernels", "generate"],
+                       help="kernels: each GEMM against float; generate: prefill/decode tokens/s of whole models")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--shapes", default=None,
                        help="comma-separated MxNxK list (default: SmolLM2's layers and 4096x4096 at M=1,16,512; "
                             "on CUDA also 4096x4096x4096)")
-    bench.add_argument("--repeats", type=int, default=30, help="interleaved timing repeats (median reported)")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="interleaved timing repeats, median reported (default: kernels 30, generate 5)")
+    bench.add_argument("--model", default="smollm2-135m", help=f"generate: {MODEL_HELP} (default smollm2-135m)")
+    bench.add_argument("--recipes", nargs="+", default=["w8a8-dynamic", "w4a16-rtn"], help="generate: recipes to time")
+    bench.add_argument("--llama-cpp", default=None, metavar="BIN_DIR",
+                       help="generate: llama.cpp's bin folder (../shared/tools/build-llama-cpp.sh prints it) to add "
+                            "llama-bench rows for Q8_0/Q4_0 GGUFs made from the model's GGUF with llama-quantize")
+    bench.add_argument("--prefill", type=int, default=512, help="generate: prompt tokens of the prefill test (512)")
+    bench.add_argument("--depth", type=int, default=128, help="generate: context before the decode test (128)")
+    bench.add_argument("--decode", type=int, default=64, help="generate: tokens of the decode test (64)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
     bench.add_argument("--peak-gbps", type=float, default=None,
                        help="peak memory bandwidth in GB/s for the w4a16 rows' %%peak column (default: looked up "
                             "from the CUDA device's name; none on CPU)")
-    return parser
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -222,15 +262,28 @@ def run_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = _parse_shapes(args.shapes) if args.shapes else None  # None: the device's defaults
-    result = bench.bench_kernels(args.device, shapes, repeats=args.repeats, peak_gbps=args.peak_gbps,
-                                 progress=lambda s: print(f"timing {s} ...", file=sys.stderr))
-    print(bench.format_table(result))
+    progress = lambda s: print(f"timing {s} ...", file=sys.stderr)  # noqa: E731
+    if args.what == "generate":
+        from qcompiler.tools import bench_generate
+
+        result = bench_generate.run_cli(args, _calibrate, progress)
+        print(bench_generate.format_table(result))
+    else:
+        shapes = _parse_shapes(args.shapes) if args.shapes else None  # None: the device's defaults
+        result = bench.bench_kernels(args.device, shapes, repeats=args.repeats or 30, peak_gbps=args.peak_gbps,
+                                     progress=progress)
+        print(bench.format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
+
+
+def run_generate(args) -> int:
+    from qcompiler.tools import chat
+
+    return chat.run_cli(args, _calibrate)
 
 
 def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int, channel_bins: int = 0):
@@ -295,15 +348,33 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     return 0
 
 
+def run_demo(args) -> int:
+    from qcompiler.tools import chat
+
+    code = run_eval(args, "smollm2-135m", "w8a8-dynamic", None, "fast")
+    if code == 0:
+        timing = chat.run_demo_generation("smollm2-135m", "w8a8-dynamic")
+        if args.json_out:
+            result = json.loads(Path(args.json_out).read_text())
+            Path(args.json_out).write_text(json.dumps({**result, "generation": timing.to_json()}, indent=2))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
             return run_eval(args, args.model, args.recipe, args.text, args.kernels)
         if args.command == "demo":
-            return run_eval(args, "smollm2-135m", "w8a8-dynamic", None, "fast")
+            return run_demo(args)
         if args.command == "calibrate":
             return run_calibrate(args)
+        if args.command == "export":
+            from qcompiler.tools.export import command as export_command
+
+            return export_command.run(args, _calibrate, _example_batch)
+        if args.command == "generate":
+            return run_generate(args)
         if args.command == "bench":
             return run_bench(args)
         if args.command == "explain":

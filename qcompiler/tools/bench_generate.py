@@ -1,0 +1,163 @@
+"""``qcompiler bench generate``: prefill and decode tokens/s of float, float Inductor, qcompiler's recipes
+and, when given its bin folder, llama.cpp's ``llama-bench`` on Q8_0 / Q4_0 GGUFs of the same model, all in
+one run on one machine.
+
+The tests are llama-bench's: prefill is a prompt of ``prefill`` tokens into an empty cache (its ``pp512``);
+decode is ``decode`` new tokens, one at a time, after a context of ``depth`` tokens (its ``tg64 @ d128``).
+Our models run Hugging Face's ``generate()`` (a static cache from :func:`qcompiler.compile`; the eager
+float model its default dynamic cache), timed by the streamer; the candidates take turns, repeat after
+repeat, and the median of each is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qcompiler.core.errors import ConfigError, InputFileError
+
+LLAMA_TYPES = ("Q8_0", "Q4_0")
+
+
+def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: int) -> dict[str, object]:
+    import qcompiler
+    from qcompiler.tools import generate
+
+    model = loaded.model
+    models = {"float (eager)": model,
+              "float (Inductor)": generate.with_static_generate(
+                  model, generate.CompiledForward(model.forward, None, backend="inductor"), max_cache_len)}
+    for name in recipes:
+        models[name] = qcompiler.compile(model, name, stats=stats_for(name), max_cache_len=max_cache_len)
+    return models
+
+
+def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, depth: int, decode: int,
+               repeats: int, progress: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+    """Median prefill and decode tokens/s of the float model (eager, Inductor) and each recipe."""
+    from qcompiler.tools import chat
+
+    vocab = loaded.model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(10, vocab, (1, prefill), generator=generator)
+    context = torch.randint(10, vocab, (1, depth), generator=generator)
+    models = _generators(loaded, recipes, stats_for, max(prefill + 1, depth + decode) + 1)
+    runs: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
+    for round_ in range(repeats + 1):  # round 0 compiles and warms up
+        for name, model in models.items():
+            progress(f"{name}: round {round_}/{repeats}")
+            p = chat.generate_timed(model, loaded, long_prompt, 1, 0.0, echo=False)
+            d = chat.generate_timed(model, loaded, context, decode + 1, 0.0, echo=False, min_new_tokens=decode + 1)
+            if round_:
+                runs[name]["prefill"].append(p.prefill_tokens_per_s)
+                runs[name]["decode"].append(d.decode_tokens_per_s)
+    return {name: {"prefill_tokens_per_s": statistics.median(r["prefill"]),
+                   "decode_tokens_per_s": statistics.median(r["decode"])} for name, r in runs.items()}
+
+
+def find_llama_tools(bin_dir: str | Path) -> dict[str, Path]:
+    folder = Path(bin_dir)
+    tools = {name: folder / name for name in ("llama-bench", "llama-quantize")}
+    missing = [name for name, path in tools.items() if not (path.is_file() and os.access(path, os.X_OK))]
+    if missing:
+        raise InputFileError(f"{folder} has no {' or '.join(missing)}: give llama.cpp's bin folder "
+                             "(../shared/tools/build-llama-cpp.sh builds it and prints where it is)")
+    return tools
+
+
+def make_ggufs(tools: dict[str, Path], source: Path, out_dir: Path, types=LLAMA_TYPES) -> dict[str, Path]:
+    """``llama-quantize --allow-requantize`` of ``source`` into each of ``types`` (kept if already made)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for kind in types:
+        target = out_dir / f"{source.stem}-{kind}.gguf"
+        if not target.is_file():
+            partial = target.with_suffix(".gguf.partial")
+            subprocess.run([str(tools["llama-quantize"]), "--allow-requantize", str(source), str(partial), kind],
+                           check=True, capture_output=True)
+            partial.replace(target)  # complete or absent
+        made[kind] = target
+    return made
+
+
+def bench_llama(tools: dict[str, Path], gguf: Path, prefill: int, depth: int, decode: int, threads: int,
+                repeats: int) -> dict[str, float]:
+    """llama-bench's prefill (pp, depth 0) and decode (tg at ``depth``) tokens/s of ``gguf``."""
+    result = {}
+    for key, args in (("prefill_tokens_per_s", ["-p", str(prefill), "-n", "0"]),
+                      ("decode_tokens_per_s", ["-p", "0", "-n", str(decode), "-d", str(depth)])):
+        cmd = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(threads), "-r", str(repeats), "-o", "json", *args]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows = json.loads(done.stdout)
+        result[key] = float(rows[0]["avg_ts"])
+    return result
+
+
+def bench_generate(loaded, recipes: list[str], stats_for: Callable, *, prefill: int = 512, depth: int = 128,
+                   decode: int = 64, repeats: int = 5, llama_cpp: str | None = None, gguf_source: Path | None = None,
+                   work_dir: Path | None = None, threads: int | None = None,
+                   progress: Callable[[str], None] = lambda s: None) -> dict:
+    from qcompiler.tools.timing import machine_name
+
+    if min(prefill, depth, decode, repeats) < 1:
+        raise ConfigError("--prefill, --depth, --decode and --repeats must each be at least 1")
+    tools = find_llama_tools(llama_cpp) if llama_cpp else None  # a wrong folder fails before any timing
+    if tools is not None and gguf_source is None:
+        raise ConfigError(f"{loaded.name} has no GGUF file to make llama.cpp's Q8_0/Q4_0 from; give a .gguf model")
+    threads = threads or torch.get_num_threads()
+    rows = bench_ours(loaded, recipes, stats_for, prefill, depth, decode, repeats, progress)
+    llama: dict[str, dict] | None = None
+    if tools is not None:
+        ggufs = make_ggufs(tools, gguf_source, work_dir or Path.home() / ".cache" / "qcompiler" / "gguf")
+        llama = {}
+        for kind, path in ggufs.items():
+            progress(f"llama.cpp {kind}")
+            llama[f"llama.cpp {kind}"] = bench_llama(tools, path, prefill, depth, decode, threads, repeats)
+        rows.update(llama)
+    return {"model": loaded.name, "machine": machine_name(), "threads": threads, "prefill": prefill, "depth": depth,
+            "decode": decode, "repeats": repeats, "rows": rows,
+            "llama_cpp": None if tools is None else str(llama_cpp),
+            "missing": None if tools is not None else "llama.cpp (give --llama-cpp BIN_DIR to add its rows)"}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']} on {result['machine']}, {result['threads']} threads; prefill {result['prefill']} "
+             f"tokens, decode {result['decode']} tokens at depth {result['depth']}; median of {result['repeats']}",
+             f"{'':<20} {'prefill tok/s':>14} {'decode tok/s':>13}"]
+    for name, row in result["rows"].items():
+        lines.append(f"{name:<20} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
+    if result["missing"]:
+        lines.append(f"missing: {result['missing']}")
+    return "\n".join(lines)
+
+
+def run_cli(args, calibrate, progress: Callable[[str], None]) -> dict:
+    """`qcompiler bench generate` (``calibrate(loaded, recipe, text, samples, seq_len)`` for static recipes)."""
+    from qcompiler.config import resolve_recipe
+    from qcompiler.tools import models
+
+    recipes = [resolve_recipe(name) for name in args.recipes]  # an unknown name fails before loading
+    if min(args.prefill, args.depth, args.decode, args.repeats or 5) < 1:
+        raise ConfigError("--prefill, --depth, --decode and --repeats must each be at least 1")
+    tools = find_llama_tools(args.llama_cpp) if args.llama_cpp else None
+    loaded = models.load_model(args.model)
+    source = models.gguf_path(args.model)
+    if tools is not None and source is None:
+        raise ConfigError(f"{args.model} is not a GGUF model: llama.cpp's rows need one (e.g. smollm2-135m)")
+    stats = {}
+
+    def stats_for(name: str):
+        recipe = resolve_recipe(name)
+        if recipe.needs_calibration and name not in stats:
+            stats[name] = calibrate(loaded, recipe, None, 32, 512)
+        return stats.get(name)
+
+    return bench_generate(loaded, [r.name for r in recipes], stats_for, prefill=args.prefill, depth=args.depth,
+                          decode=args.decode, repeats=args.repeats or 5, llama_cpp=args.llama_cpp, gguf_source=source,
+                          threads=args.threads, progress=progress)
