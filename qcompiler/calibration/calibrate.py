@@ -20,6 +20,7 @@ from qcompiler.calibration.stats import CalibrationStats
 from qcompiler.config import Recipe, resolve_recipe
 from qcompiler.core import __version__, capture
 from qcompiler.core.errors import CalibrationError, ConfigError, QCompilerError
+from qcompiler.core.files import read_text
 from qcompiler.core.histogram import DEFAULT_BINS
 from qcompiler.passes.insert_observers import insert_observers
 from qcompiler.passes.weight_rounding import sequential
@@ -167,7 +168,7 @@ def _observe(model, batches: list, steps, bins: int, sample_rows: int, progress:
 
 def text_batches(tokenizer, path: str | Path, samples: int, seq_len: int, add_bos: bool = False) -> list[torch.Tensor]:
     """``samples`` consecutive, non-overlapping windows of ``seq_len`` tokens from a text file, as [1, T] tensors."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path, "calibration text")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     body = seq_len - 1 if add_bos else seq_len
     need = samples * body

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from qcompiler.core.errors import ConfigError, InputFileError
+from qcompiler.core.errors import ConfigError
+from qcompiler.core.files import read_text
 
 
 @dataclasses.dataclass
@@ -114,13 +115,7 @@ def format_timings(rows: dict[str, GenerationTiming]) -> str:
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise InputFileError(f"prompt file {path} not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputFileError(f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return read_text(args.prompt_file, "prompt file")
 
 
 def run_cli(args, calibrate) -> int:
@@ -132,8 +127,6 @@ def run_cli(args, calibrate) -> int:
     from qcompiler.config import resolve_recipe
     from qcompiler.tools import generate, models
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     prompt_text = _read_prompt(args)

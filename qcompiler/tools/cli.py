@@ -13,135 +13,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from qcompiler.config import PRESETS, BackendOptions
-from qcompiler.core.errors import ConfigError, InputFileError, QCompilerError
-
-MODEL_HELP = "alias (smollm2-135m, stories260k, minilm-l6), HF folder or .gguf file"
-
-
-def _add_calibration_args(p: argparse.ArgumentParser, text_flag: str) -> None:
-    p.add_argument(text_flag, dest="calib_text", default=None,
-                   help="calibration text (default: <data>/wikitext-2/valid.txt)")
-    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-
-
-def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
-    if not demo:
-        p.add_argument("--model", required=True, help=MODEL_HELP)
-        p.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
-        p.add_argument("--text", default=None, help="evaluation text (default: <data>/wikitext-2-raw/wiki.test.raw)")
-        p.add_argument("--kernels", default="fast", choices=["fast", "reference"])
-        p.add_argument("--stats", default=None,
-                       help="calibration folder for static recipes (default: calibrate now on --calib-text)")
-        _add_calibration_args(p, "--calib-text")
-    p.add_argument("--tokens", type=int, default=20480, help="tokens of the text to score (default 20480)")
-    p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
-    p.add_argument("--repeats", type=int, default=10, help="timing repeats (median is reported)")
-    p.add_argument("--inductor-baseline", action="store_true",
-                   help="also time the float model compiled by Inductor (separates int8 gains from fusion)")
-    p.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompiler", description="Post-training quantization compiler for PyTorch LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_eval_args(sub.add_parser("eval", help="float vs quantized: perplexity, KL, top-1, size, latency"), demo=False)
-    _add_eval_args(sub.add_parser("demo", help="eval SmolLM2-135M with w8a8-dynamic on WikiText-2, then generate"), demo=True)
-    cal = sub.add_parser("calibrate", help="gather activation statistics for static recipes")
-    cal.add_argument("--model", required=True, help=MODEL_HELP)
-    cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
-    _add_calibration_args(cal, "--text")
-    cal.add_argument("--out", required=True, help="folder to write the statistics to")
-    cal.add_argument("--channel-bins", type=int, default=0,
-                     help="also keep a histogram per input channel with this many bins (e.g. 1024) for per-channel "
-                          "percentile/MSE/KL ranges (default 0: per-channel min/max and moving averages only)")
-    quant = sub.add_parser("quantize", help="quantize a model and save the artifact (weights + manifest)")
-    quant.add_argument("--model", required=True, help=MODEL_HELP)
-    quant.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
-    quant.add_argument("--out", required=True, help="artifact folder to write")
-    quant.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
-    _add_calibration_args(quant, "--calib-text")
-    quant.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
-    quant.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
-    rep = sub.add_parser("report", help="an HTML page with plots: outliers, per-layer SQNR, perplexity vs bits")
-    rep.add_argument("--model", required=True, help=MODEL_HELP)
-    rep.add_argument("--recipe", default="w8a8-smoothquant", help=f"preset: {', '.join(sorted(PRESETS))}")
-    rep.add_argument("--out", required=True, help="folder for index.html and the PNGs")
-    rep.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
-    _add_calibration_args(rep, "--calib-text")
-    rep.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
-    rep.add_argument("--tokens", type=int, default=2048,
-                     help="tokens of the evaluation text for the perplexity plot (default 2048)")
-    rep.add_argument("--recipes", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"],
-                     help="calibration-free recipes to place on the perplexity/bits plot beside --recipe")
-    explain = sub.add_parser("explain", help="the plan per layer (scheme, bpw, transforms, kernel) and the error table")
-    explain.add_argument("--model", required=True, help=MODEL_HELP)
-    explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
-    explain.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
-    _add_calibration_args(explain, "--calib-text")
-    explain.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
-    explain.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
-    explain.add_argument("--top", type=int, default=5, help="worst layers to attribute by keeping each in float")
-    explain.add_argument("--no-errors", action="store_true", help="print the plan only, skip the error table")
-    from qcompiler.tools.export import command as export_command
-
-    export_command.add_arguments(sub.add_parser("export", help="write a compressed-tensors folder (vLLM, transformers) "
-                                                "or a GGUF file (llama.cpp)"), MODEL_HELP, ", ".join(sorted(PRESETS)))
-    _add_generate_parser(sub.add_parser("generate", help="stream text from the quantized model; prefill and decode tokens/s"))
-    _add_bench_parser(sub.add_parser("bench", help="time qcompiler's kernels, or generation, against their float baselines"))
-    return parser
-
-def _add_generate_parser(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("--model", required=True, help=MODEL_HELP)
-    gen.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
-    source = gen.add_mutually_exclusive_group()
-    source.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
-    source.add_argument("--artifact", default=None, help="a folder written by `qcompiler quantize` (brings its recipe)")
-    _add_calibration_args(gen, "--calib-text")
-    prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", default=None, help="the prompt text")
-    prompt.add_argument("--prompt-file", default=None, help="a UTF-8 text file holding the prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    gen.add_argument("--compare-float", action="store_true", help="also generate with the float model and compare")
-    gen.add_argument("--max-cache-len", type=int, default=None, help="KV cache positions (default: min(context, 1024))")
-    gen.add_argument("--json", dest="json_out", default=None, help="write the text and timings to this JSON file")
-    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    gen.add_argument("--lm-head", choices=["int8", "recipe"], default="int8",
-                     help="int8 (default): int8 weights per channel for an LM head the recipe keeps float; recipe: as is")
-
-
-def _add_bench_parser(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("what", choices=["kernels", "generate"],
-                       help="kernels: each GEMM against float; generate: prefill/decode tokens/s of whole models")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    bench.add_argument("--shapes", default=None,
-                       help="comma-separated MxNxK list (default: SmolLM2's layers and 4096x4096 at M=1,16,512; "
-                            "on CUDA also 4096x4096x4096)")
-    bench.add_argument("--repeats", type=int, default=None,
-                       help="interleaved timing repeats, median reported (default: kernels 30, generate 5)")
-    bench.add_argument("--model", default="smollm2-135m", help=f"generate: {MODEL_HELP} (default smollm2-135m)")
-    bench.add_argument("--recipes", nargs="+", default=["w8a8-dynamic", "w4a16-rtn"], help="generate: recipes to time")
-    bench.add_argument("--llama-cpp", default=None, metavar="BIN_DIR",
-                       help="generate: llama.cpp's bin folder (../shared/tools/build-llama-cpp.sh prints it) to add "
-                            "llama-bench rows for Q8_0/Q4_0 GGUFs made from the model's GGUF with llama-quantize")
-    bench.add_argument("--prefill", type=int, default=512, help="generate: prompt tokens of the prefill test (512)")
-    bench.add_argument("--depth", type=int, default=128, help="generate: context before the decode test (128)")
-    bench.add_argument("--decode", type=int, default=64, help="generate: tokens of the decode test (64)")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    bench.add_argument("--json", dest="json_out", default=None, help="write every number to this JSON file")
-    bench.add_argument("--peak-gbps", type=float, default=None,
-                       help="peak memory bandwidth in GB/s for the w4a16 rows' %%peak column (default: looked up "
-                            "from the CUDA device's name; none on CPU)")
+from qcompiler.config import BackendOptions
+from qcompiler.core.errors import ConfigError, QCompilerError
+from qcompiler.core.files import read_text
+from qcompiler.tools import cli_args
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -183,6 +62,10 @@ def run_explain(args) -> int:
     from qcompiler.tools import models
 
     recipe = resolve_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder (an older artifact's "
+                          "files would be left beside the new ones)")
     loaded = models.load_model(args.model)
     stats = args.stats
     if stats is None and recipe.needs_calibration:
@@ -213,6 +96,10 @@ def run_quantize(args) -> int:
     from qcompiler.tools import models, quantize
 
     recipe = resolve_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder (an older artifact's "
+                          "files would be left beside the new ones)")
     loaded = models.load_model(args.model)
     stats = args.stats
     if stats is None and recipe.needs_calibration:
@@ -235,14 +122,14 @@ def run_report(args) -> int:
     from qcompiler.tools import models, report_html
 
     recipe = resolve_recipe(args.recipe)
+    others = {name: (resolve_recipe(name), None) for name in args.recipes}  # checked before any work
+    bad = [name for name, (r, _) in others.items() if r.needs_calibration]
+    if bad:
+        raise ConfigError(f"--recipes takes calibration-free recipes only; {bad} need statistics")
     loaded = models.load_model(args.model)
     stats = resolve_stats(args.stats)
     if stats is None and recipe.needs_calibration:
         stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
-    others = {name: (resolve_recipe(name), None) for name in args.recipes}
-    bad = [name for name, (r, _) in others.items() if r.needs_calibration]
-    if bad:
-        raise ConfigError(f"--recipes takes calibration-free recipes only; {bad} need statistics")
     batch = _example_batch(loaded, args.text, 256)
     torch._dynamo.reset()
     qcompiler.clear_reports()
@@ -291,8 +178,7 @@ def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int
     from qcompiler.tools import models
 
     path = Path(text) if text else models.default_calibration_text()
-    if not path.is_file():
-        raise InputFileError(f"calibration text {path} not found (give it, or set QCOMPILER_DATA)")
+    read_text(path, "calibration text")  # missing, a folder, binary: said now, before the model runs
     batches = text_batches(loaded.tokenizer, path, samples, seq_len, add_bos=loaded.add_bos)
     print(f"calibrating on {samples} x {seq_len} tokens of {path} ...", file=sys.stderr)
     return calibrate(loaded.model, batches, recipe, channel_bins=channel_bins)
@@ -304,9 +190,23 @@ def run_calibrate(args) -> int:
     loaded = models.load_model(args.model)
     stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len, args.channel_bins)
     stats.save(args.out)
-    print(f"wrote statistics of {len(stats.activations)} layers to {args.out} "
+    rounded = f", {len(stats.weights)} layers' weights rounded" if stats.weights else ""
+    print(f"wrote statistics of {len(stats.activations)} layers{rounded} to {args.out} "
           f"({stats.info['tokens']} tokens in {stats.info['seconds']} s)")
     return 0
+
+
+def _window(loaded, asked: int | None) -> int:
+    """The scoring window: ``asked`` checked against the model's context (with the BOS token each window
+    gets if the model takes one), or by default 512 tokens or what the context leaves."""
+    context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    bos = 1 if loaded.add_bos else 0
+    if asked is None:
+        return 512 if context is None else min(512, context - bos)
+    if context is not None and asked + bos > context:
+        raise ConfigError(f"--window {asked}{' plus the BOS token' if bos else ''} is more than {loaded.name}'s "
+                          f"context of {context} positions: give --window {context - bos} or less")
+    return asked
 
 
 def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> int:
@@ -319,9 +219,7 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     from qcompiler.config import resolve_recipe
 
     text_path = Path(text) if text else models.default_text()
-    if not text_path.is_file():
-        print(f"qcompiler: text file {text_path} not found (give --text or set QCOMPILER_DATA)", file=sys.stderr)
-        return 2
+    read_text(text_path, "text file")  # missing, a folder, binary: said before the model is loaded
     resolved = resolve_recipe(recipe)
     print(f"loading {model} ...", file=sys.stderr)
     loaded = models.load_model(model)
@@ -333,7 +231,11 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
         stats = _calibrate(loaded, resolved, args.calib_text, args.samples, args.seq_len)
         calibration_seconds = stats.info["seconds"]
     options = BackendOptions(recipe=resolved, kernels=kernels, stats=stats)
-    cfg = evaluate.EvalConfig(tokens=args.tokens, window=args.window, speed=not args.no_speed,
+    window = _window(loaded, args.window)
+    if args.tokens < window:
+        raise ConfigError(f"--tokens {args.tokens} is fewer than one window of {window}: give more tokens or a "
+                          "shorter --window")
+    cfg = evaluate.EvalConfig(tokens=args.tokens, window=window, speed=not args.no_speed,
                               speed_repeats=args.repeats, inductor_baseline=args.inductor_baseline)
     result = evaluate.evaluate(loaded, options, text_path, cfg)
     if options.stats is not None:
@@ -361,8 +263,9 @@ def run_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli_args.build_parser().parse_args(argv)
     try:
+        cli_args.check_numbers(args)
         if args.command == "eval":
             return run_eval(args, args.model, args.recipe, args.text, args.kernels)
         if args.command == "demo":

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from qcompiler import report as report_mod
 from qcompiler.config import BackendOptions
+from qcompiler.core.errors import ConfigError
+from qcompiler.core.files import read_text
 from qcompiler.tools.metrics import next_token_divergence, nll
 from qcompiler.tools.models import LoadedModel
 from qcompiler.tools.timing import time_interleaved
@@ -70,10 +72,11 @@ class EvalResult:
 
 
 def read_tokens(path: Path, tokenizer, limit: int) -> torch.Tensor:
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path, "text file")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if len(ids) < limit:
-        raise ValueError(f"{path} has only {len(ids)} tokens, fewer than the {limit} asked for")
+        raise ConfigError(f"{path} has only {len(ids)} tokens, fewer than the {limit} asked for: ask for fewer "
+                          "(--tokens) or give a longer text")
     return torch.tensor(ids[:limit], dtype=torch.long)
 
 

@@ -34,7 +34,7 @@ def data_dir() -> Path:
     env = os.environ.get("QCOMPILER_DATA")
     if env:
         return Path(env)
-    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()

@@ -75,3 +75,86 @@ def test_calibrate_channel_bins_writes_per_channel_histograms(tmp_path, capsys):
     assert cli.main(["calibrate", "--model", "stories260k", "--out", str(tmp_path / "bad"),
                      "--samples", "1", "--seq-len", "16", "--channel-bins", "100"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+NUMERIC = [  # (command, option): each is checked before any work
+    (["eval", "--model", "stories260k"], o) for o in ("--tokens", "--window", "--repeats", "--samples", "--seq-len",
+                                                      "--threads")
+] + [(["calibrate", "--model", "stories260k", "--out", "x"], o) for o in ("--samples", "--seq-len", "--channel-bins")] + [
+    (["quantize", "--model", "stories260k", "--out", "x"], "--tokens"),
+    (["explain", "--model", "stories260k"], "--top"),
+    (["generate", "--model", "stories260k", "--prompt", "hi"], "--max-new-tokens"),
+    (["generate", "--model", "stories260k", "--prompt", "hi"], "--max-cache-len"),
+    (["bench", "kernels"], "--repeats"),
+    (["bench", "generate", "--model", "stories260k"], "--prefill"),
+]
+
+
+@pytest.mark.parametrize("command,option", NUMERIC)
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_numeric_options_below_their_least_value_are_clear_errors(command, option, value, capsys, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if option in ("--top", "--channel-bins") and value == "0":
+        pytest.skip("0 is a valid value (no attribution / no per-channel histograms)")
+    assert cli.main([*command, option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be at least" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--model", "stories260k", "--threads", "1000000000"], "--threads 1000000000 is more than"),
+    (["eval", "--model", "stories260k", "--window", "4096", "--no-speed"], "more than stories260k's context of 512"),
+    (["eval", "--model", "stories260k", "--window", "512", "--no-speed"], "plus the BOS token"),
+    (["eval", "--model", "stories260k", "--tokens", "100", "--window", "128", "--no-speed"], "fewer than one window"),
+    (["eval", "--model", "stories260k", "--tokens", "1000000000000", "--no-speed"], "fewer than the 1000000000000"),
+    (["calibrate", "--model", "stories260k", "--out", "s", "--seq-len", "1000000000"], "fewer than"),
+    (["generate", "--model", "stories260k", "--prompt", "hi", "--max-new-tokens", "1000000000"], "KV cache holds"),
+])
+def test_huge_numeric_values_are_clear_errors(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_text_that_is_a_folder_or_binary_is_named(tmp_path, capsys):
+    assert cli.main(["eval", "--model", "stories260k", "--text", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert cli.main(["eval", "--model", "stories260k", "--text", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert str(binary) in err and "is not UTF-8 text" in err
+    assert cli.main(["calibrate", "--model", "stories260k", "--out", str(tmp_path / "s"), "--text", str(binary)]) == 2
+    assert "calibration text" in capsys.readouterr().err
+
+
+def test_quantize_refuses_an_occupied_folder_before_any_work(tmp_path, capsys):
+    out = tmp_path / "old"
+    (out / "stats").mkdir(parents=True)
+    assert cli.main(["quantize", "--model", "no-such-model", "--out", str(out)]) == 2  # before the model loads
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert (out / "stats").is_dir()
+
+
+def test_report_checks_its_recipes_before_calibrating(tmp_path, capsys):
+    assert cli.main(["report", "--model", "stories260k", "--recipe", "w8a8-static", "--out", str(tmp_path / "r"),
+                     "--calib-text", str(tmp_path / "absent.txt"), "--recipes", "w8a8-static"]) == 2
+    assert "calibration-free recipes only" in capsys.readouterr().err
+
+
+def test_calibrate_says_how_many_layers_gptq_rounded(tmp_path, capsys):
+    assert cli.main(["calibrate", "--model", "stories260k", "--recipe", "w4a16-gptq", "--out", str(tmp_path / "g"),
+                     "--samples", "2", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "30 layers' weights rounded" in out, out
+
+
+def test_the_shared_data_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from qcompiler.tools import models
+
+    monkeypatch.delenv("QCOMPILER_DATA", raising=False)
+    here = models.data_dir()
+    monkeypatch.chdir(tmp_path)
+    assert models.data_dir() == here and models.default_text().is_file()

@@ -83,4 +83,4 @@ def test_bench_generate_checks_its_arguments_before_timing(tmp_path, capsys):
     assert cli.main(["bench", "generate", "--model", "stories260k", "--recipes", "nope"]) == 2
     assert "unknown recipe" in capsys.readouterr().err
     assert cli.main(["bench", "generate", "--model", "stories260k", "--decode", "0"]) == 2
-    assert "must each be at least 1" in capsys.readouterr().err
+    assert "--decode must be at least 1" in capsys.readouterr().err
