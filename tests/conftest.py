@@ -1,5 +1,7 @@
+import fcntl
 import os
 import sys
+import tempfile
 
 # Triton kernels are tested on CPU tensors under the interpreter. triton.jit reads this when a kernel
 # module is imported, so it is set before anything imports them.
@@ -23,3 +25,26 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tests run in two processes (pytest -n 2, pytest-xdist). A test marked `timing` asserts a speed ratio:
+# it takes this lock exclusively, every other test takes it shared, so nothing runs beside a timed test
+# (the other process waits between its tests), and a timed test gets the whole machine.
+_LOCK = os.path.join(tempfile.gettempdir(), f"qcompiler-pytest-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'solo')}.lock")
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_timing(request):
+    timing = request.node.get_closest_marker("timing") is not None
+    with open(_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if timing else fcntl.LOCK_SH)
+        threads = torch.get_num_threads()
+        if timing:
+            torch.set_num_threads(os.cpu_count() or threads)
+        elif os.environ.get("PYTEST_XDIST_WORKER"):
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # two workers share the cores
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -68,9 +68,10 @@ def test_minilm_has_no_graph_breaks_and_keeps_its_embeddings(minilm):
     assert F.cosine_similarity(out, ref, dim=-1).min() > 0.97
 
 
+@pytest.mark.timing
 def test_eval_cli_on_smollm2_meets_the_accuracy_and_speed_bar(tmp_path):
     out = tmp_path / "smollm2.json"
-    cmd = [sys.executable, "-m", "qcompiler.cli", "eval", "--model", "smollm2-135m", "--recipe", "w8a8-dynamic",
+    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "eval", "--model", "smollm2-135m", "--recipe", "w8a8-dynamic",
            "--text", str(models.default_text()), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,7 +89,7 @@ def test_eval_cli_on_smollm2_meets_the_accuracy_and_speed_bar(tmp_path):
 
 def test_eval_cli_json_has_every_key_on_stories260k(tmp_path):
     out = tmp_path / "stories.json"
-    cmd = [sys.executable, "-m", "qcompiler.cli", "eval", "--model", "stories260k", "--tokens", "2048",
+    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "eval", "--model", "stories260k", "--tokens", "2048",
            "--window", "256", "--repeats", "3", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,12 +113,13 @@ def test_eval_on_minilm_reports_cosine_similarity(minilm):
     assert result.weight_bytes["quantized"] < result.weight_bytes["float"]
 
 
+@pytest.mark.timing
 def test_smollm2_calibration_is_fast_and_mse_beats_minmax(smollm2, tmp_path):
     from qcompiler.config import BackendOptions
     from qcompiler.tools import evaluate
 
     out = tmp_path / "stats"
-    cmd = [sys.executable, "-m", "qcompiler.cli", "calibrate", "--model", "smollm2-135m", "--recipe", "w8a8-static",
+    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "calibrate", "--model", "smollm2-135m", "--recipe", "w8a8-static",
            "--text", str(models.default_calibration_text()), "--samples", "128", "--seq-len", "512", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -283,10 +285,41 @@ def test_gptq_and_awq_beat_rtn_on_minilm(minilm):
 
 def test_demo_runs_as_the_readme_says(tmp_path):
     out = tmp_path / "demo.json"
-    cmd = [sys.executable, "-m", "qcompiler.cli", "demo", "--tokens", "2048", "--repeats", "3", "--json", str(out)]
+    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "demo", "--tokens", "2048", "--repeats", "3", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["model"] == "smollm2-135m" and result["recipe"] == "w8a8-dynamic"
     assert result["quantized"]["perplexity"] < 1.05 * result["float"]["perplexity"]
     assert "perplexity" in proc.stdout and "decode" in proc.stdout, proc.stdout
+    # it ends with a short generation by the quantized model, streamed and timed
+    generation = result["generation"]
+    assert generation["new_tokens"] >= 8 and generation["text"].strip() and generation["decode_tokens_per_s"] > 0
+    assert generation["text"].strip()[:40] in proc.stdout
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w4a16-rtn"])
+def test_smollm2_generate_runs_quantized_in_two_graphs_and_the_fast_kernels_keep_the_greedy_tokens(smollm2, recipe):
+    """100 new tokens after a chat prompt: two graphs (prompt, decode step), the quantized kernels ran,
+    and the first 32 greedy tokens are those of the reference kernels (the QDQ graph in float)."""
+    tok = smollm2.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    tokens = {}
+    for kernels in ("reference", "fast"):
+        torch._dynamo.reset()
+        qcompiler.clear_reports()
+        quantized = qcompiler.compile(smollm2.model, recipe, kernels=kernels, max_cache_len=ids.shape[1] + 100)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            out = quantized.generate(ids, max_new_tokens=100 if kernels == "fast" else 32, do_sample=False,
+                                     min_new_tokens=32)
+        tokens[kernels] = out[0, ids.shape[1]:ids.shape[1] + 32]
+        assert len(qcompiler.reports()) == 2
+        assert len(qcompiler.reports()[-1].quantized) == 211  # 210 linears and the LM head (int8 weights)
+        if kernels == "fast":
+            ops = {event.key for event in prof.key_averages()}
+            expected = {"qcompiler::int8_gemv", "qcompiler::int8_weight_gemv"} if recipe == "w8a8-dynamic" else \
+                {"aten::_weight_int4pack_mm_for_cpu", "qcompiler::int8_weight_gemv"}
+            assert expected <= ops, sorted(o for o in ops if "qcompiler" in o or "int4" in o)
+    assert torch.equal(tokens["reference"], tokens["fast"]), tok.decode(tokens["reference"]) + " | " + \
+        tok.decode(tokens["fast"])

@@ -49,16 +49,57 @@ def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, de
     context = torch.randint(10, vocab, (1, depth), generator=generator)
     models = _generators(loaded, recipes, stats_for, max(prefill + 1, depth + decode) + 1)
     runs: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
+    weights: dict[str, int] = {}
     for round_ in range(repeats + 1):  # round 0 compiles and warms up
         for name, model in models.items():
             progress(f"{name}: round {round_}/{repeats}")
+            reports_before = len(_reports())
             p = chat.generate_timed(model, loaded, long_prompt, 1, 0.0, echo=False)
             d = chat.generate_timed(model, loaded, context, decode + 1, 0.0, echo=False, min_new_tokens=decode + 1)
-            if round_:
+            if round_ == 0:
+                new = _reports()[reports_before:]
+                weights[name] = _linear_bytes(loaded.model, new[-1] if new and name in recipes else None)
+            else:
                 runs[name]["prefill"].append(p.prefill_tokens_per_s)
                 runs[name]["decode"].append(d.decode_tokens_per_s)
+    kv = _kv_bytes(loaded.model.config, depth + decode // 2)
     return {name: {"prefill_tokens_per_s": statistics.median(r["prefill"]),
-                   "decode_tokens_per_s": statistics.median(r["decode"])} for name, r in runs.items()}
+                   "decode_tokens_per_s": statistics.median(r["decode"]),
+                   "bytes_per_token": weights[name] + kv} for name, r in runs.items()}
+
+
+def _reports():
+    from qcompiler import report
+
+    return report.reports()
+
+
+def _linear_bytes(model: torch.nn.Module, rep) -> int:
+    """Bytes of weights a decode step reads: every linear layer (the LM head included; a tied embedding
+    is read through it), at the size the compile report gives it, or fp32 for the float model."""
+    sizes = {name: m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    if rep is not None:
+        for d in rep.layers:
+            if d.module in sizes:
+                sizes[d.module] = d.weight_bytes if d.quantized else d.float_weight_bytes
+    return int(sum(sizes.values()))
+
+
+def _kv_bytes(config, positions: int) -> int:
+    """fp32 keys and values of ``positions`` tokens, read once per decode step."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(2 * config.num_hidden_layers * heads * head_dim * 4 * positions)
+
+
+def read_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth: the median time of summing a ``megabytes`` float32 tensor."""
+    from qcompiler.tools.timing import time_interleaved
+
+    x = torch.ones(megabytes * (1 << 20) // 4)
+    seconds = time_interleaved({"sum": lambda: x.sum()}, repeats)["sum"]
+    return x.numel() * 4 / seconds / 1e9
 
 
 def find_llama_tools(bin_dir: str | Path) -> dict[str, Path]:
@@ -118,10 +159,16 @@ def bench_generate(loaded, recipes: list[str], stats_for: Callable, *, prefill: 
         llama = {}
         for kind, path in ggufs.items():
             progress(f"llama.cpp {kind}")
-            llama[f"llama.cpp {kind}"] = bench_llama(tools, path, prefill, depth, decode, threads, repeats)
+            row = bench_llama(tools, path, prefill, depth, decode, threads, repeats)
+            row["bytes_per_token"] = path.stat().st_size + _kv_bytes(loaded.model.config, depth + decode // 2)
+            llama[f"llama.cpp {kind}"] = row
         rows.update(llama)
+    bandwidth = read_bandwidth_gbps()
+    for row in rows.values():  # the share of the memory-bandwidth limit each decode step reaches
+        row["bandwidth_limit_tokens_per_s"] = bandwidth * 1e9 / row["bytes_per_token"]
+        row["of_bandwidth_limit"] = row["decode_tokens_per_s"] / row["bandwidth_limit_tokens_per_s"]
     return {"model": loaded.name, "machine": machine_name(), "threads": threads, "prefill": prefill, "depth": depth,
-            "decode": decode, "repeats": repeats, "rows": rows,
+            "decode": decode, "repeats": repeats, "rows": rows, "read_bandwidth_gbps": bandwidth,
             "llama_cpp": None if tools is None else str(llama_cpp),
             "missing": None if tools is not None else "llama.cpp (give --llama-cpp BIN_DIR to add its rows)"}
 
@@ -129,9 +176,11 @@ def bench_generate(loaded, recipes: list[str], stats_for: Callable, *, prefill: 
 def format_table(result: dict) -> str:
     lines = [f"{result['model']} on {result['machine']}, {result['threads']} threads; prefill {result['prefill']} "
              f"tokens, decode {result['decode']} tokens at depth {result['depth']}; median of {result['repeats']}",
-             f"{'':<20} {'prefill tok/s':>14} {'decode tok/s':>13}"]
+             f"read bandwidth {result['read_bandwidth_gbps']:.1f} GB/s (sum of a 512 MB tensor)",
+             f"{'':<20} {'prefill tok/s':>14} {'decode tok/s':>13} {'MB/token':>9} {'of BW limit':>12}"]
     for name, row in result["rows"].items():
-        lines.append(f"{name:<20} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
+        lines.append(f"{name:<20} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f} "
+                     f"{row['bytes_per_token'] / 1e6:>9.1f} {row['of_bandwidth_limit']:>11.0%}")
     if result["missing"]:
         lines.append(f"missing: {result['missing']}")
     return "\n".join(lines)

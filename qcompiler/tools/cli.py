@@ -62,10 +62,6 @@ def run_explain(args) -> int:
     from qcompiler.tools import models
 
     recipe = resolve_recipe(args.recipe)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder (an older artifact's "
-                          "files would be left beside the new ones)")
     loaded = models.load_model(args.model)
     stats = args.stats
     if stats is None and recipe.needs_calibration:

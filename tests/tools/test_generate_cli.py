@@ -72,6 +72,10 @@ def test_bench_generate_times_float_inductor_and_recipes_and_says_llama_cpp_is_m
     assert set(result["rows"]) == {"float (eager)", "float (Inductor)", "w8a8-dynamic"}
     for row in result["rows"].values():
         assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["bytes_per_token"] > 0 and 0 < row["of_bandwidth_limit"] == pytest.approx(
+            row["decode_tokens_per_s"] * row["bytes_per_token"] / (result["read_bandwidth_gbps"] * 1e9))
+    # int8 weights: the quantized decode step reads fewer bytes than the float one
+    assert result["rows"]["w8a8-dynamic"]["bytes_per_token"] < result["rows"]["float (eager)"]["bytes_per_token"]
     assert result["prefill"] == 32 and result["depth"] == 8 and result["decode"] == 4 and result["machine"]
     assert "llama.cpp" in result["missing"]
     assert "missing: llama.cpp" in capsys.readouterr().out
