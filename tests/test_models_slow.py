@@ -298,28 +298,18 @@ def test_demo_runs_as_the_readme_says(tmp_path):
     assert generation["text"].strip()[:40] in proc.stdout
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w4a16-rtn"])
-def test_smollm2_generate_runs_quantized_in_two_graphs_and_the_fast_kernels_keep_the_greedy_tokens(smollm2, recipe):
-    """100 new tokens after a chat prompt: two graphs (prompt, decode step), the quantized kernels ran,
-    and the first 32 greedy tokens are those of the reference kernels (the QDQ graph in float)."""
+def test_smollm2_generate_runs_quantized_in_two_graphs(smollm2):
+    """100 new tokens after a chat prompt: two graphs (prompt, decode step), and the quantized kernels ran
+    (the greedy tokens of the fast and reference kernels are compared on stories260K in the fast tier)."""
     tok = smollm2.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    tokens = {}
-    for kernels in ("reference", "fast"):
-        torch._dynamo.reset()
-        qcompiler.clear_reports()
-        quantized = qcompiler.compile(smollm2.model, recipe, kernels=kernels, max_cache_len=ids.shape[1] + 100)
-        with torch.inference_mode(), torch.profiler.profile() as prof:
-            out = quantized.generate(ids, max_new_tokens=100 if kernels == "fast" else 32, do_sample=False,
-                                     min_new_tokens=32)
-        tokens[kernels] = out[0, ids.shape[1]:ids.shape[1] + 32]
-        assert len(qcompiler.reports()) == 2
-        assert len(qcompiler.reports()[-1].quantized) == 211  # 210 linears and the LM head (int8 weights)
-        if kernels == "fast":
-            ops = {event.key for event in prof.key_averages()}
-            expected = {"qcompiler::int8_gemv", "qcompiler::int8_weight_gemv"} if recipe == "w8a8-dynamic" else \
-                {"aten::_weight_int4pack_mm_for_cpu", "qcompiler::int8_weight_gemv"}
-            assert expected <= ops, sorted(o for o in ops if "qcompiler" in o or "int4" in o)
-    assert torch.equal(tokens["reference"], tokens["fast"]), tok.decode(tokens["reference"]) + " | " + \
-        tok.decode(tokens["fast"])
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    quantized = qcompiler.compile(smollm2.model, "w8a8-dynamic", max_cache_len=ids.shape[1] + 100)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = quantized.generate(ids, max_new_tokens=100, min_new_tokens=100, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 100
+    assert len(qcompiler.reports()) == 2
+    ops = {event.key for event in prof.key_averages()}
+    assert {"qcompiler::int8_gemv", "qcompiler::int8_weight_gemv"} <= ops, sorted(o for o in ops if "qcompiler" in o)
