@@ -20,3 +20,9 @@ def read_text(path: str | Path, what: str = "text file") -> str:
     except UnicodeDecodeError as exc:
         raise InputFileError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
                              "give a plain text file") from exc
+
+
+def occupied(path: str | Path) -> bool:
+    """True if ``path`` exists and is not an empty folder: an output we would not write into."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))

@@ -187,13 +187,12 @@ def format_table(result: dict) -> str:
 
 
 def run_cli(args, calibrate, progress: Callable[[str], None]) -> dict:
-    """`qcompiler bench generate` (``calibrate(loaded, recipe, text, samples, seq_len)`` for static recipes)."""
+    """`qcompiler bench generate` (``calibrate(loaded, recipe, text, samples, seq_len)`` for static recipes);
+    the numeric options were checked by ``cli_args.check_numbers``."""
     from qcompiler.config import resolve_recipe
     from qcompiler.tools import models
 
     recipes = [resolve_recipe(name) for name in args.recipes]  # an unknown name fails before loading
-    if min(args.prefill, args.depth, args.decode, args.repeats or 5) < 1:
-        raise ConfigError("--prefill, --depth, --decode and --repeats must each be at least 1")
     tools = find_llama_tools(args.llama_cpp) if args.llama_cpp else None
     loaded = models.load_model(args.model)
     source = models.gguf_path(args.model)

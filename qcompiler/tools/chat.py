@@ -86,8 +86,6 @@ def generate_timed(model, loaded, ids: torch.Tensor, max_new_tokens: int, temper
                    echo: bool = True, min_new_tokens: int | None = None) -> GenerationTiming:
     """Generate up to ``max_new_tokens`` after ``ids`` with ``model`` (greedy when ``temperature`` is 0),
     streaming the text to stdout if ``echo``; returns the timings and the new text."""
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be 0 (greedy) or more, got {temperature}")
     streamer = _TimedStreamer(loaded.tokenizer, echo)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qcompiler.config import BackendOptions
 from qcompiler.core.errors import ConfigError, QCompilerError
-from qcompiler.core.files import read_text
+from qcompiler.core.files import occupied, read_text
 from qcompiler.tools import cli_args
 
 
@@ -93,7 +93,7 @@ def run_quantize(args) -> int:
 
     recipe = resolve_recipe(args.recipe)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder (an older artifact's "
                           "files would be left beside the new ones)")
     loaded = models.load_model(args.model)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from qcompiler.core.errors import ConfigError, ExportError
+from qcompiler.core.files import occupied
 
 FORMATS = ("compressed-tensors",)
 
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str, presets: str) -> 
 
 def _check_out(out: Path) -> None:
     """The output is checked before any work: a folder that is absent or empty (nothing is overwritten)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder")
 
 

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import save_file
 
 from qcompiler.core.errors import ExportError
+from qcompiler.core.files import occupied
 from qcompiler.tools.export.model import ExportActivation, ExportLinear, ExportModel
 
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose output this mirrors
@@ -277,7 +278,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def write_compressed_tensors(model: ExportModel, out_dir: str | os.PathLike) -> Path:
     """Write ``model`` into ``out_dir`` (absent or empty), atomically: built as a sibling, then renamed."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise ExportError(f"{out} exists and is not an empty folder")
     if not model.config.get("architectures"):
         raise ExportError("config has no `architectures`, which vLLM needs to pick the model class (a "
