@@ -23,6 +23,7 @@ import torch
 from qcompiler.core.errors import ConfigError, InputFileError
 
 LLAMA_TYPES = ("Q8_0", "Q4_0")
+LLAMA_CPP_VERSION = "0.3.36"  # what ../shared/tools/build-llama-cpp.sh builds
 
 
 def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: int) -> dict[str, object]:
@@ -100,6 +101,15 @@ def read_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     x = torch.ones(megabytes * (1 << 20) // 4)
     seconds = time_interleaved({"sum": lambda: x.sum()}, repeats)["sum"]
     return x.numel() * 4 / seconds / 1e9
+
+
+def llama_cpp_build_dir() -> Path:
+    """Where ``../shared/tools/build-llama-cpp.sh DIR`` builds llama.cpp for this CPU: the build is native
+    (``GGML_NATIVE``), so one folder per :func:`~qcompiler.tools.timing.cpu_fingerprint`; its tools are in
+    ``DIR/src/vendor/llama.cpp/build/bin``."""
+    from qcompiler.tools.timing import cpu_fingerprint
+
+    return Path.home() / ".cache" / f"llama.cpp-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
 
 
 def find_llama_tools(bin_dir: str | Path) -> dict[str, Path]:

@@ -83,3 +83,21 @@ def machine_name() -> str:
     notes += [label for flag, label in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"),
                                         ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2")) if flag in flags][:2]
     return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def cpu_fingerprint() -> str:
+    """12 hex digits naming this CPU's vendor, model and instruction-set flags: a binary built for one
+    (llama.cpp's ``GGML_NATIVE``) may not run on another (SIGILL), so such builds are kept per fingerprint."""
+    import hashlib
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    text = "|".join([fields.get("vendor_id", ""), fields.get("model name", platform.processor()),
+                     " ".join(sorted(fields.get("flags", platform.machine()).split()))])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
