@@ -9,18 +9,20 @@ An artifact folder holds:
 - ``stats/`` (when the recipe was calibrated): the calibration statistics, GPTQ/AWQ results included;
 - ``manifest.json``: format and version, the recipe (as JSON), the model's parameter names and
   shapes, per layer the scheme, bits per weight, notes (alpha, GPTQ/AWQ settings, outlier columns)
-  and SQNR of its output on the example batch, the transforms' notes, library versions, and the
-  SHA-256 of every file.
+  and SQNR of its output on the example batch, the transforms' notes, library versions, the
+  SHA-256 of every file, a fingerprint of each float parameter the artifact was made from, and the
+  SHA-256 of the manifest itself (``qcompiler.core.integrity``).
 
 Loading runs the same passes with the saved recipe and statistics (nothing is recalibrated) and then
-replaces each computed tensor by the saved one, checking names, shapes and dtypes; a file whose
-checksum differs from the manifest, a model whose parameters differ, or a buffer the artifact lacks is
-an :class:`ArtifactError`. Only JSON and safetensors are read: nothing is unpickled.
+replaces each computed tensor by the saved one, checking names, shapes and dtypes; an edited manifest,
+a file whose checksum differs from the manifest, a file name outside the folder, a model whose
+parameters have other shapes or other values (another checkpoint; the backend option
+``other_weights=True`` allows it on purpose), or a buffer the artifact lacks is an :class:`ArtifactError`. Only JSON and safetensors are
+read: nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -32,22 +34,15 @@ from qcompiler.calibration.stats import CalibrationStats
 from qcompiler.config import recipe_from_json, recipe_to_json
 from qcompiler.core import __version__
 from qcompiler.core.capture import PARAM_META
+from qcompiler.core import integrity
 from qcompiler.core.errors import ArtifactError
 from qcompiler.core.ir import PassResult
 
 FORMAT = "qcompiler-artifact"
-VERSION = 1
+VERSION = 2  # 2: the manifest's own checksum and the weights' fingerprints
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 STATS = "stats"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
@@ -64,19 +59,21 @@ def parameter_fingerprint(named_tensors) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in named_tensors}
 
 
-def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, params: dict) -> Path:
-    """Write an artifact for the graph ``gm`` in QDQ form (after ``insert_qdq``)."""
+def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, params: dict,
+         fingerprints: dict[str, str]) -> Path:
+    """Write an artifact for the graph ``gm`` in QDQ form (after ``insert_qdq``); ``params`` are the
+    model's parameter shapes, ``fingerprints`` its :func:`~qcompiler.core.integrity.weight_fingerprints`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: buf.detach().contiguous().clone() for name, buf in gm.named_buffers()}
     save_file(tensors, str(folder / WEIGHTS))
-    files = {WEIGHTS: _sha256(folder / WEIGHTS)}
+    files = {WEIGHTS: integrity.file_sha256(folder / WEIGHTS)}
     if stats is not None:
         stats.save(folder / STATS)
         for path in sorted((folder / STATS).iterdir()):
-            files[f"{STATS}/{path.name}"] = _sha256(path)
+            files[f"{STATS}/{path.name}"] = integrity.file_sha256(path)
     sqnr = {e.module: e.sqnr_db for e in comparison.layers} if comparison is not None else {}
     layers = []
     for d in report.layers:
@@ -87,12 +84,12 @@ def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, pa
         })
     manifest = {
         "format": FORMAT, "version": VERSION, "recipe": recipe_to_json(recipe),
-        "parameters": params, "buffers": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()},
+        "parameters": params, "weight_fingerprints": fingerprints, "buffers": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()},
         "layers": layers, "transforms": report.transforms,
         "logits_kl_on_example": comparison.kl if comparison is not None else None,
         "versions": _versions(), "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (folder / MANIFEST).write_text(json.dumps(integrity.seal(manifest), indent=1))
     return folder
 
 
@@ -114,11 +111,17 @@ class Artifact:
         if self.manifest.get("version") != VERSION:
             raise ArtifactError(f"{manifest_path} has version {self.manifest.get('version')}, this qcompiler "
                                 f"reads {VERSION}; {hint}")
+        if not integrity.is_sealed(self.manifest):
+            raise ArtifactError(f"{manifest_path} was changed after it was written (its sha256 does not match "
+                                f"its contents): the recipe, schemes or files it lists can not be trusted; {hint}")
         for name, digest in self.manifest.get("files", {}).items():
-            path = self.folder / name
+            path = integrity.plain_member(self.folder, name)
+            if path is None or not (name == WEIGHTS or name.startswith(f"{STATS}/")):
+                raise ArtifactError(f"{MANIFEST} lists {name!r}: an artifact holds only {WEIGHTS} and {STATS}/ "
+                                    f"files inside its folder; {hint}")
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing from the artifact; {hint}")
-            if _sha256(path) != digest:
+            if integrity.file_sha256(path) != digest:
                 raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was changed or "
                                     f"corrupted after it was written; {hint}")
         if WEIGHTS not in self.manifest.get("files", {}):
@@ -130,6 +133,7 @@ class Artifact:
         from safetensors.torch import load_file
 
         self.tensors = load_file(str(self.folder / WEIGHTS))
+        self._weights = integrity.WeightCheck(self.manifest.get("weight_fingerprints"))
         self.stats = None
         if (self.folder / STATS).is_dir():
             self.stats = CalibrationStats.load(self.folder / STATS)
@@ -144,6 +148,15 @@ class Artifact:
             shown = ", ".join((wrong + missing)[:5])
             raise ArtifactError(f"the artifact {self.folder} was made for another model: parameters {shown} "
                                 "differ or are missing; quantize this model")
+
+    def check_weights(self, named_tensors) -> None:
+        """Raise unless the float weights are the ones the artifact was made from."""
+        bad = self._weights.differing(named_tensors)
+        if bad:
+            raise ArtifactError(f"the artifact {self.folder} was made from other weights: {', '.join(bad[:5])} "
+                                f"{'differ' if len(bad) > 1 else 'differs'} from the model given (another checkpoint, "
+                                "dtype or fine-tune with the same shapes); quantize this model, or pass "
+                                "other_weights=True to apply it anyway")
 
     def apply(self, gm: fx.GraphModule) -> PassResult:
         """Replace the tensors the passes computed by the saved ones (names, shapes and dtypes checked)."""

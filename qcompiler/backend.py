@@ -34,6 +34,7 @@ class Resolved:
     stats: CalibrationStats | None
     artifact: Artifact | None
     debug: object
+    other_weights: bool = False
 
 
 def resolve(options: BackendOptions) -> Resolved:
@@ -48,7 +49,7 @@ def resolve(options: BackendOptions) -> Resolved:
         recipe, stats = artifact.recipe, artifact.stats
     if recipe.needs_calibration and stats is None:
         raise ConfigError(needs_stats_message(recipe))
-    return Resolved(recipe, options.kernels, stats, artifact, options.debug)
+    return Resolved(recipe, options.kernels, stats, artifact, options.debug, options.other_weights)
 
 
 def _weights_device(bound) -> torch.device:
@@ -84,6 +85,11 @@ def quantize_graph(gm: fx.GraphModule, example_inputs, opts: Resolved) -> fx.Gra
     """Run the pipeline on one captured graph and record its report; a bug of ours leaves it in float."""
     start = time.perf_counter()
     bound = capture.bind_parameters(gm, example_inputs)
+    if not opts.other_weights:  # statistics or an artifact of another checkpoint: an error, before any work
+        weights = [(info.name, info.tensor) for info in bound.values()]
+        for made_from in (opts.artifact, opts.stats):
+            if made_from is not None:
+                made_from.check_weights(weights)
     device = _weights_device(bound)
     rep = report.CompileReport(graph_index=report.next_index(), recipe=opts.recipe.name, kernels=opts.kernels)
     steps = pipeline.build(opts.recipe, device, stats=opts.stats, artifact=opts.artifact, kernels=opts.kernels)

@@ -6,6 +6,7 @@ from graphs import tiny_llama
 
 import qcompiler
 from qcompiler import artifact
+from qcompiler.core import integrity
 from qcompiler.core.errors import ArtifactError
 from qcompiler.tools import cli, quantize
 
@@ -59,8 +60,11 @@ def test_saved_tensors_are_the_ones_used(tmp_path):
     with pytest.raises(ArtifactError, match="checksum"):
         artifact.Artifact(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["weights.safetensors"] = artifact._sha256(folder / "weights.safetensors")
+    manifest["files"]["weights.safetensors"] = integrity.file_sha256(folder / "weights.safetensors")
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed after it was written"):  # the manifest's own checksum
+        artifact.Artifact(folder)
+    (folder / "manifest.json").write_text(json.dumps(integrity.seal(manifest)))  # a consistent folder
     with torch.inference_mode():
         reference = torch.compile(model, backend="qcompiler")(ids).logits
         torch._dynamo.reset()
@@ -102,3 +106,35 @@ def test_quantize_cli_writes_an_artifact(tmp_path, capsys):
                      "--tokens", "32"]) == 0
     assert "35 quantized layers" in capsys.readouterr().out
     assert artifact.Artifact(out).recipe.name == "w8a8-dynamic"
+
+
+def test_edited_manifests_names_outside_the_folder_and_other_weights_are_refused(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    folder = quantize.quantize(model, "w8a8-dynamic", ids, tmp_path / "art", errors=False)
+    path = folder / "manifest.json"
+    original = path.read_text()
+    manifest = json.loads(original)
+    manifest["recipe"]["weight"]["bits"] = 4  # an edit that would change what runs
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed after it was written"):
+        artifact.Artifact(folder)
+    (tmp_path / "outside.txt").write_text("not ours")
+    for name in ("../outside.txt", str(tmp_path / "outside.txt")):
+        manifest = json.loads(original)
+        manifest["files"][name] = integrity.file_sha256(tmp_path / "outside.txt")
+        path.write_text(json.dumps(integrity.seal(manifest)))  # even a consistent manifest
+        with pytest.raises(ArtifactError, match="holds only weights.safetensors and stats/ files inside"):
+            artifact.Artifact(folder)
+    path.write_text(original)
+    other = tiny_llama(seed=1)  # the same names and shapes, other weights
+    with pytest.raises(ArtifactError, match="made from other weights"):
+        qcompiler.load(folder, other)
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="made from other weights"):  # the backend option checks too
+            torch.compile(other, backend="qcompiler", options={"artifact": str(folder)})(ids)
+        torch._dynamo.reset()
+        assert qcompiler.load(folder, other, other_weights=True)(ids).logits.isfinite().all()  # on purpose
+        torch._dynamo.reset()
+        assert qcompiler.load(folder, model)(ids).logits.isfinite().all()

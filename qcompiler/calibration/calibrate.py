@@ -18,7 +18,7 @@ from qcompiler import pipeline
 from qcompiler.calibration.observers import ActivationObserver
 from qcompiler.calibration.stats import CalibrationStats
 from qcompiler.config import Recipe, resolve_recipe
-from qcompiler.core import __version__, capture
+from qcompiler.core import __version__, capture, integrity
 from qcompiler.core.errors import CalibrationError, ConfigError, QCompilerError
 from qcompiler.core.files import read_text
 from qcompiler.core.histogram import DEFAULT_BINS
@@ -84,6 +84,7 @@ def calibrate(
     info = {
         "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins, "channel_bins": channel_bins,
         "transforms": repr(((), recipe.skip)), "qcompiler_version": __version__,
+        "weight_fingerprints": integrity.weight_fingerprints(model.named_parameters()),
     }
     transformed = None
     if recipe.transforms and recipe.has_static_activations:
@@ -130,6 +131,7 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
         "bins": bins, "channel_bins": channel_bins, "transforms": repr(((), recipe.skip)),
         "rounding": recipe.rounding_fingerprint(), "qcompiler_version": __version__,
         "seconds": round(time.perf_counter() - start, 2),
+        "weight_fingerprints": integrity.weight_fingerprints(model.named_parameters()),
     }
     return CalibrationStats(activations, info, weights=weights)
 

@@ -1,8 +1,11 @@
 """Calibration statistics: immutable, keyed by module name, saved as safetensors + JSON (no pickle).
 
 A saved folder holds ``calibration.safetensors`` (one set of tensors per layer input) and
-``calibration.json`` (the format version, the layer names, how the data was gathered, and a
-readable copy of each layer's min/max).
+``calibration.json`` (the format version, the layer names, how the data was gathered, a readable copy
+of each layer's min/max, the SHA-256 of the tensors file and of the JSON itself; loading checks both,
+so a flipped byte or an edited value is an error, not a silently different range). ``info`` holds the
+fingerprints of the float weights the statistics were gathered on (``qcompiler.core.integrity``): the
+backend refuses them for a model with other weights unless ``other_weights=True``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 from qcompiler.calibration.observers import ActivationRanges
+from qcompiler.core import integrity
 from qcompiler.core.errors import ConfigTypeError, StatsError
 from qcompiler.core.ir import QuantizedWeight, RoundedLayer
 
 FORMAT = "qcompiler-calibration"
-VERSION = 1
+VERSION = 2  # 2: checksums of the tensors and of the JSON
 TENSORS_FILE = "calibration.safetensors"
 JSON_FILE = "calibration.json"
 # fields that may be None (saved only when present): every field whose default is None
@@ -108,6 +112,18 @@ class CalibrationStats:
         object.__setattr__(self, "raw", raw)
         object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
 
+    def check_weights(self, named_tensors) -> None:
+        """Raise unless the float weights are the ones the statistics were gathered on (statistics
+        without fingerprints, built by hand, are not checked)."""
+        if "_weight_check" not in self.__dict__:
+            object.__setattr__(self, "_weight_check", integrity.WeightCheck(self.info.get("weight_fingerprints")))
+        bad = self._weight_check.differing(named_tensors)
+        if bad:
+            raise StatsError(f"these statistics were gathered on other weights: {', '.join(bad[:5])} "
+                             f"{'differ' if len(bad) > 1 else 'differs'} from the model given (another checkpoint, "
+                             "dtype or fine-tune with the same shapes); calibrate this model, or pass the backend "
+                             "option other_weights=True to use them anyway")
+
     def __contains__(self, module: str) -> bool:
         return module in self.activations
 
@@ -127,7 +143,8 @@ class CalibrationStats:
         if self.weights:
             doc["rounded_weights"] = _pack_weights(self.weights, tensors)
         save_file(tensors, str(folder / TENSORS_FILE))
-        (folder / JSON_FILE).write_text(json.dumps(doc, indent=1))
+        doc["tensors_sha256"] = integrity.file_sha256(folder / TENSORS_FILE)
+        (folder / JSON_FILE).write_text(json.dumps(integrity.seal(doc), indent=1))
         return folder
 
     @classmethod
@@ -145,6 +162,12 @@ class CalibrationStats:
             raise StatsError(f"{json_path} is not a qcompiler calibration file; {hint}")
         if doc.get("version") != VERSION:
             raise StatsError(f"{json_path} has format version {doc.get('version')}, this qcompiler reads {VERSION}; {hint}")
+        if not integrity.is_sealed(doc):
+            raise StatsError(f"{json_path} was changed after it was written (its sha256 does not match its "
+                             f"contents); {hint}")
+        if integrity.file_sha256(tensor_path) != doc.get("tensors_sha256"):
+            raise StatsError(f"{tensor_path} does not match the checksum in {JSON_FILE}: it was changed or "
+                             f"corrupted after it was written; {hint}")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

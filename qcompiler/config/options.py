@@ -27,6 +27,9 @@ class BackendOptions:
     debug:   a folder to write pass-by-pass dumps to (``qcompiler/dump.py``); also ``QCOMPILER_DUMP``.
     artifact: a folder written by ``qcompiler quantize`` (``qcompiler/artifact.py``): its recipe,
              statistics and saved tensors are used, nothing is recalibrated.
+    other_weights: apply statistics or an artifact made from other float weights than the model's
+             (same names and shapes: another checkpoint or fine-tune), on purpose; by default that is an
+             error, found from the weights' fingerprints the folder recorded.
 
     Folders are loaded (and verified) by the backend when it compiles the first graph
     (``qcompiler.backend.resolve``), not here: building options reads no file.
@@ -37,10 +40,13 @@ class BackendOptions:
     stats: object = None  # CalibrationStats or a folder written by CalibrationStats.save
     debug: object = None  # str or Path
     artifact: object = None  # a folder written by `qcompiler quantize` (or an artifact.Artifact)
+    other_weights: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
+        if not isinstance(self.other_weights, bool):
+            raise ConfigTypeError(f"option 'other_weights' must be True or False, got {self.other_weights!r}")
         for name in ("debug", "artifact"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)) and not (

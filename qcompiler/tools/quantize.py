@@ -9,7 +9,7 @@ import torch
 
 from qcompiler import artifact, backend, pipeline
 from qcompiler.config import BackendOptions
-from qcompiler.core import capture
+from qcompiler.core import capture, integrity
 from qcompiler.report import CompileReport
 from qcompiler.tools import compare
 
@@ -27,11 +27,17 @@ def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: boo
     gm = pipeline.run(gm, pipeline.build(opts.recipe, device, stats=opts.stats, kernels=opts.kernels), report)
     comparison = compare.compare(model, opts.recipe, batch, stats=opts.stats, top=0) if errors else None
     return artifact.save(Path(out), gm, opts.recipe, opts.stats, report, comparison,
-                         artifact.parameter_fingerprint(model.named_parameters()))
+                         artifact.parameter_fingerprint(model.named_parameters()),
+                         integrity.weight_fingerprints(model.named_parameters()))
 
 
-def load(folder, model: torch.nn.Module, **options):
+def load(folder, model: torch.nn.Module, other_weights: bool = False, **options):
     """``torch.compile(model, backend="qcompiler", options={"artifact": folder, ...})`` after checking
-    that ``model`` is the one the artifact was made for."""
-    artifact.Artifact(folder).check_parameters(model.named_parameters())
-    return torch.compile(model, backend="qcompiler", options={"artifact": str(folder), **options})
+    that ``model`` is the one the artifact was made for: the same parameter names and shapes and, unless
+    ``other_weights``, the same float weights."""
+    verified = artifact.Artifact(folder)
+    verified.check_parameters(model.named_parameters())
+    if not other_weights:
+        verified.check_weights(model.named_parameters())
+    return torch.compile(model, backend="qcompiler",
+                         options={"artifact": verified, "other_weights": other_weights, **options})

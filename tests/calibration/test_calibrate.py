@@ -9,7 +9,7 @@ from graphs import tiny_llama
 
 import qcompiler
 from qcompiler.calibration.stats import JSON_FILE, TENSORS_FILE, CalibrationStats
-from qcompiler.core import primitives
+from qcompiler.core import integrity, primitives
 from qcompiler.core.errors import CalibrationError, StatsError
 
 
@@ -106,6 +106,9 @@ def test_corrupted_or_mismatched_stats_files_are_clear_errors(llama_and_stats, t
     doc = json.loads((folder / JSON_FILE).read_text())
     doc["layers"]["extra.layer"] = {"index": 999, "batches": 1, "min": 0, "max": 1}
     (folder / JSON_FILE).write_text(json.dumps(doc))
+    with pytest.raises(StatsError, match="changed after it was written"):  # the JSON's own checksum
+        CalibrationStats.load(folder)
+    (folder / JSON_FILE).write_text(json.dumps(integrity.seal(doc)))  # consistent, but not with the tensors
     with pytest.raises(StatsError, match="do not match"):
         CalibrationStats.load(folder)
 
@@ -239,3 +242,23 @@ def test_two_models_compiled_with_their_own_stats_in_one_process():
             outputs.append(torch.compile(model, backend="qcompiler",
                                          options={"recipe": "w8a8-static", "stats": stats})(x))
     assert len(qcompiler.reports()) == 2 and not torch.equal(outputs[0], outputs[1])
+
+
+def test_a_flipped_byte_in_saved_statistics_and_stats_of_other_weights_are_refused(llama_and_stats, tmp_path):
+    model, stats = llama_and_stats
+    folder = stats.save(tmp_path / "s")
+    blob = bytearray((folder / TENSORS_FILE).read_bytes())
+    blob[-2] ^= 0x40  # a value changes, the file stays well-formed safetensors
+    (folder / TENSORS_FILE).write_bytes(bytes(blob))
+    with pytest.raises(StatsError, match="does not match the checksum"):
+        CalibrationStats.load(folder)
+    other = tiny_llama(seed=1)  # same names and shapes, other weights
+    x = torch.randint(0, 128, (1, 8))
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="gathered on other weights"):
+            torch.compile(other, backend="qcompiler", options={"recipe": "w8a8-static", "stats": stats})(x)
+        torch._dynamo.reset()
+        out = torch.compile(other, backend="qcompiler",
+                            options={"recipe": "w8a8-static", "stats": stats, "other_weights": True})(x)
+    assert out.logits.isfinite().all()
