@@ -59,10 +59,8 @@ def _zen(family: int, model: int) -> str | None:
     return _AMD_FAMILIES.get(family)
 
 
-@functools.cache
-def machine_name() -> str:
-    """The CPU as ``/proc/cpuinfo`` names it, with its microarchitecture where it can be told and the
-    int8 dot-product extensions it has (they decide the int8 kernels), e.g. ``AMD EPYC (Zen 4, AVX512-VNNI)``."""
+def _cpuinfo() -> dict[str, str] | None:
+    """The first CPU's ``/proc/cpuinfo`` fields, or None where there is no such file."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -70,6 +68,16 @@ def machine_name() -> str:
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
+        return None
+    return fields
+
+
+@functools.cache
+def machine_name() -> str:
+    """The CPU as ``/proc/cpuinfo`` names it, with its microarchitecture where it can be told and the
+    int8 dot-product extensions it has (they decide the int8 kernels), e.g. ``AMD EPYC (Zen 4, AVX512-VNNI)``."""
+    fields = _cpuinfo()
+    if fields is None:
         return platform.processor() or platform.machine()
     name = fields.get("model name", platform.machine())
     flags = set(fields.get("flags", "").split())
@@ -90,14 +98,7 @@ def cpu_fingerprint() -> str:
     (llama.cpp's ``GGML_NATIVE``) may not run on another (SIGILL), so such builds are kept per fingerprint."""
     import hashlib
 
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = _cpuinfo() or {}
     text = "|".join([fields.get("vendor_id", ""), fields.get("model name", platform.processor()),
                      " ".join(sorted(fields.get("flags", platform.machine()).split()))])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
