@@ -31,6 +31,10 @@ def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: 
     from qcompiler.tools import generate
 
     model = loaded.model
+    # Dynamo shares compiled code between models of one class compiled with equal options: without a reset,
+    # a graph compiled earlier in this process (another instance of the model) would be reused, and no
+    # compile report (the quantized bytes per token) recorded for this run
+    torch._dynamo.reset()
     models = {"float (eager)": model,
               "float (Inductor)": generate.with_static_generate(
                   model, generate.CompiledForward(model.forward, None, backend="inductor"), max_cache_len)}
