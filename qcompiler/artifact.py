@@ -18,7 +18,8 @@ replaces each computed tensor by the saved one, checking names, shapes and dtype
 a file whose checksum differs from the manifest, a file name outside the folder, a model whose
 parameters have other shapes or other values (another checkpoint; the backend option
 ``other_weights=True`` allows it on purpose), or a buffer the artifact lacks is an :class:`ArtifactError`. Only JSON and safetensors are
-read: nothing is unpickled.
+read: nothing is unpickled. The folder is written atomically (built beside, then renamed): a run that
+fails or is killed leaves no folder, never a half-written one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from qcompiler.core.capture import PARAM_META
 from qcompiler.core import integrity
 from qcompiler.core.errors import ArtifactError
 from qcompiler.core.ir import PassResult
+from qcompiler.core.files import atomic_folder
+from qcompiler.core.files import check_output as check_output_path
 
 FORMAT = "qcompiler-artifact"
 VERSION = 2  # 2: the manifest's own checksum and the weights' fingerprints
@@ -65,8 +68,19 @@ def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, pa
     model's parameter shapes, ``fingerprints`` its :func:`~qcompiler.core.integrity.weight_fingerprints`."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    out = check_output(folder)
+    with atomic_folder(out) as folder:
+        _write(folder, gm, recipe, stats, report, comparison, params, fingerprints, save_file)
+    return out
+
+
+def check_output(folder) -> Path:
+    """Check, before any work, that an artifact can be written to ``folder``: absent or an empty folder
+    (an older artifact's files would otherwise be left beside the new ones), in a writable place."""
+    return check_output_path(folder, "artifact folder", folder=True)
+
+
+def _write(folder: Path, gm, recipe, stats, report, comparison, params, fingerprints, save_file) -> None:
     tensors = {name: buf.detach().contiguous().clone() for name, buf in gm.named_buffers()}
     save_file(tensors, str(folder / WEIGHTS))
     files = {WEIGHTS: integrity.file_sha256(folder / WEIGHTS)}
@@ -90,7 +104,6 @@ def save(folder: Path, gm: fx.GraphModule, recipe, stats, report, comparison, pa
         "versions": _versions(), "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(integrity.seal(manifest), indent=1))
-    return folder
 
 
 class Artifact:

@@ -10,6 +10,7 @@ from graphs import tiny_gpt2, tiny_llama
 import qcompiler
 from qcompiler import pipeline, primitives
 from qcompiler.config import BackendOptions, Recipe, WeightScheme
+from qcompiler.core.errors import QCompilerError
 from qcompiler.core.weight_cache import WEIGHTS
 from qcompiler.report import CompileReport
 
@@ -263,3 +264,55 @@ def test_a_model_built_under_inference_mode_is_quantized_and_weight_edits_requan
         torch._dynamo.reset()
         _compile(model, kernels="reference")(x)
     assert (WEIGHTS.hits - hits, WEIGHTS.misses - misses) == (1, 1)
+
+
+def test_a_graph_quantized_for_one_model_never_runs_on_another_or_on_changed_weights():
+    # Dynamo's guards check a lifted parameter's shape, not which tensor it is: with equal options the
+    # second model would get the first one's graph (its quantized weights beside the second's norms)
+    first, second = TwoLayer().eval(), TwoLayer().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        _compile(first)(x)
+        with pytest.raises(QCompilerError, match="compiled for another model's fc1.weight"):
+            _compile(second)(x)
+        # qcompiler.compile gives each model its own backend: each runs its own weights
+        for model in (first, second):
+            quantized = qcompiler.compile(model, "w8a8-dynamic")(x)
+            reference = model(x)
+            assert torch.allclose(quantized, reference, atol=0.05 * reference.abs().max().item())
+    compiled = qcompiler.compile(first, "w8a8-dynamic")
+    with torch.inference_mode():
+        compiled(x)
+    with torch.no_grad():
+        first.fc2.weight.mul_(2.0)  # an in-place update after compiling
+    with torch.inference_mode(), pytest.raises(QCompilerError, match="fc2.weight was changed in place"):
+        compiled(x)
+
+
+def test_threads_making_the_first_call_together_all_get_the_quantized_result():
+    # issue 14, item 19: each thread may compile the graph itself (README: call once from one thread to
+    # compile once); the results are the same either way
+    import threading
+
+    model = TwoLayer().eval()
+    x = torch.randn(2, 5, 32)
+    compiled = _compile(model)
+    results, errors = [None] * 4, []
+
+    def first_call(i):
+        try:
+            with torch.inference_mode():
+                results[i] = compiled(x)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with torch.inference_mode():
+        expected = compiled(x)
+    assert all(torch.equal(r, expected) for r in results)
+    assert all(rep.quantized for rep in qcompiler.reports())

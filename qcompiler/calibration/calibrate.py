@@ -153,7 +153,9 @@ def _observe(model, batches: list, steps, bins: int, sample_rows: int, progress:
         insert_observers(gm, observer_for)
         return gm.forward
 
-    compiled = torch.compile(model, backend=calibration_backend)
+    # its own recompile limit: in a process that compiled this model class before, a shared limit could
+    # be reached, and Dynamo would then run the batches eagerly, past the observers
+    compiled = torch.compile(model, backend=calibration_backend, isolate_recompiles=True)
     tokens = 0
     with torch.inference_mode():
         for batch in tqdm(batches, total=len(batches), desc=desc, disable=not progress):

@@ -5,7 +5,8 @@ A saved folder holds ``calibration.safetensors`` (one set of tensors per layer i
 of each layer's min/max, the SHA-256 of the tensors file and of the JSON itself; loading checks both,
 so a flipped byte or an edited value is an error, not a silently different range). ``info`` holds the
 fingerprints of the float weights the statistics were gathered on (``qcompiler.core.integrity``): the
-backend refuses them for a model with other weights unless ``other_weights=True``.
+backend refuses them for a model with other weights unless ``other_weights=True``. A folder is written
+atomically (built beside, then renamed): a killed run leaves the old folder or none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from qcompiler.calibration.observers import ActivationRanges
-from qcompiler.core import integrity
+from qcompiler.core import files, integrity
 from qcompiler.core.errors import ConfigTypeError, StatsError
 from qcompiler.core.ir import QuantizedWeight, RoundedLayer
 
@@ -130,9 +131,16 @@ class CalibrationStats:
     def __getitem__(self, module: str) -> ActivationRanges:
         return self.activations[module]
 
+    @staticmethod
+    def check_output(path: str | Path) -> Path:
+        """Check, before calibrating, that :meth:`save` can write ``path``: absent, an empty folder, or an
+        older calibration folder (replaced whole)."""
+        return files.check_output(path, "statistics folder", folder=True, replaceable=is_stats_folder)
+
     def save(self, path: str | Path) -> Path:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the statistics to the folder ``path`` atomically (see :meth:`check_output`): a run that
+        fails or is killed leaves the old folder, or none."""
+        folder = self.check_output(path)
         from safetensors.torch import save_file
 
         tensors: dict = {}
@@ -142,9 +150,10 @@ class CalibrationStats:
             doc["raw_layers"] = _pack("raw.", self.raw, tensors)
         if self.weights:
             doc["rounded_weights"] = _pack_weights(self.weights, tensors)
-        save_file(tensors, str(folder / TENSORS_FILE))
-        doc["tensors_sha256"] = integrity.file_sha256(folder / TENSORS_FILE)
-        (folder / JSON_FILE).write_text(json.dumps(integrity.seal(doc), indent=1))
+        with files.atomic_folder(folder) as tmp:
+            save_file(tensors, str(tmp / TENSORS_FILE))
+            doc["tensors_sha256"] = integrity.file_sha256(tmp / TENSORS_FILE)
+            (tmp / JSON_FILE).write_text(json.dumps(integrity.seal(doc), indent=1))
         return folder
 
     @classmethod
@@ -182,6 +191,18 @@ class CalibrationStats:
         except (KeyError, TypeError, ValueError) as exc:
             raise StatsError(f"{folder}: the JSON and the tensors do not match (missing {exc}); {hint}") from exc
         return cls(activations, doc.get("info", {}), raw, weights)
+
+
+def is_stats_folder(path: str | Path) -> bool:
+    """True if ``path`` is a folder holding only a qcompiler calibration (what :meth:`CalibrationStats.save`
+    writes), so a new calibration may replace it."""
+    path = Path(path)
+    try:
+        names = {p.name for p in path.iterdir()}
+        doc = json.loads((path / JSON_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return names <= {JSON_FILE, TENSORS_FILE} and isinstance(doc, dict) and doc.get("format") == FORMAT
 
 
 def resolve_stats(stats) -> CalibrationStats | None:

@@ -37,3 +37,7 @@ class ArtifactError(QCompilerError):
 
 class ExportError(QCompilerError, ValueError):
     """A model or recipe that the asked-for export format cannot hold."""
+
+
+class OutputPathError(QCompilerError, ValueError):
+    """An output path that can not be written (a folder where a file goes, an occupied folder, read-only)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qcompiler.core.errors import ConfigError
-from qcompiler.core.files import read_text
+from qcompiler.core.files import read_text, write_text_atomic
 
 
 @dataclasses.dataclass
@@ -151,8 +151,7 @@ def run_cli(args, calibrate) -> int:
         print(file=sys.stderr)
     print(format_timings(rows), file=sys.stderr)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps({k: v.to_json() for k, v in rows.items()}, indent=2))
+        write_text_atomic(args.json_out, json.dumps({k: v.to_json() for k, v in rows.items()}, indent=2))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qcompiler.config import BackendOptions
 from qcompiler.core.errors import ConfigError, QCompilerError
-from qcompiler.core.files import occupied, read_text
+from qcompiler.core.files import check_output, read_text, write_text_atomic
 from qcompiler.tools import cli_args
 
 
@@ -92,10 +92,7 @@ def run_quantize(args) -> int:
     from qcompiler.tools import models, quantize
 
     recipe = resolve_recipe(args.recipe)
-    out = Path(args.out)
-    if occupied(out):
-        raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder (an older artifact's "
-                          "files would be left beside the new ones)")
+    artifact.check_output(args.out)  # before loading and calibrating: nothing is lost to a bad --out
     loaded = models.load_model(args.model)
     stats = args.stats
     if stats is None and recipe.needs_calibration:
@@ -157,8 +154,7 @@ def run_bench(args) -> int:
                                      progress=progress)
         print(bench.format_table(result))
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.json_out, json.dumps(result, indent=2))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
 
@@ -183,6 +179,9 @@ def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int
 def run_calibrate(args) -> int:
     from qcompiler.tools import models
 
+    from qcompiler.calibration.stats import CalibrationStats
+
+    CalibrationStats.check_output(args.out)  # before loading and calibrating: nothing is lost to a bad --out
     loaded = models.load_model(args.model)
     stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len, args.channel_bins)
     stats.save(args.out)
@@ -240,8 +239,7 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
             result.calibration["seconds"] = calibration_seconds
     print(evaluate.format_table(result))
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result.to_json(), indent=2))
+        write_text_atomic(args.json_out, json.dumps(result.to_json(), indent=2))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
 
@@ -254,7 +252,7 @@ def run_demo(args) -> int:
         timing = chat.run_demo_generation("smollm2-135m", "w8a8-dynamic")
         if args.json_out:
             result = json.loads(Path(args.json_out).read_text())
-            Path(args.json_out).write_text(json.dumps({**result, "generation": timing.to_json()}, indent=2))
+            write_text_atomic(args.json_out, json.dumps({**result, "generation": timing.to_json()}, indent=2))
     return code
 
 
@@ -262,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = cli_args.build_parser().parse_args(argv)
     try:
         cli_args.check_numbers(args)
+        if getattr(args, "json_out", None):  # before any work: a result is never lost to a bad --json
+            check_output(args.json_out, "--json", folder=False)
+        if args.command == "report":
+            check_output(args.out, "--out", folder=True, replaceable=lambda folder: True)  # index.html is rewritten
         if args.command == "eval":
             return run_eval(args, args.model, args.recipe, args.text, args.kernels)
         if args.command == "demo":

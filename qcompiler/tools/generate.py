@@ -40,6 +40,17 @@ def _sequence_dim(name: str, value: torch.Tensor) -> int | None:
     return None
 
 
+class _OwnBackend:
+    """The qcompiler backend with fixed options, for one :class:`CompiledForward` (equal to no other)."""
+
+    def __init__(self, options: dict) -> None:
+        self.options = options
+        self.__name__ = "qcompiler"
+
+    def __call__(self, gm, example_inputs, **_):
+        return backend.qcompiler_backend(gm, example_inputs, options=self.options)
+
+
 class CompiledForward:
     """A model's ``forward`` compiled by ``backend`` (qcompiler's, with ``options``; or e.g. "inductor",
     the float baseline of ``qcompiler bench generate``). Calls with more than one token (prompts) mark
@@ -50,9 +61,14 @@ class CompiledForward:
         # Guards on the modules (their parameters, attributes) are skipped: the compiled graphs are a
         # snapshot of the model at compile time anyway (compile again after changing it), and checking
         # some 300 tensors' guards costs ~2 ms per decode step.
-        compile_options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)} if options else {}
-        self.compiled = torch.compile(forward, backend=backend, options={
-            **compile_options, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        # qcompiler's graphs hold quantized copies of this model's weights: a backend object of its own
+        # (compared by identity) keeps Dynamo from reusing them for another model of the same class, and
+        # isolate_recompiles gives this compile its own recompile limit (shared, a process that compiled
+        # the same model class a few times would fall back to running the float model eagerly).
+        if backend == "qcompiler":
+            backend = _OwnBackend({f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+        self.compiled = torch.compile(forward, backend=backend, isolate_recompiles=True, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args, **kwargs):

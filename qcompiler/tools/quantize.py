@@ -16,7 +16,9 @@ from qcompiler.tools import compare
 
 def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True) -> Path:
     """Quantize ``model`` with ``recipe`` on one example ``batch`` and write the artifact to ``out``.
-    ``errors``: also record each layer's SQNR and the logits' KL on the batch (runs the model twice more)."""
+    ``errors``: also record each layer's SQNR and the logits' KL on the batch (runs the model twice more).
+    ``out`` is checked before any work (absent or an empty folder) and written atomically."""
+    artifact.check_output(out)
     opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference"))
     example = capture.as_batch(batch, use_cache_off=capture.accepts(model, "use_cache"))
     gm, inputs = capture.capture(model, [example], what="qcompiler quantize")

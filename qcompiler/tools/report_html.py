@@ -71,6 +71,13 @@ def plot_outliers(stats, out: Path, layers: int = 4):
     return _save(fig, out, "outliers.png")
 
 
+def outliers_missing(recipe) -> str:
+    """Why the outlier plot is not drawn: it plots calibration statistics, and there are none."""
+    return (f"Not drawn: recipe {recipe.name} needs no calibration (its activation ranges, if any, are taken at "
+            "run time), so no statistics were gathered to plot. Give `--stats DIR` (a folder written by "
+            "`qcompiler calibrate --model M --recipe w8a8-static --out DIR`) to draw it.")
+
+
 def plot_sqnr(comparison, out: Path):
     plt = _figure()
     layers = comparison.layers
@@ -160,9 +167,12 @@ def build(loaded, recipe, stats, out: Path, batch, recipes: dict, tokens: int, p
 
     out.mkdir(parents=True, exist_ok=True)
     sections = []
+    heading = "Activation outliers, before and after the transforms"
     if stats is not None:
-        sections.append(("Activation outliers, before and after the transforms", plot_outliers(stats, out),
+        sections.append((heading, plot_outliers(stats, out),
                          "Per-channel max|x| of the linear inputs with the largest max/median ratio."))
+    else:
+        sections.append((heading, None, outliers_missing(recipe)))
     comparison = compare.compare(loaded.model, recipe, batch, stats=stats, top=5)
     sections.append(("Per-layer SQNR", plot_sqnr(comparison, out), str(comparison)))
     points = perplexity_points(loaded, recipes, tokens)

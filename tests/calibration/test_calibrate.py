@@ -262,3 +262,30 @@ def test_a_flipped_byte_in_saved_statistics_and_stats_of_other_weights_are_refus
         out = torch.compile(other, backend="qcompiler",
                             options={"recipe": "w8a8-static", "stats": stats, "other_weights": True})(x)
     assert out.logits.isfinite().all()
+
+
+def test_a_nan_weight_keeps_only_its_layer_float_named_and_the_report_kept():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    qcompiler.clear_reports()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-dynamic"})(torch.randint(0, 128, (1, 8)))
+    rep = qcompiler.last_report()
+    assert rep.error == ""
+    floats = {d.module: d.reason for d in rep.layers if not d.quantized}
+    assert "inf/NaN" in floats["model.layers.1.mlp.down_proj"]
+    assert [m for m, why in floats.items() if "inf/NaN" in why] == ["model.layers.1.mlp.down_proj"]
+    assert len(rep.quantized) == 13  # the 14 linears of the two blocks but that one (lm_head in the skip list)
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a16-awq"])
+def test_nan_activations_under_gptq_and_awq_name_the_layer_and_the_batch(recipe):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.fill_(float("nan"))  # NaN flows into what follows
+    batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
+    torch._dynamo.reset()
+    with pytest.raises(CalibrationError, match=r"layer 'model\.layers\.0\.mlp\.(gate|up)_proj'.*batch"):
+        qcompiler.calibrate(model, batches, recipe, progress=False)

@@ -60,3 +60,15 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     # the page is drawn, plots included: a blank or broken-image page is nearly all white
     coloured = (pixels.max(-1) - pixels.min(-1)) > 0.2
     assert coloured.mean() > 0.02, coloured.mean()
+
+
+def test_a_report_without_statistics_says_why_the_outlier_plot_is_missing(tmp_path):
+    out = tmp_path / "report"
+    assert cli.main(["report", "--model", "stories260k", "--recipe", "w8a8-dynamic", "--out", str(out),
+                     "--tokens", "256"]) == 0
+    page = (out / "index.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.images) == 2 and not (out / "outliers.png").exists()
+    assert "Activation outliers" in page and "Not drawn: recipe w8a8-dynamic needs no calibration" in page
+    assert "--stats DIR" in page

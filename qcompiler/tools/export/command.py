@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from qcompiler.core.errors import ConfigError, ExportError
-from qcompiler.core.files import occupied
+from qcompiler.core.files import check_output
 
 FORMATS = ("compressed-tensors",)
 
@@ -33,12 +32,6 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str, presets: str) -> 
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
 
 
-def _check_out(out: Path) -> None:
-    """The output is checked before any work: a folder that is absent or empty (nothing is overwritten)."""
-    if occupied(out):
-        raise ConfigError(f"--out {out} exists and is not an empty folder: give a new folder")
-
-
 def run(args, calibrate, example_batch) -> int:
     """``calibrate(loaded, recipe, text, samples, seq_len)`` gathers statistics; ``example_batch(loaded,
     text, tokens)`` gives the batch the graph is traced on."""
@@ -47,8 +40,7 @@ def run(args, calibrate, example_batch) -> int:
     from qcompiler.tools import models
     from qcompiler.tools.export import build
 
-    out = Path(args.out)
-    _check_out(out)
+    out = check_output(args.out, "--out", folder=True)  # before any work: absent or empty, writable
     recipe = resolve_recipe(args.recipe)
     build.refuse_transforms(recipe)  # before loading or calibrating anything
     if args.tokens < 2:

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,7 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 from qcompiler.core.errors import ExportError
-from qcompiler.core.files import occupied
+from qcompiler.core.files import atomic_folder, occupied
 from qcompiler.tools.export.model import ExportActivation, ExportLinear, ExportModel
 
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose output this mirrors
@@ -287,21 +286,13 @@ def write_compressed_tensors(model: ExportModel, out_dir: str | os.PathLike) -> 
     schemes = schemes_of(model)  # validates every linear before anything is written
     qconfig = config_groups_for(model, schemes)
     tensors = checkpoint_tensors(model, schemes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _save_tensors(tensors, tmp)
         config = {**model.config, "quantization_config": qconfig}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(readme_text(model, qconfig))
         if model.tokenizer_dir is not None:
             _copy_tokenizer(model.tokenizer_dir, tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
