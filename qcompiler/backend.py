@@ -60,6 +60,18 @@ def resolve(options: BackendOptions) -> Resolved:
     return Resolved(recipe, options.kernels, stats, artifact, options.debug, options.other_weights)
 
 
+def check_made_from(opts: Resolved, named_tensors) -> None:
+    """Raise unless the statistics and artifact of ``opts`` were made from these float weights (a
+    :class:`StatsError` or :class:`ArtifactError` naming them); ``opts.other_weights`` skips the check.
+    Everything that quantizes with statistics or an artifact calls it before any work."""
+    if opts.other_weights:
+        return
+    named_tensors = list(named_tensors)
+    for made_from in (opts.artifact, opts.stats):
+        if made_from is not None:
+            made_from.check_weights(named_tensors)
+
+
 def _weights_device(bound) -> torch.device:
     for info in bound.values():
         if info.tensor.is_floating_point():
@@ -125,11 +137,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs, opts: Resolved) -> fx.Gra
     """Run the pipeline on one captured graph and record its report; a bug of ours leaves it in float."""
     start = time.perf_counter()
     bound = capture.bind_parameters(gm, example_inputs)
-    if not opts.other_weights:  # statistics or an artifact of another checkpoint: an error, before any work
-        weights = [(info.name, info.tensor) for info in bound.values()]
-        for made_from in (opts.artifact, opts.stats):
-            if made_from is not None:
-                made_from.check_weights(weights)
+    check_made_from(opts, [(info.name, info.tensor) for info in bound.values()])
     device = _weights_device(bound)
     rep = report.CompileReport(graph_index=report.next_index(), recipe=opts.recipe.name, kernels=opts.kernels)
     steps = pipeline.build(opts.recipe, device, stats=opts.stats, artifact=opts.artifact, kernels=opts.kernels)

@@ -123,7 +123,7 @@ class CalibrationStats:
             raise StatsError(f"these statistics were gathered on other weights: {', '.join(bad[:5])} "
                              f"{'differ' if len(bad) > 1 else 'differs'} from the model given (another checkpoint, "
                              "dtype or fine-tune with the same shapes); calibrate this model, or pass the backend "
-                             "option other_weights=True to use them anyway")
+                             "option other_weights=True (--other-weights on the command line) to use them anyway")
 
     def __contains__(self, module: str) -> bool:
         return module in self.activations

@@ -69,12 +69,14 @@ def run_explain(args) -> int:
     batch = _example_batch(loaded, args.text, args.tokens)
     torch._dynamo.reset()
     qcompiler.clear_reports()
+    options = {"recipe": recipe, "stats": stats, "other_weights": args.other_weights}
     with torch.inference_mode():
-        torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(**batch)
+        torch.compile(loaded.model, backend="qcompiler", options=options)(**batch)
     print(format_plan(qcompiler.last_report()))
     if not args.no_errors:
         print()
-        print(qcompiler.compare(loaded.model, recipe, batch, stats=stats, top=args.top))
+        print(qcompiler.compare(loaded.model, recipe, batch, stats=stats, top=args.top,
+                                other_weights=args.other_weights))
     return 0
 
 
@@ -97,7 +99,8 @@ def run_quantize(args) -> int:
     stats = args.stats
     if stats is None and recipe.needs_calibration:
         stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
-    folder = quantize.quantize(loaded.model, recipe, _example_batch(loaded, args.text, args.tokens), args.out, stats)
+    folder = quantize.quantize(loaded.model, recipe, _example_batch(loaded, args.text, args.tokens), args.out, stats,
+                               other_weights=args.other_weights)
     manifest = json.loads((folder / artifact.MANIFEST).read_text())
     quantized = [layer for layer in manifest["layers"] if layer["quantized"]]
     size = (folder / artifact.WEIGHTS).stat().st_size
@@ -127,10 +130,11 @@ def run_report(args) -> int:
     torch._dynamo.reset()
     qcompiler.clear_reports()
     with torch.inference_mode():
-        torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(**batch)
+        torch.compile(loaded.model, backend="qcompiler",
+                      options={"recipe": recipe, "stats": stats, "other_weights": args.other_weights})(**batch)
     plan = format_plan(qcompiler.last_report())
     path = report_html.build(loaded, recipe, stats, Path(args.out), batch, {recipe.name: (recipe, stats), **others},
-                             args.tokens, plan)
+                             args.tokens, plan, other_weights=args.other_weights)
     print(f"wrote {path}")
     return 0
 
@@ -218,6 +222,10 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     resolved = resolve_recipe(recipe)
     print(f"loading {model} ...", file=sys.stderr)
     loaded = models.load_model(model)
+    window = _window(loaded, args.window)  # the model's context decides: checked before calibrating
+    if args.tokens < window:
+        raise ConfigError(f"--tokens {args.tokens} is fewer than one window of {window}: give more tokens or a "
+                          "shorter --window")
     from qcompiler.calibration.stats import resolve_stats
 
     stats = resolve_stats(getattr(args, "stats", None))
@@ -225,11 +233,8 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     if stats is None and resolved.needs_calibration:
         stats = _calibrate(loaded, resolved, args.calib_text, args.samples, args.seq_len)
         calibration_seconds = stats.info["seconds"]
-    options = BackendOptions(recipe=resolved, kernels=kernels, stats=stats)
-    window = _window(loaded, args.window)
-    if args.tokens < window:
-        raise ConfigError(f"--tokens {args.tokens} is fewer than one window of {window}: give more tokens or a "
-                          "shorter --window")
+    options = BackendOptions(recipe=resolved, kernels=kernels, stats=stats,
+                             other_weights=getattr(args, "other_weights", False))
     cfg = evaluate.EvalConfig(tokens=args.tokens, window=window, speed=not args.no_speed,
                               speed_repeats=args.repeats, inductor_baseline=args.inductor_baseline)
     result = evaluate.evaluate(loaded, options, text_path, cfg)
@@ -284,10 +289,26 @@ def main(argv: list[str] | None = None) -> int:
             return run_quantize(args)
         if args.command == "report":
             return run_report(args)
-    except QCompilerError as exc:  # the user's to fix; anything else is a bug of ours and keeps its traceback
-        print(f"qcompiler: {exc}", file=sys.stderr)
+    except Exception as exc:  # the user's errors are reported; anything else is re-raised
+        error = users_error(exc)
+        if error is None:  # a bug of ours keeps its traceback
+            raise
+        print(f"qcompiler: {error}", file=sys.stderr)
         return 2
     return 1
+
+
+def users_error(exc: BaseException) -> QCompilerError | None:
+    """The :class:`QCompilerError` ``exc`` is, or the one raised inside the backend that Dynamo wrapped in
+    its ``BackendCompilerFailed`` (``.inner_exception``); None for anything else."""
+    if isinstance(exc, QCompilerError):
+        return exc
+    if "torch" not in sys.modules:  # nothing compiled, so nothing wrapped
+        return None
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    inner = getattr(exc, "inner_exception", None)
+    return inner if isinstance(exc, BackendCompilerFailed) and isinstance(inner, QCompilerError) else None
 
 
 if __name__ == "__main__":

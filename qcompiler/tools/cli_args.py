@@ -18,6 +18,12 @@ def _add_calibration_args(p: argparse.ArgumentParser, text_flag: str) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
 
 
+def add_other_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--other-weights", action="store_true",
+                   help="use --stats gathered on other float weights than the model's (another checkpoint or "
+                        "fine-tune with the same names and shapes) on purpose; by default that is an error")
+
+
 def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
         p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -26,6 +32,7 @@ def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
         p.add_argument("--kernels", default="fast", choices=["fast", "reference"])
         p.add_argument("--stats", default=None,
                        help="calibration folder for static recipes (default: calibrate now on --calib-text)")
+        add_other_weights(p)
         _add_calibration_args(p, "--calib-text")
     p.add_argument("--tokens", type=int, default=20480, help="tokens of the text to score (default 20480)")
     p.add_argument("--window", type=int, default=None,
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
     quant.add_argument("--out", required=True, help="artifact folder to write")
     quant.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    add_other_weights(quant)
     _add_calibration_args(quant, "--calib-text")
     quant.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
     quant.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
@@ -64,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--recipe", default="w8a8-smoothquant", help=f"preset: {', '.join(sorted(PRESETS))}")
     rep.add_argument("--out", required=True, help="folder for index.html and the PNGs")
     rep.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    add_other_weights(rep)
     _add_calibration_args(rep, "--calib-text")
     rep.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
     rep.add_argument("--tokens", type=int, default=2048,
@@ -74,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True, help=MODEL_HELP)
     explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
     explain.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
+    add_other_weights(explain)
     _add_calibration_args(explain, "--calib-text")
     explain.add_argument("--text", default=None, help="text whose first --tokens tokens are the example batch")
     explain.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
@@ -81,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--no-errors", action="store_true", help="print the plan only, skip the error table")
     from qcompiler.tools.export import command as export_command
 
-    export_command.add_arguments(sub.add_parser("export", help="write a compressed-tensors folder (vLLM, transformers) "
-                                                "or a GGUF file (llama.cpp)"), MODEL_HELP, ", ".join(sorted(PRESETS)))
+    export = sub.add_parser("export", help="write a compressed-tensors folder (vLLM, transformers) or a GGUF file "
+                            "(llama.cpp)")
+    export_command.add_arguments(export, MODEL_HELP, ", ".join(sorted(PRESETS)))
+    add_other_weights(export)
     _add_generate_parser(sub.add_parser("generate", help="stream text from the quantized model; prefill and decode tokens/s"))
     _add_bench_parser(sub.add_parser("bench", help="time qcompiler's kernels, or generation, against their float baselines"))
     return parser
@@ -132,21 +144,31 @@ def _add_bench_parser(bench: argparse.ArgumentParser) -> None:
                             "from the CUDA device's name; none on CPU)")
 
 
-# (option, smallest value, what it is): every numeric option is checked before any work starts
-_LIMITS = (("tokens", 1, "tokens to read"), ("window", 2, "tokens per window"), ("repeats", 1, "timing repeats"),
-           ("samples", 1, "calibration samples"), ("seq_len", 2, "tokens per calibration sample"),
-           ("top", 0, "layers to attribute"), ("channel_bins", 0, "bins per channel (0: none)"),
-           ("max_new_tokens", 1, "tokens to generate"), ("threads", 1, "threads"), ("prefill", 1, "prefill tokens"),
-           ("depth", 1, "context tokens"), ("decode", 1, "decode tokens"), ("max_cache_len", 2, "KV cache positions"))
-_MOST_THREADS = 1024
+# (option, smallest value, largest value or None, what it is): every numeric option is checked before any work.
+# The largest values keep a typo from hanging or allocating absurdly: timing repeats, histograms per channel
+# (float64 while calibrating), layers re-run one by one, KV cache positions.
+_MOST_POSITIONS = 1 << 17  # the longest contexts of today's models
+_LIMITS = (("tokens", 1, None, "tokens to read"), ("window", 2, None, "tokens per window"),
+           ("repeats", 1, 1000, "timing repeats"), ("samples", 1, None, "calibration samples"),
+           ("seq_len", 2, None, "tokens per calibration sample"), ("top", 0, 1000, "layers to attribute"),
+           ("channel_bins", 0, 4096, "bins per channel (0: none)"), ("max_new_tokens", 1, None, "tokens to generate"),
+           ("threads", 1, 1024, "threads"), ("prefill", 1, _MOST_POSITIONS, "prefill tokens"),
+           ("depth", 1, _MOST_POSITIONS, "context tokens"), ("decode", 1, _MOST_POSITIONS, "decode tokens"),
+           ("max_cache_len", 2, _MOST_POSITIONS, "KV cache positions"))
 
 
 def check_numbers(args) -> None:
-    """A :class:`ConfigError` for the first numeric option below its smallest sensible value."""
-    for name, lowest, what in _LIMITS:
+    """A :class:`ConfigError` for the first numeric option outside its sensible range."""
+    for name, lowest, highest, what in _LIMITS:
         value = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
         if value is not None and value < lowest:
-            flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be at least {lowest} ({what}), got {value}")
-    if getattr(args, "threads", None) and args.threads > _MOST_THREADS:
-        raise ConfigError(f"--threads {args.threads} is more than {_MOST_THREADS}: give the number of cores to use")
+        if value is not None and highest is not None and value > highest:
+            raise ConfigError(f"{flag} {value} is more than {highest} ({what}): give {highest} or less")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a finite number above it, got {temperature}")
+    peak = getattr(args, "peak_gbps", None)
+    if peak is not None and not 0 < peak < float("inf"):
+        raise ConfigError(f"--peak-gbps must be a finite number of GB/s above 0, got {peak}")

@@ -141,18 +141,19 @@ def _run_steps(gm0, inputs, steps, recipe_name: str, reference_out):
 
 
 def compare(model: torch.nn.Module, recipe="w8a8-dynamic", batch=None, stats=None, top: int = 5,
-            steps=None) -> Comparison:
+            steps=None, other_weights: bool = False) -> Comparison:
     """Where does quantization error come from? Per pass and per layer, on one ``batch``.
 
     ``batch``: input ids (or a dict of keyword inputs, or a tuple of positional ones). ``top``: how
     many of the worst layers to attribute by keeping each alone in float (0: none): the layer's QDQ
     is undone in the quantize/dequantize graph (the recipe's transforms stay, so the rest of the
-    model is exactly as quantized). ``steps``: override the pipeline (for testing a pass). The model
-    is not changed.
+    model is exactly as quantized). ``steps``: override the pipeline (for testing a pass). Statistics
+    gathered on other weights are an error unless ``other_weights``. The model is not changed.
     """
     if batch is None:
         raise ConfigError("compare needs a batch to run, e.g. a [1, T] tensor of input ids")
-    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats))
+    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, other_weights=other_weights))
+    backend.check_made_from(opts, model.named_parameters())
     gm0, calls = capture.capture(model, [capture.as_batch(batch)], what="the numeric debugger")
     inputs = calls[0]
     reference_out = _run_output(gm0, inputs)

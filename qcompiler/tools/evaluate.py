@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qcompiler import backend
 from qcompiler import report as report_mod
 from qcompiler.config import BackendOptions
 from qcompiler.core.errors import ConfigError
@@ -46,6 +47,14 @@ class EvalConfig:
     passages: int = 256
     progress: bool = True
     inductor_baseline: bool = False  # also time the float model compiled by Inductor
+
+    def __post_init__(self) -> None:
+        least = {"tokens": 1, "window": 2, "speed_repeats": 1, "decode_context": 1, "prefill_tokens": 1,
+                 "passages": 1}
+        for name, lowest in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ConfigError(f"EvalConfig.{name} must be an int of at least {lowest}, got {value!r}")
 
 
 @dataclass
@@ -72,6 +81,9 @@ class EvalResult:
 
 
 def read_tokens(path: Path, tokenizer, limit: int) -> torch.Tensor:
+    """The first ``limit`` (at least 1) token ids of the text file at ``path``, without special tokens."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"the number of tokens to read must be an int of at least 1, got {limit!r}")
     text = read_text(path, "text file")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if len(ids) < limit:
@@ -81,13 +93,22 @@ def read_tokens(path: Path, tokenizer, limit: int) -> torch.Tensor:
 
 
 def compile_quantized(model: torch.nn.Module, options: BackendOptions):
-    return torch.compile(model, backend="qcompiler", options=options)
+    """``model`` compiled by the qcompiler backend with ``options``, through a backend function of its own:
+    Dynamo (whose guards check shapes, not which tensor) then never hands it a graph compiled earlier in
+    the process for another instance of the model with equal options, nor this model's to a later one."""
+
+    def own_backend(gm, example_inputs, **_):
+        return backend.qcompiler_backend(gm, example_inputs, options=options)
+
+    own_backend.__name__ = "qcompiler"
+    return torch.compile(model, backend=own_backend, isolate_recompiles=True)
 
 
 def _windows(ids: torch.Tensor, window: int, bos: int | None) -> list[torch.Tensor]:
     count = ids.numel() // window
     if count == 0:
-        raise ValueError(f"{ids.numel()} tokens make no full window of {window}")
+        raise ConfigError(f"{ids.numel()} tokens make no full window of {window}: score more tokens or a "
+                          "shorter window")
     out = []
     for i in range(count):
         chunk = ids[i * window : (i + 1) * window]

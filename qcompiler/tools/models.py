@@ -102,13 +102,17 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     if magic != b"GGUF":
         raise InputFileError(f"{path} is not a GGUF file (it does not begin with the bytes 'GGUF')")
     folder, file = str(path.parent), path.name
-    try:
+    try:  # the gguf reader reads the header and maps every tensor: a cut file fails here
         add_bos = gguf_adds_bos(path)
+    except Exception as e:  # it raises bare ValueError/IndexError/struct.error/...
+        raise InputFileError(f"{path} can not be read as a GGUF file ({type(e).__name__}: {e}): the file is "
+                             "truncated or damaged; copy or download it again") from e
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    except Exception as e:  # the gguf reader and transformers' converter raise bare IndexError/struct.error/...
+    except Exception as e:  # transformers' converter raises bare KeyError/IndexError/...
         raise InputFileError(
-            f"{path}: its tokenizer can not be read ({type(e).__name__}: {e}); the file is truncated or damaged, "
-            "or transformers' GGUF converter does not support its vocabulary: use a Hugging Face model folder"
+            f"{path}: its tokenizer can not be read ({type(e).__name__}: {e}); transformers' GGUF converter does "
+            "not support its vocabulary, or the file is damaged: use a Hugging Face model folder"
         ) from e
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)

@@ -14,12 +14,16 @@ from qcompiler.report import CompileReport
 from qcompiler.tools import compare
 
 
-def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True) -> Path:
+def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True,
+             other_weights: bool = False) -> Path:
     """Quantize ``model`` with ``recipe`` on one example ``batch`` and write the artifact to ``out``.
     ``errors``: also record each layer's SQNR and the logits' KL on the batch (runs the model twice more).
-    ``out`` is checked before any work (absent or an empty folder) and written atomically."""
+    ``out`` is checked before any work (absent or an empty folder) and written atomically. Statistics
+    gathered on other weights are an error unless ``other_weights``."""
     artifact.check_output(out)
-    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference"))
+    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference",
+                                          other_weights=other_weights))
+    backend.check_made_from(opts, model.named_parameters())
     example = capture.as_batch(batch, use_cache_off=capture.accepts(model, "use_cache"))
     gm, inputs = capture.capture(model, [example], what="qcompiler quantize")
     inputs = inputs[0]
@@ -27,7 +31,8 @@ def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: boo
     device = next((info.tensor.device for info in bound.values()), torch.device("cpu"))
     report = CompileReport(0, opts.recipe.name, opts.kernels)
     gm = pipeline.run(gm, pipeline.build(opts.recipe, device, stats=opts.stats, kernels=opts.kernels), report)
-    comparison = compare.compare(model, opts.recipe, batch, stats=opts.stats, top=0) if errors else None
+    comparison = compare.compare(model, opts.recipe, batch, stats=opts.stats, top=0,
+                                 other_weights=other_weights) if errors else None
     return artifact.save(Path(out), gm, opts.recipe, opts.stats, report, comparison,
                          artifact.parameter_fingerprint(model.named_parameters()),
                          integrity.weight_fingerprints(model.named_parameters()))

@@ -118,8 +118,9 @@ def linear_bits_per_weight(report) -> float:
     return sum(8 * d.weight_bytes for d in layers) / weights if weights else 32.0
 
 
-def perplexity_points(loaded, recipes: dict, tokens: int) -> list[dict]:
-    """fp32 and each recipe (``name -> (recipe, stats)``) on the first ``tokens`` tokens, 512-token windows."""
+def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = False) -> list[dict]:
+    """fp32 and each recipe (``name -> (recipe, stats)``) on the first ``tokens`` tokens, 512-token windows
+    (``other_weights``: the backend option, for statistics gathered on other weights)."""
     from qcompiler import report
     from qcompiler.tools import evaluate, models
     from qcompiler.tools.metrics import nll
@@ -137,7 +138,8 @@ def perplexity_points(loaded, recipes: dict, tokens: int) -> list[dict]:
     for name, (recipe, stats) in recipes.items():
         torch._dynamo.reset()
         report.clear_reports()
-        model = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})
+        model = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats,
+                                                                        "other_weights": other_weights})
         points.append({"recipe": name, "perplexity": perplexity(model), "bpw": linear_bits_per_weight(report.last_report())})
     return points
 
@@ -162,7 +164,8 @@ def write(out: Path, title: str, sections: list[tuple[str, object, str]]) -> Pat
     return path
 
 
-def build(loaded, recipe, stats, out: Path, batch, recipes: dict, tokens: int, plan: str) -> Path:
+def build(loaded, recipe, stats, out: Path, batch, recipes: dict, tokens: int, plan: str,
+          other_weights: bool = False) -> Path:
     from qcompiler.tools import compare
 
     out.mkdir(parents=True, exist_ok=True)
@@ -173,9 +176,9 @@ def build(loaded, recipe, stats, out: Path, batch, recipes: dict, tokens: int, p
                          "Per-channel max|x| of the linear inputs with the largest max/median ratio."))
     else:
         sections.append((heading, None, outliers_missing(recipe)))
-    comparison = compare.compare(loaded.model, recipe, batch, stats=stats, top=5)
+    comparison = compare.compare(loaded.model, recipe, batch, stats=stats, top=5, other_weights=other_weights)
     sections.append(("Per-layer SQNR", plot_sqnr(comparison, out), str(comparison)))
-    points = perplexity_points(loaded, recipes, tokens)
+    points = perplexity_points(loaded, recipes, tokens, other_weights)
     table = "\n".join(f"{p['recipe']:<28} {p['bpw']:6.2f} bpw  perplexity {p['perplexity']:.3f}" for p in points)
     sections.append((f"Perplexity against bits per weight (first {tokens} tokens of the evaluation text)",
                      plot_perplexity_vs_bits(points, out), table))

@@ -264,10 +264,11 @@ def test_a_flipped_byte_in_saved_statistics_and_stats_of_other_weights_are_refus
     assert out.logits.isfinite().all()
 
 
-def test_a_nan_weight_keeps_only_its_layer_float_named_and_the_report_kept():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_nan_weight_keeps_only_its_layer_float_named_and_the_report_kept(bad):
     model = tiny_llama()
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = bad
     qcompiler.clear_reports()
     torch._dynamo.reset()
     with torch.inference_mode():
@@ -288,4 +289,18 @@ def test_nan_activations_under_gptq_and_awq_name_the_layer_and_the_batch(recipe)
     batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
     torch._dynamo.reset()
     with pytest.raises(CalibrationError, match=r"layer 'model\.layers\.0\.mlp\.(gate|up)_proj'.*batch"):
+        qcompiler.calibrate(model, batches, recipe, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a16-awq"])
+def test_nan_activations_in_one_batch_name_that_batch(recipe):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[127] = float("nan")  # only a batch holding token 127 meets NaN
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 127, (1, 16), generator=gen) for _ in range(3)]
+    batches[1][0, 7] = 127
+    torch._dynamo.reset()
+    with pytest.raises(CalibrationError, match=r"layer 'model\.layers\.0\.self_attn\.[qkv]_proj' holds inf/NaN "
+                                               r"on batch 1;"):
         qcompiler.calibrate(model, batches, recipe, progress=False)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from qcompiler.core.errors import ConfigError
 from qcompiler.lowering.kernels import cpu
 from qcompiler.tools import bench, cli
 
@@ -85,7 +86,9 @@ def test_cli_bench_rejects_bad_shapes_and_missing_devices(capsys):
     assert cli.main(["bench", "kernels", "--shapes", "1x64"]) == 2
     assert "MxNxK" in capsys.readouterr().err
     assert cli.main(["bench", "kernels", "--shapes", "1x32x128", "--peak-gbps", "0"]) == 2
-    assert "peak_gbps must be positive" in capsys.readouterr().err
+    assert "--peak-gbps must be a finite number of GB/s above 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="peak_gbps must be positive"):  # the API checks it too
+        bench.bench_kernels("cpu", [(1, 32, 128)], repeats=1, peak_gbps=0.0)
     if not torch.cuda.is_available():
         assert cli.main(["bench", "kernels", "--device", "cuda", "--shapes", "1x32x32"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err

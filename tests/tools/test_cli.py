@@ -77,20 +77,25 @@ def test_calibrate_channel_bins_writes_per_channel_histograms(tmp_path, capsys):
     assert "power of two" in capsys.readouterr().err
 
 
-NUMERIC = [  # (command, option): each is checked before any work
-    (["eval", "--model", "stories260k"], o) for o in ("--tokens", "--window", "--repeats", "--samples", "--seq-len",
-                                                      "--threads")
-] + [(["calibrate", "--model", "stories260k", "--out", "x"], o) for o in ("--samples", "--seq-len", "--channel-bins")] + [
-    (["quantize", "--model", "stories260k", "--out", "x"], "--tokens"),
-    (["explain", "--model", "stories260k"], "--top"),
-    (["generate", "--model", "stories260k", "--prompt", "hi"], "--max-new-tokens"),
-    (["generate", "--model", "stories260k", "--prompt", "hi"], "--max-cache-len"),
-    (["bench", "kernels"], "--repeats"),
-    (["bench", "generate", "--model", "stories260k"], "--prefill"),
+NO_MODEL = "no-such-model"  # a check that ran after loading would say "neither an alias" instead
+_CALIBRATION = ("--samples", "--seq-len")
+NUMERIC = [  # (command, options): each is checked before any work, the model included
+    (["eval", "--model", NO_MODEL], ("--tokens", "--window", "--repeats", "--threads") + _CALIBRATION),
+    (["demo"], ("--tokens", "--window", "--repeats", "--threads")),
+    (["calibrate", "--model", NO_MODEL, "--out", "x"], ("--channel-bins",) + _CALIBRATION),
+    (["quantize", "--model", NO_MODEL, "--out", "x"], ("--tokens",) + _CALIBRATION),
+    (["explain", "--model", NO_MODEL], ("--tokens", "--top") + _CALIBRATION),
+    (["report", "--model", NO_MODEL, "--out", "r"], ("--tokens",) + _CALIBRATION),
+    (["export", "--model", NO_MODEL, "--format", "compressed-tensors", "--out", "e"], ("--tokens",) + _CALIBRATION),
+    (["generate", "--model", NO_MODEL, "--prompt", "hi"],
+     ("--max-new-tokens", "--max-cache-len", "--threads") + _CALIBRATION),
+    (["bench", "kernels"], ("--repeats", "--threads")),
+    (["bench", "generate", "--model", NO_MODEL], ("--prefill", "--depth", "--decode", "--threads", "--repeats")),
 ]
 
 
-@pytest.mark.parametrize("command,option", NUMERIC)
+@pytest.mark.parametrize("command,option", [(c, o) for c, options in NUMERIC for o in options],
+                         ids=lambda v: " ".join(w for w in v[:2] if not w.startswith("-")) if isinstance(v, list) else v)
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_numeric_options_below_their_least_value_are_clear_errors(command, option, value, capsys, tmp_path,
                                                                   monkeypatch):
@@ -99,11 +104,37 @@ def test_numeric_options_below_their_least_value_are_clear_errors(command, optio
         pytest.skip("0 is a valid value (no attribution / no per-channel histograms)")
     assert cli.main([*command, option, value]) == 2
     err = capsys.readouterr().err
-    assert f"{option} must be at least" in err and "Traceback" not in err
+    assert f"qcompiler: {option} must be at least" in err and f"got {value}" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args,message", [
-    (["eval", "--model", "stories260k", "--threads", "1000000000"], "--threads 1000000000 is more than"),
+    (["generate", "--model", NO_MODEL, "--prompt", "hi", "--temperature", "-1"], "--temperature must be 0 (greedy)"),
+    (["generate", "--model", NO_MODEL, "--prompt", "hi", "--temperature", "-0.5"], "got -0.5"),
+    (["generate", "--model", NO_MODEL, "--prompt", "hi", "--temperature", "nan"], "--temperature must be 0 (greedy)"),
+    (["bench", "kernels", "--peak-gbps", "0"], "--peak-gbps must be a finite number of GB/s above 0, got 0.0"),
+    (["bench", "kernels", "--peak-gbps", "-1"], "--peak-gbps must be a finite number of GB/s above 0, got -1.0"),
+])
+def test_float_options_out_of_range_are_clear_errors_before_any_work(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+HUGE = "1000000000"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--model", NO_MODEL, "--threads", HUGE], f"--threads {HUGE} is more than 1024"),
+    (["eval", "--model", NO_MODEL, "--repeats", HUGE], f"--repeats {HUGE} is more than 1000 (timing repeats)"),
+    (["bench", "kernels", "--repeats", HUGE], f"--repeats {HUGE} is more than 1000"),
+    (["bench", "generate", "--model", NO_MODEL, "--repeats", HUGE], f"--repeats {HUGE} is more than 1000"),
+    (["calibrate", "--model", NO_MODEL, "--out", "s", "--channel-bins", HUGE], f"--channel-bins {HUGE} is more than 4096"),
+    (["explain", "--model", NO_MODEL, "--top", HUGE], f"--top {HUGE} is more than 1000"),
+    (["generate", "--model", NO_MODEL, "--prompt", "hi", "--max-cache-len", HUGE],
+     f"--max-cache-len {HUGE} is more than 131072 (KV cache positions)"),
+    (["bench", "generate", "--model", NO_MODEL, "--prefill", HUGE], f"--prefill {HUGE} is more than 131072"),
+    (["bench", "generate", "--model", NO_MODEL, "--depth", HUGE], f"--depth {HUGE} is more than 131072"),
+    (["bench", "generate", "--model", NO_MODEL, "--decode", HUGE], f"--decode {HUGE} is more than 131072"),
     (["eval", "--model", "stories260k", "--window", "4096", "--no-speed"], "more than stories260k's context of 512"),
     (["eval", "--model", "stories260k", "--window", "512", "--no-speed"], "plus the BOS token"),
     (["eval", "--model", "stories260k", "--tokens", "100", "--window", "128", "--no-speed"], "fewer than one window"),
@@ -158,3 +189,27 @@ def test_the_shared_data_is_found_from_any_working_directory(tmp_path, monkeypat
     here = models.data_dir()
     monkeypatch.chdir(tmp_path)
     assert models.data_dir() == here and models.default_text().is_file()
+
+
+def test_eval_checks_the_window_against_the_context_before_calibrating(capsys, monkeypatch):
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrated before the window was checked")
+
+    monkeypatch.setattr(cli, "_calibrate", calibrate)
+    static = ["eval", "--model", "stories260k", "--recipe", "w8a8-static", "--no-speed"]
+    assert cli.main(static + ["--window", "4096"]) == 2
+    assert "--window 4096 plus the BOS token is more than stories260k's context of 512" in capsys.readouterr().err
+    assert cli.main(static + ["--tokens", "100", "--window", "128"]) == 2
+    assert "--tokens 100 is fewer than one window of 128" in capsys.readouterr().err
+
+
+def test_the_default_window_is_what_the_context_leaves_beside_bos(capsys):
+    from qcompiler.tools import models
+
+    loaded = models.load_model("stories260k")  # context 512, its tokenizer adds BOS
+    assert loaded.add_bos and loaded.model.config.max_position_embeddings == 512
+    assert cli._window(loaded, None) == 511
+    assert cli.main(["eval", "--model", "stories260k", "--tokens", "1022", "--no-speed"]) == 0
+    assert "2 non-overlapping windows of 511 tokens each with BOS prepended" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", "stories260k", "--window", "511", "--tokens", "511", "--no-speed"]) == 0
+    assert "1 non-overlapping windows of 511 tokens each with BOS prepended" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import torch
 import qcompiler
 from qcompiler.calibration.calibrate import text_batches
 from qcompiler.config import BackendOptions
+from qcompiler.core.errors import ConfigError
 from qcompiler.tools import evaluate, models
 
 
@@ -42,3 +43,17 @@ def test_static_eval_uses_the_given_stats(stories):
     assert result.recipe == "w8a8-static-mse"
     assert abs(result.quantized["perplexity"] / result.float["perplexity"] - 1) < 0.1
     assert all("static mse" in d.scheme for r in qcompiler.reports() for d in r.quantized)
+
+
+def test_the_api_refuses_token_counts_and_windows_below_their_least(stories):
+    for limit in (-5, 0, 1.5, True):
+        with pytest.raises(ConfigError, match="tokens to read must be an int of at least 1"):
+            evaluate.read_tokens(models.default_text(), stories.tokenizer, limit)
+    assert evaluate.read_tokens(models.default_text(), stories.tokenizer, 5).shape == (5,)
+    for field, value in [("window", 0), ("window", 1), ("tokens", -5), ("speed_repeats", 0), ("passages", 0),
+                         ("prefill_tokens", 0), ("decode_context", -1), ("window", 64.0)]:
+        with pytest.raises(ConfigError, match=f"EvalConfig.{field} must be an int of at least"):
+            evaluate.EvalConfig(**{field: value})
+    short = evaluate.EvalConfig(tokens=100, window=128, speed=False, progress=False)
+    with pytest.raises(ConfigError, match="100 tokens make no full window of 128"):
+        evaluate.evaluate(stories, BackendOptions(), models.default_text(), short)

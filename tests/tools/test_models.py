@@ -45,17 +45,50 @@ def test_a_folder_whose_tokenizer_adds_bos_is_scored_with_bos(capsys, tmp_path):
     assert "each with BOS prepended" in capsys.readouterr().out
 
 
+def _whole_gguf(path):
+    """stories260K's float weights with a small byte-level BPE vocabulary (which transformers' converter
+    reads), written by our GGUF writer: a file that loads when whole."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qcompiler.tools.export import gguf as gguf_writer
+    from qcompiler.tools.export.model import ExportModel
+
+    folder = models.data_dir() / "models" / "stories260K-hf"
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "Ġ": 3, "ab": 4, "Ġa": 5}
+    tok = path.parent / "tokenizer"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": [["a", "b"], ["Ġ", "a"]], "byte_fallback": False},
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel"}}))
+    (tok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "add_bos_token": False}))
+    model = ExportModel(json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors"),
+                        {}, tokenizer_dir=tok, tied_embeddings=True)
+    return gguf_writer.write_gguf(model, path, "Q8_0", embedding_type="F32", float_type="F32")
+
+
 def test_gguf_files_that_can_not_be_read_are_named(tmp_path, capsys):
+    whole = _whole_gguf(tmp_path / "whole.gguf")
+    loaded = models.load_model(str(whole))  # whole, it loads
+    assert loaded.model.config.vocab_size == 512 and not loaded.add_bos
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a model")
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes((models.data_dir() / "models" / "stories260K.gguf").read_bytes()[:60_000])
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # the header whole, tensors cut
+    header_cut = tmp_path / "header-cut.gguf"
+    header_cut.write_bytes(whole.read_bytes()[:200])
     unreadable_vocab = models.data_dir() / "models" / "stories260K.gguf"  # transformers' converter fails on it
-    for path, words in [(fake, "is not a GGUF file"), (truncated, "can not be read"),
+    for path, words in [(fake, "is not a GGUF file"), (truncated, "can not be read as a GGUF file"),
+                        (header_cut, "can not be read as a GGUF file"),
                         (unreadable_vocab, "its tokenizer can not be read")]:
         with pytest.raises(InputFileError, match=words) as info:
             models.load_model(str(path))
         assert str(path) in str(info.value)
         assert cli.main(["eval", "--model", str(path), "--no-speed"]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' own log lines come first)
-        assert last.startswith("qcompiler: ") and str(path) in last
+        assert last.startswith(f"qcompiler: {path}") and words in last, last
+        if path in (truncated, header_cut):
+            assert "truncated or damaged" in last

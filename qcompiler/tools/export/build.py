@@ -70,12 +70,15 @@ def _linear(gm: torch.fx.GraphModule, spec, bias: torch.Tensor | None) -> Export
                         activation=_activation(gm, spec))
 
 
-def export_model(loaded, recipe, batch, stats=None) -> ExportModel:
+def export_model(loaded, recipe, batch, stats=None, other_weights: bool = False) -> ExportModel:
     """The :class:`ExportModel` of ``loaded`` (a :class:`~qcompiler.tools.models.LoadedModel`) quantized
-    with ``recipe`` (statistics ``stats`` when it needs them), traced on the example ``batch``."""
-    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference"))
+    with ``recipe`` (statistics ``stats`` when it needs them; gathered on other weights they are an error
+    unless ``other_weights``), traced on the example ``batch``."""
+    opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference",
+                                          other_weights=other_weights))
     refuse_transforms(opts.recipe)
     model = loaded.model
+    backend.check_made_from(opts, model.named_parameters())
     example = capture.as_batch(batch, use_cache_off=capture.accepts(model, "use_cache"))
     gm, inputs = capture.capture(model, [example], what="qcompiler export")
     capture.bind_parameters(gm, inputs[0])

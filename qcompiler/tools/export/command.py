@@ -52,7 +52,8 @@ def run(args, calibrate, example_batch) -> int:
     if stats is None and recipe.needs_calibration:
         stats = calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len)
     print(f"quantizing {args.model} with {recipe.name} ...", file=sys.stderr)
-    model = build.export_model(loaded, recipe, example_batch(loaded, args.text, args.tokens), stats)
+    model = build.export_model(loaded, recipe, example_batch(loaded, args.text, args.tokens), stats,
+                               other_weights=args.other_weights)
     from qcompiler.tools.export.compressed_tensors import write_compressed_tensors
 
     path = write_compressed_tensors(model, out)
