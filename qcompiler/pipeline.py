@@ -11,6 +11,7 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 7. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
 8. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
 9. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
+10. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
 
 Calibration runs 1-6 and then inserts observers, so static ranges are those of the transformed
 inputs. A pass that raises is named, with the passes that ran before it.
@@ -31,6 +32,7 @@ from qcompiler.core.ir import PLAN, PassResult
 from qcompiler.lowering import fuse, ops
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
+from qcompiler.passes.gqa_attention import gqa_attention
 from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
 from qcompiler.passes.smoothquant import smoothquant
@@ -39,7 +41,7 @@ from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
 ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq",
-         "load_artifact", "lower")
+         "load_artifact", "lower", "gqa_attention")
 
 
 class PassFailed(RuntimeError):
@@ -122,6 +124,7 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
         steps.append(Step("load_artifact", artifact.apply, requires=("insert_qdq",)))
     if kernels == "fast":
         steps.append(Step("lower", fuse.lower, requires=("insert_qdq",)))
+    steps.append(Step("gqa_attention", gqa_attention))
     check_order(steps)
     return steps
 
