@@ -7,8 +7,9 @@ graph calls them without running any Python, which matters in the decode step wh
 takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
 is fixed and small); larger products keep the library kernels of ``cpu.py``.
 
-The source is compiled with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (the same C++
-toolchain Inductor needs for CPU code) once per machine type: the build (about 30 s) is cached in
+The source is compiled with ``-O3 -march=native -fopenmp`` by ``torch.utils.cpp_extension`` (the same
+C++ toolchain Inductor needs for CPU code; without OpenMP, ATen's ``parallel_for`` compiles to a plain
+loop and the kernels ran on one thread) once per machine type: the build (about 30 s) is cached in
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name that includes a hash of
 the CPU's model and flags, so a cache shared by other machines never runs code built for another ISA.
 Where it cannot be built, :func:`unavailable_reason` says why and the lowering keeps the library
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv")
+OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads")
 
 
 def _machine_tag() -> str:
@@ -46,7 +47,8 @@ def _build() -> str | None:
         from torch.utils.cpp_extension import load
 
         load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(SOURCE)],
-             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], is_python_module=False, verbose=False)
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
     except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
         return f"the C++ GEMV kernels could not be built ({type(exc).__name__}: {str(exc)[:200]})"
     _register_fakes()

@@ -12,7 +12,20 @@ pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
                                 reason=f"no C++ toolchain here: {native.unavailable_reason()}")
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (3, 17, 70), (8, 48, 576), (1, 5, 1)])
+def test_the_kernels_run_on_torchs_threads():
+    # built with OpenMP: ATen's parallel_for spreads the output channels over torch's threads (without it,
+    # it is a plain loop and a decode step's GEMVs ran on one core)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.qcompiler.gemv_threads(64) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.qcompiler.gemv_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (3, 17, 70), (8, 48, 576), (1, 5, 1), (2, 7, 130), (1, 13, 1536)])
 @pytest.mark.parametrize("zero_point", [0, 128, 37])
 def test_int8_gemv_is_exact(m, n, k, zero_point):
     gen = torch.Generator().manual_seed(m * n + k)
