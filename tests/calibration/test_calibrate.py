@@ -202,7 +202,7 @@ def test_symmetric_static_activations_use_int8():
         torch._dynamo.reset()
         fast = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(x)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
-    assert qcompiler.last_report().passes[-1].counts["lowered"] == 2
+    assert {p.name: p.counts for p in qcompiler.last_report().passes}["lower"]["lowered"] == 2
 
 
 def _mlp(hidden: int, width: int = 64):
