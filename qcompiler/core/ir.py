@@ -16,6 +16,7 @@ import torch.fx as fx
 from qcompiler.core import primitives
 
 # node.meta keys
+PARAM_META = "qcompiler.param"  # ParamInfo, on placeholders of parameters/buffers (capture.bind_parameters)
 LINEAR = "qcompiler.linear"  # LinearSite, on canonical linear nodes (canonicalize)
 FLOAT_WEIGHT = "qcompiler.float_weight"  # fx.Node of the float weight a QDQ linear replaced (insert_qdq)
 DECISION = "qcompiler.decision"  # LayerDecision, on canonical linear nodes (insert_qdq)
@@ -26,6 +27,15 @@ FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears wit
 TENSOR_INFO = "qcompiler.tensor_info"  # TensorInfo, on nodes a pass created (Dynamo's example_value is absent)
 PLAN = "qcompiler.plan"  # LayerPlan, on canonical linears (the plan step); gm.meta[PLAN]: the graph's Plan
 LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that replaced a QDQ linear (lowering)
+
+
+@dataclass(frozen=True, eq=False)
+class ParamInfo:
+    """A parameter or buffer that Dynamo lifted into a placeholder."""
+
+    name: str  # fully qualified, e.g. "model.layers.0.self_attn.q_proj.weight"
+    tensor: torch.Tensor
+    is_parameter: bool
 
 
 @dataclass(frozen=True)
@@ -99,14 +109,6 @@ class QLinearSpec:
     x_scale: str | None = None  # buffers of a static activation range
     x_zero_point: str | None = None
 
-    @property
-    def weight_block_size(self) -> tuple[int, ...]:
-        if self.weight_granularity == "per_channel":
-            return primitives.per_channel(2, axis=0)
-        if self.weight_granularity == "per_group":
-            return primitives.per_group(2, self.group_size)
-        return primitives.per_tensor(2)
-
 
 @dataclass(frozen=True, eq=False)
 class DerivedWeight:
@@ -137,8 +139,6 @@ class ChannelStats:
 
 def linear_weight(gm: fx.GraphModule, w_node: fx.Node):
     """``(weight [out, in], cache_owner, cache_key)`` of a canonical linear's weight argument."""
-    from qcompiler.core.capture import PARAM_META
-
     if w_node.op == "placeholder":
         param = w_node.meta[PARAM_META].tensor
         return param, param, ("param",)
