@@ -97,7 +97,3 @@ def make_plan(gm: fx.GraphModule, recipe: Recipe, device: torch.device | None = 
     gm.meta[PLAN] = plan
     quantized = len(plan.quantized)
     return PassResult(gm, modified=False, counts={"quantized": quantized, "float": len(layers) - quantized})
-
-
-def plan_of_graph(gm: fx.GraphModule) -> Plan | None:
-    return gm.meta.get(PLAN)

@@ -225,9 +225,6 @@ class Plan:
     device: str  # the device whose kernels were chosen; "" when none was (calibration)
     layers: tuple[LayerPlan, ...]
 
-    def by_module(self) -> dict[str, LayerPlan]:
-        return {layer.module: layer for layer in self.layers}
-
     @property
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.quantized]
