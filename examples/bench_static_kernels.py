@@ -38,8 +38,9 @@ def main():
         for k, n in ((576, 576), (576, 1536), (1536, 576)):
             x = torch.randn(m, k)
             w = torch.randn(n, k) * 0.05
-            w_scale = w.abs().amax(1) / 127
-            w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+            w_scale, _ = primitives.choose_qparams_math(w, primitives.per_channel(2), -127, 127, True)
+            w_q = primitives.quantize_math(w, w_scale, None, primitives.per_channel(2), -127, 127, torch.int8)
+            w_scale = w_scale.reshape(n)
             if cpu.saturates():
                 from qcompiler.passes.weight_rounding import limit_pair_sums
                 w_q, _ = limit_pair_sums(w_q, cpu.PAIR_LIMIT)
