@@ -2,7 +2,7 @@
 
 Static recipe: uint8 activations with one calibrated (scale, zero point) per tensor, int8 per-channel
 weights, float output. Options timed against fp32 F.linear on SmolLM2-135M's layer shapes, in one
-process, medians of repeats:
+process, medians of interleaved repeats (``qcompiler.tools.timing.time_interleaved``):
 
   qcompiler   qcompiler::int8_gemm (what the lowering emits) on the activation quantized by our own
               rounding, then FBGEMM (<= 8 rows) or oneDNN (more rows, VNNI/AMX CPUs). The rounding
@@ -18,8 +18,6 @@ process, medians of repeats:
     python examples/bench_static_kernels.py
 """
 
-import statistics
-import time
 import warnings
 
 import torch
@@ -28,19 +26,9 @@ import torch.nn.functional as F
 from qcompiler.core import primitives
 from qcompiler.lowering import ops  # noqa: F401  (registers qcompiler::int8_gemm)
 from qcompiler.lowering.kernels import cpu, reference
+from qcompiler.tools.timing import time_interleaved
 
 warnings.filterwarnings("ignore")
-
-
-def bench(fn, repeats=30):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def main():
@@ -50,8 +38,9 @@ def main():
         for k, n in ((576, 576), (576, 1536), (1536, 576)):
             x = torch.randn(m, k)
             w = torch.randn(n, k) * 0.05
-            w_scale = w.abs().amax(1) / 127
-            w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+            w_scale, _ = primitives.choose_qparams_math(w, primitives.per_channel(2), -127, 127, True)
+            w_q = primitives.quantize_math(w, w_scale, None, primitives.per_channel(2), -127, 127, torch.int8)
+            w_scale = w_scale.reshape(n)
             if cpu.saturates():
                 from qcompiler.passes.weight_rounding import limit_pair_sums
                 w_q, _ = limit_pair_sums(w_q, cpu.PAIR_LIMIT)
@@ -79,17 +68,25 @@ def main():
             def fbgemm_q():
                 return torch.ops.quantized.linear(qx, packed.fbgemm, out_scale, 128)
 
-            t_fp = bench(lambda: F.linear(x, w_fp))
-            cells = []
-            for name, fn in (("qcompiler", ours), ("fbgemm_qdq", fbgemm_qdq), ("onednn", onednn), ("fbgemm_q", fbgemm_q)):
-                if name == "onednn" and packed.onednn is None:
-                    cells.append(f"{'n/a':>18}")
-                    continue
+            kernels = {"qcompiler": ours, "fbgemm_qdq": fbgemm_qdq, "onednn": onednn, "fbgemm_q": fbgemm_q}
+            if packed.onednn is None:
+                del kernels["onednn"]
+            exact = {}
+            for name, fn in kernels.items():
                 out = fn()
                 out = out.dequantize() if out.is_quantized else out
-                exact = torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-                t = bench(fn)
-                cells.append(f"{t_fp / t:>6.2f}x {'exact' if exact else 'WRONG':>5} {t:>5.0f}us")
+                exact[name] = torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            # medians of 30 rounds, the float baseline and the kernels called in turn (drift hits all alike)
+            us = {name: t * 1e6 for name, t in
+                  time_interleaved({"fp32": lambda: F.linear(x, w_fp), **kernels}, repeats=30, warmup=3).items()}
+            t_fp = us["fp32"]
+            cells = []
+            for name in ("qcompiler", "fbgemm_qdq", "onednn", "fbgemm_q"):
+                if name not in kernels:
+                    cells.append(f"{'n/a':>18}")
+                    continue
+                t = us[name]
+                cells.append(f"{t_fp / t:>6.2f}x {'exact' if exact[name] else 'WRONG':>5} {t:>5.0f}us")
             print(f"{m:>4} {k:>5} {n:>5}  {t_fp:>8.0f}  " + "  ".join(cells))
 
 

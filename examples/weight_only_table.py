@@ -144,12 +144,12 @@ def main(argv=None) -> int:
             floats = {}
         else:
             ids = evaluate.read_tokens(models.default_text(), loaded.tokenizer, args.tokens)
-            windows = evaluate._windows(ids, 512, loaded.tokenizer.bos_token_id if loaded.add_bos else None)
+            windows = evaluate.windows(ids, 512, loaded.tokenizer.bos_token_id if loaded.add_bos else None)
             accs = {name: evaluate._Accumulator() for name in variants}
             for j, w in enumerate(windows):
-                logits_f = evaluate._logits(loaded.model, w)
+                logits_f = evaluate.logits(loaded.model, w)
                 for name, info in variants.items():
-                    accs[name].add(logits_f[:-1], evaluate._logits(info["model"], w)[:-1], w[0, 1:])
+                    accs[name].add(logits_f[:-1], evaluate.logits(info["model"], w)[:-1], w[0, 1:])
                 print(f"window {j + 1}/{len(windows)}", file=sys.stderr, end="\r")
             any_acc = next(iter(accs.values()))
             floats = {"perplexity": math.exp(any_acc.nll_float / any_acc.count)}

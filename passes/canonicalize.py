@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.core import capture
-from qcompiler.core.ir import LINEAR, LayerDecision, LinearSite, PassResult
+from qcompiler.core.ir import LINEAR, PARAM_META, LayerDecision, LinearSite, PassResult
 
 LINEAR_TARGET = torch._C._nn.linear
 
@@ -60,7 +60,7 @@ def resolve_weight(node) -> tuple[fx.Node, bool] | None:
     transposed = False
     while isinstance(node, fx.Node):
         if node.op == "placeholder":
-            info = node.meta.get(capture.PARAM_META)
+            info = node.meta.get(PARAM_META)
             if info is None or info.tensor.dim() != 2 or not info.tensor.is_floating_point():
                 return None
             return node, transposed
@@ -74,7 +74,7 @@ def resolve_weight(node) -> tuple[fx.Node, bool] | None:
 def _is_1d(node) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    info = node.meta.get(capture.PARAM_META)
+    info = node.meta.get(PARAM_META)
     if info is not None:
         return info.tensor.dim() == 1
     value = node.meta.get("example_value")
@@ -123,7 +123,7 @@ def _parameter_behind(node) -> fx.Node | None:
     """The parameter placeholder ``node`` is a view/transpose/cast of, if any."""
     while isinstance(node, fx.Node):
         if node.op == "placeholder":
-            info = node.meta.get(capture.PARAM_META)
+            info = node.meta.get(PARAM_META)
             return node if info is not None and info.is_parameter else None
         is_view = (
             (node.op == "call_method" and node.target in _VIEW_METHODS)
@@ -146,7 +146,7 @@ def _through_view(arg, param: fx.Node) -> bool:
 
 
 def _why_not_linear(node: fx.Node, op: str, param: fx.Node) -> str:
-    tensor = param.meta[capture.PARAM_META].tensor
+    tensor = param.meta[PARAM_META].tensor
     weight_arg = node.args[1] if op in ("linear", "matmul") and len(node.args) > 1 else None
     if _parameter_behind(weight_arg) is param and _through_view(weight_arg, param):
         return (f"the weight reaches {op} through a view or cast (e.g. .to(dtype), .view, .reshape) of a "
@@ -183,8 +183,8 @@ def _unhandled_products(graph: fx.Graph) -> list[LayerDecision]:
         if not params:
             continue
         # the weight, not a bias: the first parameter with two or more dims if there is one
-        param = next((p for p in params if p.meta[capture.PARAM_META].tensor.dim() >= 2), params[0])
-        info = param.meta[capture.PARAM_META]
+        param = next((p for p in params if p.meta[PARAM_META].tensor.dim() >= 2), params[0])
+        info = param.meta[PARAM_META]
         nbytes = info.tensor.numel() * info.tensor.element_size()
         decisions.append(LayerDecision(
             module=f"{_site_module(node, info.name)} [{op}]", quantized=False, param=info.name,
@@ -230,11 +230,11 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
         param_node, transposed = resolved
         # linear wants [out, in]; the matched op holds the weight [in, out] when weight_is_in_out.
         param_is_in_out = transposed != weight_is_in_out
-        tensor = param_node.meta[capture.PARAM_META].tensor
+        tensor = param_node.meta[PARAM_META].tensor
         out_features, in_features = tensor.shape[::-1] if param_is_in_out else tensor.shape
         site = LinearSite(
-            module=_site_module(node, param_node.meta[capture.PARAM_META].name),
-            weight_param=param_node.meta[capture.PARAM_META].name,
+            module=_site_module(node, param_node.meta[PARAM_META].name),
+            weight_param=param_node.meta[PARAM_META].name,
             transposed=param_is_in_out,
             in_features=int(in_features),
             out_features=int(out_features),

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
-from qcompiler.core import capture
 from qcompiler.core.ir import (
     CHANNELS,
     DERIVED,
     LINEAR,
+    PARAM_META,
     TENSOR_INFO,
     ChannelStats,
     DerivedWeight,
@@ -73,8 +73,8 @@ def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor a parameter placeholder or a buffer ``get_attr`` holds, else None."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "placeholder" and capture.PARAM_META in node.meta:
-        return node.meta[capture.PARAM_META].tensor
+    if node.op == "placeholder" and PARAM_META in node.meta:
+        return node.meta[PARAM_META].tensor
     if node.op == "get_attr":
         return getattr(gm, node.target)
     return None

@@ -223,12 +223,8 @@ def insert_qdq(
         weight, owner, weight_key = linear_weight(gm, node.args[1])
         float_bytes = owner.numel() * owner.element_size()  # the parameter as the user's model stores it
         scheme = None if plan is None else plan.scheme
-        reason = "no plan for this layer" if plan is None else plan.reason
-        group = scheme.weight.group_size if scheme is not None and scheme.weight.granularity == "per_group" else None
-        if group is not None and site.in_features % group:
-            # a transform (outlier splitting, LLM.int8() columns) changed the width the plan was fitted to
-            scheme, reason = None, f"in_features {site.in_features} is not a multiple of group_size {group}"
         if scheme is None:
+            reason = "no plan for this layer" if plan is None else plan.reason
             decision = _float_decision(site, plan, weight, float_bytes, reason)
         else:
             limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None

@@ -20,7 +20,16 @@ import torch
 import torch.fx as fx
 
 from qcompiler.config import MixedInt8
-from qcompiler.core.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR, PLAN, ChannelStats, PassResult, linear_weight, plan_of
+from qcompiler.core.ir import (
+    CHANNELS,
+    FLOAT_SIDE_BYTES,
+    LINEAR,
+    ChannelStats,
+    PassResult,
+    linear_weight,
+    plan_of,
+    set_plan,
+)
 from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
@@ -65,7 +74,7 @@ def mixed_int8(gm: fx.GraphModule, config: MixedInt8) -> PassResult:
         replace_linear_weight(gm, node, weight.detach()[:, rest], ("int8_cols", tag))
         node.update_arg(0, x_rest)
         node.meta[LINEAR] = dataclasses.replace(site, in_features=int(rest.numel()))
-        node.meta[PLAN] = dataclasses.replace(plan, in_features=int(rest.numel()))
+        set_plan(gm, node, plan.with_width(int(rest.numel())))
         node.meta[CHANNELS] = ChannelStats(stats.channel_min[rest], stats.channel_max[rest],
                                            None if stats.samples is None else stats.samples[:, rest])
         node.meta[FLOAT_SIDE_BYTES] = w_out.numel() * w_out.element_size()

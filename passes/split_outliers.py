@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.config import OutlierSplit
-from qcompiler.core.ir import CHANNELS, LINEAR, PLAN, ChannelStats, PassResult, linear_weight, plan_of
+from qcompiler.core.ir import CHANNELS, LINEAR, ChannelStats, PassResult, linear_weight, plan_of, set_plan
 from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
 
 
@@ -107,7 +107,7 @@ def split_outliers(gm: fx.GraphModule, config: OutlierSplit) -> PassResult:
         replace_linear_weight(gm, node, w_split, ("split", config.mode, config.quant_aware, tag))
         node.update_arg(0, x_split)
         node.meta[LINEAR] = dataclasses.replace(site, in_features=int(src.numel()))
-        node.meta[PLAN] = dataclasses.replace(plan, in_features=int(src.numel()))
+        set_plan(gm, node, plan.with_width(int(src.numel())))
         if stats is not None:
             f = channel_factor.to(stats.channel_min.dtype)
             samples = None if stats.samples is None else stats.samples[:, src] * f.to(stats.samples.dtype)

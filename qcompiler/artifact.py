@@ -34,10 +34,9 @@ import torch.fx as fx
 from qcompiler.calibration.stats import CalibrationStats
 from qcompiler.config import recipe_from_json, recipe_to_json
 from qcompiler.core import __version__
-from qcompiler.core.capture import PARAM_META
 from qcompiler.core import integrity
 from qcompiler.core.errors import ArtifactError
-from qcompiler.core.ir import PassResult
+from qcompiler.core.ir import PARAM_META, PassResult
 from qcompiler.core.files import atomic_folder
 from qcompiler.core.files import check_output as check_output_path
 

@@ -96,7 +96,7 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     opts = resolve(BackendOptions.from_user(options))
     _check_inference(example_inputs)
     bound = capture.bind_parameters(gm, example_inputs)
-    gm = quantize_graph(gm, example_inputs, opts)
+    gm = quantize_graph(gm, example_inputs, opts, bound)
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(fx.GraphModule(gm, gm.graph), example_inputs, config_patches=INDUCTOR_CONFIG)
@@ -140,10 +140,10 @@ def _for_these_weights(compiled, example_inputs, bound):
     return run
 
 
-def quantize_graph(gm: fx.GraphModule, example_inputs, opts: Resolved) -> fx.GraphModule:
-    """Run the pipeline on one captured graph and record its report; a bug of ours leaves it in float."""
+def quantize_graph(gm: fx.GraphModule, example_inputs, opts: Resolved, bound: dict) -> fx.GraphModule:
+    """Run the pipeline on one captured graph and record its report; a bug of ours leaves it in float.
+    ``bound``: what :func:`~qcompiler.core.capture.bind_parameters` returned for ``gm``."""
     start = time.perf_counter()
-    bound = capture.bind_parameters(gm, example_inputs)
     check_made_from(opts, [(info.name, info.tensor) for info in bound.values()])
     device = _weights_device(bound)
     rep = report.CompileReport(graph_index=report.next_index(), recipe=opts.recipe.name, kernels=opts.kernels)

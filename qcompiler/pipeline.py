@@ -162,9 +162,8 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=Non
         report.passes.append(PassRecord(step.name, seconds, result.modified, dict(result.counts)))
         if dumper is not None:
             dumper.after(step.name, gm, seconds, result.modified, dict(result.counts), done)
-        if step.name == "plan":
-            report.plan = gm.meta.get(PLAN)
-        elif step.name in ("canonicalize", "insert_qdq"):
+        report.plan = gm.meta.get(PLAN, report.plan)  # set by the plan step, replaced by width-changing transforms
+        if step.name in ("canonicalize", "insert_qdq"):
             report.layers.extend(result.details)  # canonicalize: products on parameters it could not rewrite
         elif step.name == "lower":
             repacked = {}

@@ -3,49 +3,34 @@ why it stays in float.
 
 Computed once per graph, right after ``canonicalize`` (the ``plan`` step of the pipeline), and stored
 on each canonical linear (``node.meta["qcompiler.plan"]``, a :class:`~qcompiler.core.ir.LayerPlan`)
-and on the graph (``gm.meta["qcompiler.plan"]``, a :class:`Plan`). The transforms, calibration's
-observers and GPTQ/AWQ, ``insert_qdq``, the report, ``qcompiler explain``, export and the benchmarks
-read it; nothing else decides a layer's scheme. A transform that changes a layer's width
-(outlier splitting, LLM.int8() columns) updates ``in_features`` of its entry.
+and on the graph (``gm.meta["qcompiler.plan"]``, a :class:`~qcompiler.core.ir.Plan`). The transforms,
+calibration's observers and GPTQ/AWQ, ``insert_qdq``, the report, ``qcompiler explain``, export and
+the benchmarks read it; nothing else decides a layer's scheme. A transform that changes a layer's width
+(outlier splitting, LLM.int8() columns) replaces its entry with ``LayerPlan.with_width`` (float, and
+why, when the scheme's group no longer divides the new width), on the node and in the graph's
+:class:`Plan` (``ir.set_plan``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from qcompiler.config import LayerScheme, Recipe
-from qcompiler.core.ir import LINEAR, PLAN, LayerPlan, LinearSite, PassResult, linear_weight, tensor_info
+from qcompiler.core.ir import (
+    FLOAT_KERNEL,
+    LINEAR,
+    PLAN,
+    LayerPlan,
+    LinearSite,
+    PassResult,
+    Plan,
+    linear_weight,
+    tensor_info,
+)
 from qcompiler.lowering.fuse import kernel_choice, static_rows
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FLOAT_KERNEL = "float (Inductor)"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The plan of one graph: a :class:`~qcompiler.core.ir.LayerPlan` per canonical linear, in graph order."""
-
-    recipe: str
-    device: str  # the device whose kernels were chosen; "" when none was (calibration)
-    layers: tuple[LayerPlan, ...]
-
-    def by_module(self) -> dict[str, LayerPlan]:
-        return {layer.module: layer for layer in self.layers}
-
-    @property
-    def quantized(self) -> list[LayerPlan]:
-        return [layer for layer in self.layers if layer.quantized]
-
-    @property
-    def kernels(self) -> dict[str, int]:
-        """How many quantized layers run on each kernel."""
-        out: dict[str, int] = {}
-        for layer in self.quantized:
-            out[layer.kernel] = out.get(layer.kernel, 0) + 1
-        return out
 
 
 def why_not_quantizable(site: LinearSite, scheme: LayerScheme, weight: torch.Tensor, x) -> str | None:
@@ -112,7 +97,3 @@ def make_plan(gm: fx.GraphModule, recipe: Recipe, device: torch.device | None = 
     gm.meta[PLAN] = plan
     quantized = len(plan.quantized)
     return PassResult(gm, modified=False, counts={"quantized": quantized, "float": len(layers) - quantized})
-
-
-def plan_of_graph(gm: fx.GraphModule) -> Plan | None:
-    return gm.meta.get(PLAN)

@@ -1,11 +1,14 @@
 """What the backend did to each graph: per-layer decisions, kernels, pass timings.
 
 ``qcompiler.last_report()`` returns the report of the most recent graph the backend compiled;
-``qcompiler.reports()`` all of them since the last ``qcompiler.clear_reports()``.
+``qcompiler.reports()`` those since the last ``qcompiler.clear_reports()``, at most the last
+:data:`MAX_REPORTS` of them: the process keeps no more, so a long-running process that recompiles
+(new shapes, many models) does not hold every graph's report forever.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from qcompiler.core.ir import LayerDecision
@@ -70,15 +73,20 @@ class CompileReport:
         return "\n".join(lines)
 
 
-_reports: list[CompileReport] = []
+MAX_REPORTS = 256  # reports kept in the process; older ones are dropped
+_reports: deque[CompileReport] = deque(maxlen=MAX_REPORTS)
+_recorded = 0  # reports recorded since the last clear_reports, dropped ones included
 
 
 def record(report: CompileReport) -> None:
+    global _recorded
     _reports.append(report)
+    _recorded += 1
 
 
 def next_index() -> int:
-    return len(_reports)
+    """The graph index of the next report: how many were recorded since the last :func:`clear_reports`."""
+    return _recorded
 
 
 def last_report() -> CompileReport | None:
@@ -86,8 +94,11 @@ def last_report() -> CompileReport | None:
 
 
 def reports() -> list[CompileReport]:
+    """The reports since the last :func:`clear_reports`, oldest first: the last :data:`MAX_REPORTS` of them."""
     return list(_reports)
 
 
 def clear_reports() -> None:
+    global _recorded
     _reports.clear()
+    _recorded = 0

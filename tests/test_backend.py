@@ -316,3 +316,16 @@ def test_threads_making_the_first_call_together_all_get_the_quantized_result():
         expected = compiled(x)
     assert all(torch.equal(r, expected) for r in results)
     assert all(rep.quantized for rep in qcompiler.reports())
+
+
+def test_the_process_keeps_the_last_max_reports_and_numbers_graphs_on():
+    from qcompiler import report
+
+    for i in range(report.MAX_REPORTS + 5):
+        report.record(CompileReport(graph_index=report.next_index(), recipe="r", kernels="fast"))
+    kept = qcompiler.reports()
+    assert isinstance(kept, list) and len(kept) == report.MAX_REPORTS
+    assert [r.graph_index for r in kept] == list(range(5, report.MAX_REPORTS + 5))
+    assert qcompiler.last_report() is kept[-1] and report.next_index() == report.MAX_REPORTS + 5
+    qcompiler.clear_reports()
+    assert qcompiler.reports() == [] and report.next_index() == 0

@@ -116,3 +116,19 @@ def test_smoothquant_survives_dynamic_shapes_in_calibration_and_compile(model):
     for r in reports:
         kinds = [d.split(":")[1].split()[0] for d in r.transforms["smoothquant"] if " group, " in d]
         assert kinds.count("attention") == 2, r.transforms["smoothquant"]  # o_proj of both layers, with a KV cache
+
+
+def test_the_reports_kernels_line_counts_the_layers_a_split_left_quantized(model):
+    recipe = qcompiler.Recipe(name="g16-ocs", weight=qcompiler.WeightScheme(bits=4, granularity="per_group",
+                                                                            group_size=16, symmetric=False),
+                              split_outliers=qcompiler.OutlierSplit(mode="weight", expand_ratio=0.25))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend="qcompiler", fullgraph=True,
+                      options={"recipe": recipe, "kernels": "reference"})(torch.randint(0, 128, (1, 8)))
+    rep = qcompiler.last_report()
+    # K 64 -> 80 stays quantized at group 16; the down projections' K 96 -> 120 does not
+    assert len(rep.quantized) == 12 and sum(rep.plan.kernels.values()) == 12
+    assert {d.reason for d in rep.kept_float if "down_proj" in d.module} == {
+        "in_features 120 is not a multiple of group_size 16"}
+    assert "kernels: reference quantize/dequantize ops (12 layers)" in str(rep)

@@ -25,6 +25,7 @@ from qcompiler.core import primitives
 from qcompiler.core.ir import QuantizedWeight
 from qcompiler.passes.weight_rounding.common import (
     dequantize_groups,
+    fake_quant,
     group_size_of,
     grouped,
     minmax_qparams,
@@ -39,12 +40,6 @@ class AWQResult:
     input_scale: torch.Tensor  # s [K]: the layer's input is divided by it
     alpha: float
     errors: dict  # alpha -> output error before clipping, for reports and tests
-
-
-def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, scheme: WeightScheme, group: int) -> torch.Tensor:
-    g = grouped(w * s, group)
-    scale, zero = minmax_qparams(g, scheme)
-    return dequantize_groups(quantize_groups(g, scale, zero, scheme), scale, zero, scheme).reshape(w.shape) / s
 
 
 def awq_quantize(weight: torch.Tensor, hessian: torch.Tensor, act_mean: torch.Tensor, scheme: WeightScheme,
@@ -65,7 +60,7 @@ def awq_quantize(weight: torch.Tensor, hessian: torch.Tensor, act_mean: torch.Te
         alpha = i / config.grid
         s = x_mag.pow(alpha)
         s = (s / (s.max() * s.min()).sqrt()).clamp(1e-4, 1e4)
-        err = float(output_error(_scaled_fake_quant(w, s, scheme, group) - w, h))
+        err = float(output_error(fake_quant(w * s, scheme, group) / s - w, h))
         errors[alpha] = err
         if best is None or err < best[0]:
             best = (err, alpha, s)

@@ -24,7 +24,6 @@ from qcompiler.core.errors import CalibrationError
 from qcompiler.core.ir import LINEAR, RoundedLayer, linear_weight, plan_of, weight_checksum
 from qcompiler.passes.graph_utils import ancestors
 from qcompiler.passes.weight_rounding.awq import awq_quantize
-from qcompiler.passes.weight_rounding.common import group_size_of
 from qcompiler.passes.weight_rounding.gptq import gptq_quantize
 
 
@@ -125,12 +124,8 @@ def _round_site(gm, node: fx.Node, method: GPTQ | AWQ, env, hessians) -> Rounded
     bias_node = node.args[2] if len(node.args) > 2 else None
     weight, _, _ = linear_weight(gm, w_node)
     scheme = plan.scheme if plan is not None else None
-    usable = scheme is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    if usable:
-        try:
-            group_size_of(scheme.weight, site.in_features)
-        except ValueError:
-            usable = False
+    # the plan checked the weight's dtype and group; GPTQ/AWQ round per channel or per group only
+    usable = scheme is not None and scheme.weight.granularity in ("per_channel", "per_group")
     rounded = None
     w_used = weight
     if usable:

@@ -22,20 +22,10 @@ import torch
 import torch.fx as fx
 
 from qcompiler.core.errors import QCompilerError
-
-PARAM_META = "qcompiler.param"
+from qcompiler.core.ir import PARAM_META, ParamInfo
 
 _SOURCE_PART = re.compile(r"_(modules|parameters|buffers)\['([^']+)'\]")
 _ROOT = re.compile(r"^(L|G)\[[^\]]*\](\[\d+\])?\.?")
-
-
-@dataclass(frozen=True, eq=False)
-class ParamInfo:
-    """A parameter or buffer that Dynamo lifted into a placeholder."""
-
-    name: str  # fully qualified, e.g. "model.layers.0.self_attn.q_proj.weight"
-    tensor: torch.Tensor
-    is_parameter: bool
 
 
 def _source_name(node: fx.Node) -> str | None:

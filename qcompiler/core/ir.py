@@ -8,7 +8,7 @@ and writes each key; ``lowering/README.md`` what the lowering reads.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -16,6 +16,7 @@ import torch.fx as fx
 from qcompiler.core import primitives
 
 # node.meta keys
+PARAM_META = "qcompiler.param"  # ParamInfo, on placeholders of parameters/buffers (capture.bind_parameters)
 LINEAR = "qcompiler.linear"  # LinearSite, on canonical linear nodes (canonicalize)
 FLOAT_WEIGHT = "qcompiler.float_weight"  # fx.Node of the float weight a QDQ linear replaced (insert_qdq)
 DECISION = "qcompiler.decision"  # LayerDecision, on canonical linear nodes (insert_qdq)
@@ -26,6 +27,15 @@ FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears wit
 TENSOR_INFO = "qcompiler.tensor_info"  # TensorInfo, on nodes a pass created (Dynamo's example_value is absent)
 PLAN = "qcompiler.plan"  # LayerPlan, on canonical linears (the plan step); gm.meta[PLAN]: the graph's Plan
 LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that replaced a QDQ linear (lowering)
+
+
+@dataclass(frozen=True, eq=False)
+class ParamInfo:
+    """A parameter or buffer that Dynamo lifted into a placeholder."""
+
+    name: str  # fully qualified, e.g. "model.layers.0.self_attn.q_proj.weight"
+    tensor: torch.Tensor
+    is_parameter: bool
 
 
 @dataclass(frozen=True)
@@ -99,14 +109,6 @@ class QLinearSpec:
     x_scale: str | None = None  # buffers of a static activation range
     x_zero_point: str | None = None
 
-    @property
-    def weight_block_size(self) -> tuple[int, ...]:
-        if self.weight_granularity == "per_channel":
-            return primitives.per_channel(2, axis=0)
-        if self.weight_granularity == "per_group":
-            return primitives.per_group(2, self.group_size)
-        return primitives.per_tensor(2)
-
 
 @dataclass(frozen=True, eq=False)
 class DerivedWeight:
@@ -137,8 +139,6 @@ class ChannelStats:
 
 def linear_weight(gm: fx.GraphModule, w_node: fx.Node):
     """``(weight [out, in], cache_owner, cache_key)`` of a canonical linear's weight argument."""
-    from qcompiler.core.capture import PARAM_META
-
     if w_node.op == "placeholder":
         param = w_node.meta[PARAM_META].tensor
         return param, param, ("param",)
@@ -180,6 +180,8 @@ def fresh_name(gm: fx.GraphModule, stem: str, suffix: str = "") -> str:
 
 # --- the plan --------------------------------------------------------------------------------------
 
+FLOAT_KERNEL = "float (Inductor)"  # LayerPlan.kernel of a layer that stays float
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -204,10 +206,57 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.scheme is not None
 
+    def with_width(self, in_features: int) -> LayerPlan:
+        """The plan after a transform (outlier splitting, LLM.int8() columns) made the layer ``in_features``
+        wide: the same scheme, or float and why when its group no longer divides the new width."""
+        plan = replace(self, in_features=in_features)
+        weight = None if self.scheme is None else self.scheme.weight
+        if weight is not None and weight.granularity == "per_group" and in_features % weight.group_size:
+            return replace(plan, scheme=None, kernel=FLOAT_KERNEL, kernel_reason="",
+                           reason=f"in_features {in_features} is not a multiple of group_size {weight.group_size}")
+        return plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plan of one graph (``gm.meta[PLAN]``): a :class:`LayerPlan` per canonical linear, in graph order."""
+
+    recipe: str
+    device: str  # the device whose kernels were chosen; "" when none was (calibration)
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def kernels(self) -> dict[str, int]:
+        """How many quantized layers run on each kernel."""
+        out: dict[str, int] = {}
+        for layer in self.quantized:
+            out[layer.kernel] = out.get(layer.kernel, 0) + 1
+        return out
+
 
 def plan_of(node: fx.Node) -> LayerPlan | None:
     """The plan entry of a canonical linear node (None before the plan step ran)."""
     return node.meta.get(PLAN)
+
+
+def set_plan(gm: fx.GraphModule, node: fx.Node, entry: LayerPlan) -> None:
+    """Replace ``node``'s plan entry with ``entry``, on the node and in the graph's :class:`Plan`."""
+    old = node.meta.get(PLAN)
+    node.meta[PLAN] = entry
+    plan = gm.meta.get(PLAN)
+    if plan is None or old is None:
+        return
+    layers = list(plan.layers)
+    i = next((i for i, layer in enumerate(layers) if layer is old), None)
+    if i is None:  # a copied graph: its entries are equal, not the same objects
+        i = next((i for i, layer in enumerate(layers) if layer == old), None)
+    if i is not None:
+        layers[i] = entry
+        gm.meta[PLAN] = replace(plan, layers=tuple(layers))
 
 
 # --- weights ---------------------------------------------------------------------------------------

@@ -92,8 +92,10 @@ class Row:
 
 def _int8_weight(n: int, k: int, device: torch.device, gen: torch.Generator):
     w = torch.randn(n, k, generator=gen) * 0.05
-    w_scale = w.abs().amax(1) / 127
-    w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    block = primitives.per_channel(2)
+    w_scale, _ = primitives.choose_qparams_math(w, block, -127, 127, True)  # [N, 1]
+    w_q = primitives.quantize_math(w, w_scale, None, block, -127, 127, torch.int8)
+    w_scale = w_scale.reshape(n)
     limit = ops.int8_pair_limit(device)
     if limit is not None:
         from qcompiler.passes.weight_rounding import limit_pair_sums

@@ -46,6 +46,7 @@ def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: 
 def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, depth: int, decode: int,
                repeats: int, progress: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
     """Median prefill and decode tokens/s of the float model (eager, Inductor) and each recipe."""
+    from qcompiler import report
     from qcompiler.tools import chat
 
     vocab = loaded.model.config.vocab_size
@@ -58,11 +59,11 @@ def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, de
     for round_ in range(repeats + 1):  # round 0 compiles and warms up
         for name, model in models.items():
             progress(f"{name}: round {round_}/{repeats}")
-            reports_before = len(_reports())
+            first_new = report.next_index()
             p = chat.generate_timed(model, loaded, long_prompt, 1, 0.0, echo=False)
             d = chat.generate_timed(model, loaded, context, decode + 1, 0.0, echo=False, min_new_tokens=decode + 1)
             if round_ == 0:
-                new = _reports()[reports_before:]
+                new = [r for r in report.reports() if r.graph_index >= first_new]
                 weights[name] = _linear_bytes(loaded.model, new[-1] if new and name in recipes else None)
             else:
                 runs[name]["prefill"].append(p.prefill_tokens_per_s)
@@ -71,12 +72,6 @@ def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, de
     return {name: {"prefill_tokens_per_s": statistics.median(r["prefill"]),
                    "decode_tokens_per_s": statistics.median(r["decode"]),
                    "bytes_per_token": weights[name] + kv} for name, r in runs.items()}
-
-
-def _reports():
-    from qcompiler import report
-
-    return report.reports()
 
 
 def _linear_bytes(model: torch.nn.Module, rep) -> int:

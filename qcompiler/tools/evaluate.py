@@ -104,7 +104,9 @@ def compile_quantized(model: torch.nn.Module, options: BackendOptions):
     return torch.compile(model, backend=own_backend, isolate_recompiles=True)
 
 
-def _windows(ids: torch.Tensor, window: int, bos: int | None) -> list[torch.Tensor]:
+def windows(ids: torch.Tensor, window: int, bos: int | None) -> list[torch.Tensor]:
+    """``ids`` cut into non-overlapping ``[1, window]`` windows (the remainder dropped), each with ``bos``
+    prepended when given; raises ``ConfigError`` when not one full window fits."""
     count = ids.numel() // window
     if count == 0:
         raise ConfigError(f"{ids.numel()} tokens make no full window of {window}: score more tokens or a "
@@ -132,7 +134,8 @@ class _Accumulator:
         self.count += targets.numel()
 
 
-def _logits(model, ids):
+def logits(model, ids):
+    """The float32 logits ``[T, vocab]`` of a causal LM on one window ``ids [1, T]`` (no KV cache)."""
     return model(input_ids=ids, use_cache=False).logits[0].float()
 
 
@@ -141,13 +144,13 @@ def evaluate_causal_lm(loaded: LoadedModel, quantized_model, text: Path, cfg: Ev
     bos = tok.bos_token_id if loaded.add_bos else None
     ids = read_tokens(text, tok, cfg.tokens)
     acc = _Accumulator()
-    windows = _windows(ids, cfg.window, bos)
-    for w in tqdm(windows, desc="perplexity windows", disable=not cfg.progress):
-        logits_f = _logits(loaded.model, w)
-        logits_q = _logits(quantized_model, w)
+    chunks = windows(ids, cfg.window, bos)
+    for w in tqdm(chunks, desc="perplexity windows", disable=not cfg.progress):
+        logits_f = logits(loaded.model, w)
+        logits_q = logits(quantized_model, w)
         acc.add(logits_f[:-1], logits_q[:-1], w[0, 1:])
     convention = (
-        f"first {cfg.tokens} tokens of {Path(text).name} read as one string, {len(windows)} non-overlapping "
+        f"first {cfg.tokens} tokens of {Path(text).name} read as one string, {len(chunks)} non-overlapping "
         f"windows of {cfg.window} tokens{' each with BOS prepended' if bos is not None else ''}, "
         f"{acc.count} predicted tokens"
     )

@@ -127,11 +127,11 @@ def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = 
 
     ids = evaluate.read_tokens(models.default_text(), loaded.tokenizer, tokens)
     bos = loaded.tokenizer.bos_token_id if loaded.add_bos else None
-    windows = evaluate._windows(ids, min(512, tokens), bos)
+    windows = evaluate.windows(ids, min(512, tokens), bos)
 
     def perplexity(model) -> float:
         with torch.inference_mode():
-            total = sum(nll(evaluate._logits(model, w)[:-1], w[0, 1:]).item() for w in windows)
+            total = sum(nll(evaluate.logits(model, w)[:-1], w[0, 1:]).item() for w in windows)
         return math.exp(total / sum(w.shape[1] - 1 for w in windows))
 
     points = [{"recipe": "fp32", "perplexity": perplexity(loaded.model), "bpw": 32.0}]

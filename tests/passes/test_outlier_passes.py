@@ -5,10 +5,11 @@ import torch
 from graphs import capture_graph, tiny_gpt2, tiny_llama
 
 import qcompiler
-from qcompiler.config import MixedInt8, OutlierSplit
-from qcompiler.core.ir import CHANNELS, FLOAT_SIDE_BYTES, LINEAR
+from qcompiler.config import MixedInt8, OutlierSplit, Recipe, WeightScheme
+from qcompiler.core.ir import CHANNELS, DECISION, FLOAT_SIDE_BYTES, LINEAR, PLAN, plan_of
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
+from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
 from qcompiler.passes.split_outliers import plan_splits, quant_aware_offsets, split_outliers
 from qcompiler.plan import make_plan
@@ -72,6 +73,26 @@ def test_outlier_splitting_preserves_the_function_and_charges_the_channels(facto
         if LINEAR in node.meta and RECIPE.scheme_for(node.meta[LINEAR].module) is not None:
             weight = getattr(gm, node.args[1].target)
             assert weight.shape[1] == node.meta[LINEAR].in_features
+
+
+def test_a_split_the_group_no_longer_divides_turns_the_plan_float_on_the_node_and_the_graph():
+    recipe = Recipe(name="g16", weight=WeightScheme(bits=4, granularity="per_group", group_size=16, symmetric=False))
+    gm, _ = capture_graph(tiny_llama(), torch.randint(0, 128, (1, 8)), use_cache=False)
+    canonicalize(gm)
+    make_plan(gm, recipe)
+    split_outliers(gm, OutlierSplit(mode="weight", expand_ratio=0.25))  # K 64 -> 80, K 96 (down_proj) -> 120
+    sites = [n for n in gm.graph.nodes if LINEAR in n.meta]
+    assert gm.meta[PLAN].layers == tuple(plan_of(n) for n in sites)
+    by_width = {plan_of(n).in_features: plan_of(n) for n in sites if "lm_head" not in n.meta[LINEAR].module}
+    assert set(by_width) == {80, 120}
+    assert by_width[80].quantized
+    assert not by_width[120].quantized and by_width[120].reason == "in_features 120 is not a multiple of group_size 16"
+    assert len(gm.meta[PLAN].quantized) == sum(plan_of(n).quantized for n in sites) > 0
+    insert_qdq(gm)
+    for node in sites:
+        assert node.meta[DECISION].quantized == plan_of(node).quantized
+        if not plan_of(node).quantized and "lm_head" not in node.meta[LINEAR].module:
+            assert node.meta[DECISION].reason == "in_features 120 is not a multiple of group_size 16"
 
 
 def test_activation_split_halves_the_largest_channel():
