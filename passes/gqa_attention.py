@@ -36,9 +36,8 @@ def _is_new_axis_2(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is operator.getitem:
         index = node.args[1]
         return isinstance(index, tuple) and index == (_ALL, _ALL, None, _ALL, _ALL)
-    if node.op == "call_method" and node.target == "unsqueeze":
-        return tuple(node.args[1:]) == (2,) or node.kwargs.get("dim") == 2
-    if node.op == "call_function" and node.target is torch.unsqueeze:
+    if (node.op == "call_method" and node.target == "unsqueeze"
+            or node.op == "call_function" and node.target is torch.unsqueeze):
         return tuple(node.args[1:]) == (2,) or node.kwargs.get("dim") == 2
     return False
 

@@ -24,8 +24,9 @@ namespace {
 constexpr int64_t kGrain = 32;
 constexpr int64_t kMinBytes = 1 << 17;
 
-inline int64_t grain(int64_t k, int64_t bytes_per_weight = 1) {
-  return std::max<int64_t>(kGrain, kMinBytes / std::max<int64_t>(k * bytes_per_weight, 1));
+// `row_bytes`: bytes of one weight row (K for int8, K / 2 for packed int4)
+inline int64_t grain(int64_t row_bytes) {
+  return std::max<int64_t>(kGrain, kMinBytes / std::max<int64_t>(row_bytes, 1));
 }
 
 inline int32_t dot_u8s8(const uint8_t* __restrict a, const int8_t* __restrict b, int64_t n) {
