@@ -26,7 +26,7 @@ _SDPA = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attenti
 _ALL = slice(None)
 
 
-def _shape(node) -> tuple | None:
+def shape_of(node) -> tuple | None:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
@@ -42,7 +42,7 @@ def _is_new_axis_2(node: fx.Node) -> bool:
     return False
 
 
-def _repeated_from(node) -> tuple[fx.Node, int] | None:
+def repeated_from(node) -> tuple[fx.Node, int] | None:
     """``(x, R)`` when ``node`` is ``x[:, :, None].expand(B, KV, R, S, D).reshape(B, KV * R, S, D)``."""
     if not isinstance(node, fx.Node) or len(node.users) != 1:
         return None
@@ -57,7 +57,7 @@ def _repeated_from(node) -> tuple[fx.Node, int] | None:
     if not (isinstance(new_axis, fx.Node) and _is_new_axis_2(new_axis) and len(new_axis.users) == 1):
         return None
     source = new_axis.args[0]
-    src, mid, out = _shape(source), _shape(expand), _shape(node)
+    src, mid, out = shape_of(source), shape_of(expand), shape_of(node)
     if src is None or mid is None or out is None or len(src) != 4 or len(mid) != 5 or len(out) != 4:
         return None
     repeats = mid[2]
@@ -76,10 +76,10 @@ def gqa_attention(gm: fx.GraphModule) -> PassResult:
         if len(node.args) < 3 or "key" in node.kwargs or "value" in node.kwargs:
             continue
         query, key, value = node.args[:3]
-        k, v, q_shape = _repeated_from(key), _repeated_from(value), _shape(query)
+        k, v, q_shape = repeated_from(key), repeated_from(value), shape_of(query)
         if k is None or v is None or k[1] != v[1] or k[1] < 2 or q_shape is None or len(q_shape) != 4:
             continue
-        if q_shape[1] != _shape(key)[1]:
+        if q_shape[1] != shape_of(key)[1]:
             continue
         node.args = (query, k[0], v[0], *node.args[3:])
         node.kwargs = {**node.kwargs, "enable_gqa": True}

@@ -12,6 +12,7 @@ from qcompiler.core.ir import (
     DERIVED,
     LINEAR,
     PARAM_META,
+    REPLACES,
     TENSOR_INFO,
     ChannelStats,
     DerivedWeight,
@@ -57,7 +58,12 @@ def replace_linear_weight(gm: fx.GraphModule, linear: fx.Node, new_weight: torch
 def replace_arg_with_tensor(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, stem: str) -> None:
     """Replace positional argument ``index`` of ``user`` (a parameter or buffer) by a new constant."""
     old = user.args[index]
-    user.update_arg(index, add_buffer(gm, stem, value.contiguous(), user))
+    new = add_buffer(gm, stem, value.contiguous(), user)
+    if isinstance(old, fx.Node) and old.op == "placeholder" and PARAM_META in old.meta:
+        new.meta[REPLACES] = old.meta[PARAM_META].name  # export writes it under the parameter's name
+    elif isinstance(old, fx.Node) and REPLACES in old.meta:
+        new.meta[REPLACES] = old.meta[REPLACES]
+    user.update_arg(index, new)
     erase_if_unused(gm, old)
 
 

@@ -19,7 +19,9 @@ Groups are found in the graph, never from model classes:
   Its ``1 / s`` can not be folded into the value projection: that output also goes into the KV cache
   the model returns (and a graph with a cache must compute what the calibration graph, without one,
   computed). So ``O``'s input is multiplied by ``1 / s`` in the graph, a multiply Inductor fuses
-  into the activation's quantization, and ``s`` is free per channel of ``O``'s input.
+  into the activation's quantization. ``s`` is per channel of ``O``'s input, equal across the query
+  heads that share a key/value head (grouped-query attention): then the export folds ``1 / s`` into
+  the value projection's rows (``meta["qcompiler.value_fold"]`` on the ``1 / s`` buffer says where).
 
 Reads ``meta["qcompiler.channels"]`` (the input's calibrated channel range, and sample rows for
 ``alpha="auto"``) and updates it to the smoothed range.
@@ -36,7 +38,8 @@ import torch.fx as fx
 
 from qcompiler.config import SmoothQuant
 from qcompiler.core import primitives
-from qcompiler.core.ir import CHANNELS, LINEAR, PassResult, linear_weight, plan_of
+from qcompiler.core.ir import CHANNELS, LINEAR, VALUE_FOLD, PassResult, ValueFold, linear_weight, plan_of
+from qcompiler.passes.gqa_attention import repeated_from, shape_of
 from qcompiler.passes.graph_utils import (
     add_buffer,
     ancestors,
@@ -65,6 +68,7 @@ class Group:
     consumers: list[fx.Node]
     weight_index: int | None = None  # norm: position of the weight argument
     bias_index: int | None = None  # norm: position of the bias argument
+    fold: ValueFold | None = None  # attention: the value projection and the query heads sharing its heads
 
     @property
     def name(self) -> str:
@@ -162,6 +166,40 @@ def _reads_attention(consumer: fx.Node) -> fx.Node | None:
     return None
 
 
+def _value_fold(sdpa: fx.Node) -> ValueFold | None:
+    """The value projection feeding ``sdpa`` and how many query heads share each of its heads (grouped-
+    query attention repeats each key/value head, ``repeat_kv``, or passes ``enable_gqa=True``)."""
+    query = sdpa.args[0] if sdpa.args else sdpa.kwargs.get("query")
+    value = sdpa.args[2] if len(sdpa.args) > 2 else sdpa.kwargs.get("value")
+    q_shape, v_shape = shape_of(query), shape_of(value)
+    if q_shape is None or v_shape is None or len(q_shape) != 4 or len(v_shape) != 4:
+        return None
+    repeats = 1
+    if sdpa.kwargs.get("enable_gqa"):
+        repeats = q_shape[1] // v_shape[1]
+    elif (found := repeated_from(value)) is not None:
+        value, repeats = found
+    if not isinstance(repeats, int) or q_shape[1] != shape_of(value)[1] * repeats:
+        return None
+    node = value
+    while isinstance(node, fx.Node) and LINEAR not in node.meta and len(node.users) == 1 and (
+            (node.op == "call_method" and node.target in _MOVE_METHODS)
+            or (node.op == "call_function" and node.target in _MOVE_FUNCTIONS)):
+        node = node.args[0]
+    module = node.meta[LINEAR].module if isinstance(node, fx.Node) and LINEAR in node.meta else None
+    return ValueFold(module, repeats, v_shape[-1])
+
+
+def tie_heads(t: torch.Tensor, fold: ValueFold | None) -> torch.Tensor:
+    """Per-channel ``t`` of an attention's output ``[heads * head_dim]`` with the query heads that share a
+    value head given their maximum, so a scale built from it is equal across them (foldable into the
+    value projection's rows)."""
+    if fold is None or fold.repeats == 1:
+        return t
+    grouped = t.reshape(-1, fold.repeats, fold.head_dim)
+    return grouped.amax(1, keepdim=True).expand_as(grouped).reshape(t.shape)
+
+
 def find_groups(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Group], list[str]]:
     """Smoothing groups in graph order, and notes on candidates that were rejected."""
     groups, notes = [], []
@@ -169,7 +207,7 @@ def find_groups(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Group]
     if "attention" in kinds:
         for node in gm.graph.nodes:
             if LINEAR in node.meta and (sdpa := _reads_attention(node)) is not None:
-                attention[node] = Group("attention", sdpa, [node])
+                attention[node] = Group("attention", sdpa, [node], fold=_value_fold(sdpa))
     for node in gm.graph.nodes:
         if "attention" in kinds and node in attention:
             groups.append(attention[node])
@@ -224,15 +262,17 @@ def _fake_quant_activation(x: torch.Tensor, scheme, lo: torch.Tensor, hi: torch.
                                          zero_point=zp)
 
 
-def search_alpha(samples, cmin, cmax, weights, schemes, grid) -> tuple[float | None, dict]:
+def search_alpha(samples, cmin, cmax, weights, schemes, grid, fold: ValueFold | None = None
+                 ) -> tuple[float | None, dict]:
     """The alpha of ``grid`` with the smallest output error of the group after quantization.
 
-    ``None`` (no smoothing, ``s = 1``) is a candidate too: it wins when no alpha helps.
+    ``None`` (no smoothing, ``s = 1``) is a candidate too: it wins when no alpha helps. ``fold``: the
+    scales are tied across query heads sharing a value head (:func:`tie_heads`).
     """
     x = samples.double()
     refs = [x @ w.double().t() for w in weights]
-    act_absmax = cmin.abs().maximum(cmax.abs())
-    w_absmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0)
+    act_absmax = tie_heads(cmin.abs().maximum(cmax.abs()), fold)
+    w_absmax = tie_heads(torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0), fold)
     errors = {}
     for alpha in (None, *grid):
         if alpha is None:
@@ -261,6 +301,7 @@ def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, tag: tuple) -> Non
         consumer = group.consumers[0]
         x = consumer.args[0]
         inv_s = add_buffer(gm, f"{group.name}_inv_s", (1.0 / s).to(weight.dtype), consumer)
+        inv_s.meta[VALUE_FOLD] = group.fold or ValueFold(None, 1, 1)  # export: fold it or refuse
         with gm.graph.inserting_before(consumer):
             scaled = same_tensor_info(gm.graph.call_function(operator.mul, (x, inv_s)), x)
         consumer.update_arg(0, scaled)
@@ -302,14 +343,14 @@ def smoothquant(gm: fx.GraphModule, config: SmoothQuant) -> PassResult:
                 details.append(f"{group.name}: not smoothed, alpha='auto' needs sample rows: calibrate with this recipe")
                 continue
             alpha, _ = search_alpha(stats.samples, stats.channel_min, stats.channel_max, weights, schemes,
-                                    config.alpha_grid)
+                                    config.alpha_grid, group.fold)
             if alpha is None:
                 details.append(f"{group.name}: {group.kind} group, not smoothed: no alpha beats s = 1")
                 continue
         else:
             alpha = float(config.alpha)
-        w_absmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0)
-        s = smoothing_scales(stats.absmax, w_absmax, alpha)
+        w_absmax = tie_heads(torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0), group.fold)
+        s = smoothing_scales(tie_heads(stats.absmax, group.fold), w_absmax, alpha)
         _apply(gm, group, s, (group.kind, alpha, hashlib.sha1(s.numpy().tobytes()).hexdigest()[:16]))
         details.append(f"{group.name}: {group.kind} group, alpha {alpha:g}, s in [{float(s.min()):.3g}, {float(s.max()):.3g}]")
         applied += 1

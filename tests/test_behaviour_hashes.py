@@ -40,9 +40,12 @@ EXPECTED = {RECORDED_FIRST: {
         "w8a8-ocs-llm-int8": {"tensors": "7c6a81e87cd748db", "reference": "76a617e3ae5de228",
                               "fast": "c69506ff5b73d15c", "reference_sum": -183218.47310451558,
                               "fast_sum": -183218.4760714806},
-        "w8a8-smoothquant-auto": {"tensors": "0868b045e6bd4e17", "reference": "30a4edab231c169c",
-                                  "fast": "c2c9815e9c1047e6", "reference_sum": -182693.31775436766,
-                                  "fast_sum": -182670.12560199675},
+        # re-recorded when SmoothQuant began to tie o_proj's scales across the query heads that share a
+        # key/value head (issue 15: exportable, folded into v_proj); before, tensors 0868b045e6bd4e17,
+        # reference 30a4edab231c169c, fast c2c9815e9c1047e6
+        "w8a8-smoothquant-auto": {"tensors": "c8c6b5201c9a770f", "reference": "1e1ad87fcd28daa8",
+                                  "fast": "75218886ac053548", "reference_sum": -183267.06233888213,
+                                  "fast_sum": -183267.0656320579},
         # "fast" re-recorded when the CPU int4 kernel began to be called from the graph (issue 12): the bf16
         # cast of its input is fused by Inductor now; before, b5409fca5c2b7b69 with sum -189225.41315031762
         "w4a16-gptq": {"tensors": "f90663167110484b", "reference": "4d20c34a146ef40d", "fast": "7359806fe3b2d786",
@@ -52,9 +55,11 @@ EXPECTED = {RECORDED_FIRST: {
         "w8a8-ocs-llm-int8": {"tensors": "9a42fd4d48e66bda", "reference": "33c492ce6d02c2dc",
                               "fast": "450afcd3570d3b5f", "reference_sum": 2932600.170529019,
                               "fast_sum": 3128639.1845748127},
-        "w8a8-smoothquant-auto": {"tensors": "10ce3b0650a88216", "reference": "5a25fb7453b7438c",
-                                  "fast": "23f2edcbef7ccb9a", "reference_sum": 5180501.88546042,
-                                  "fast_sum": 5129697.093103333},
+        # re-recorded for SmoothQuant's GQA-tied o_proj scales (issue 15); before, tensors 10ce3b0650a88216,
+        # reference 5a25fb7453b7438c, fast 23f2edcbef7ccb9a
+        "w8a8-smoothquant-auto": {"tensors": "2d0934be2bbd36e3", "reference": "d94bc812af5945cb",
+                                  "fast": "9a8fbc70f868f480", "reference_sum": 5542449.305167193,
+                                  "fast_sum": 5344248.762248827},
         # "fast" re-recorded on AMD (Zen 4) after the CPU int4 kernel began to be called from the graph
         # (issue 12; the session that changed it had an Intel CPU); before, 348d9e644dcacb08 with sum
         # 1440519.626352107 (the bf16 cast of the kernel's input is fused by Inductor now)
@@ -73,13 +78,6 @@ EXPECTED["GenuineIntel AVX512"] = {
             "reference_sum": -183218.47924387525,
             "fast_sum": -183218.479618024
         },
-        "w8a8-smoothquant-auto": {
-            "tensors": "4b5a25dedd0367c9",
-            "reference": "f43173fe93a8ae60",
-            "fast": "790f127d733acbfe",
-            "reference_sum": -182910.47418977064,
-            "fast_sum": -182983.54380119918
-        },
         "w4a16-gptq": {
             "tensors": "f90663167110484b",
             "reference": "7ff9794c15e190c9",
@@ -96,13 +94,6 @@ EXPECTED["GenuineIntel AVX512"] = {
             "reference_sum": 3292308.2647287333,
             "fast_sum": 3430349.813376548
         },
-        "w8a8-smoothquant-auto": {
-            "tensors": "6403a490395ec20a",
-            "reference": "b94fb983d4084e34",
-            "fast": "c33c9085ba9d5111",
-            "reference_sum": 5295342.666626053,
-            "fast_sum": 5193068.018733341
-        },
         "w4a16-gptq": {
             "tensors": "b03bbb9078b1efd2",
             "reference": "96d0810d918f5eb7",
@@ -111,6 +102,13 @@ EXPECTED["GenuineIntel AVX512"] = {
             "fast_sum": 1272958.2580939604
         }
     }
+}
+
+# Changed on purpose since the record of a machine class that was not at hand to re-record them: there,
+# nothing to compare with (other CPU classes' logits differ by up to 2% in sum), so the test says so.
+NOT_RECORDED_SINCE = {
+    ("GenuineIntel AVX512", "stories260k", "w8a8-smoothquant-auto"): "SmoothQuant's GQA-tied o_proj scales (issue 15)",
+    ("GenuineIntel AVX512", "smollm2-135m", "w8a8-smoothquant-auto"): "SmoothQuant's GQA-tied o_proj scales (issue 15)",
 }
 
 SETUP = {"stories260k": (16, 128, 64), "smollm2-135m": (8, 256, 64)}  # calibration samples x seq_len, tokens
@@ -158,8 +156,11 @@ def _digests(alias: str, recipe: str, tmp_path) -> dict:
 
 
 def _check(alias: str, recipe: str, tmp_path) -> None:
-    got = _digests(alias, recipe, tmp_path)
     machine = _machine_class()
+    if (why := NOT_RECORDED_SINCE.get((machine, alias, recipe))) is not None:
+        pytest.skip(f"{alias} {recipe}: changed by {why} and not re-recorded on {machine} yet: run with "
+                    "QCOMPILER_RECORD_HASHES=FILE on such a CPU and paste the values into EXPECTED")
+    got = _digests(alias, recipe, tmp_path)
     recorded = EXPECTED.get(machine, {}).get(alias, {}).get(recipe)
     if recorded is not None:
         exact = {k: v for k, v in recorded.items() if not k.endswith("_sum") and v is not None}

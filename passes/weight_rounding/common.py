@@ -42,19 +42,61 @@ def weight_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, sym
     return scale, qmin - lo / scale
 
 
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal)
+
+
+def fp16_qparams(scale: torch.Tensor, zero: torch.Tensor | None, symmetric: bool):
+    """``scale`` rounded to the nearest fp16 value and, asymmetric, ``zero`` replaced by the float zero
+    point whose offset ``-zero * scale`` is the fp16 number ``m`` nearest to the old offset, to float32's
+    rounding: GGUF stores ``d = scale`` and ``m`` as fp16, so weights chosen on these parameters are
+    written with the values qcompiler computes with.
+
+    ``-zero * scale`` equals ``m`` exactly where a float32 zero point reaches it and is otherwise within
+    one float32 step of it (the products of an fp16 scale with neighbouring float32 zero points can step
+    over ``m``); :func:`offset_is_fp16` is that test.
+    """
+    s = scale.to(torch.float32).clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+    if symmetric or zero is None:
+        return s, zero
+    m = (-zero.to(torch.float32) * s).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
+    guess = -m / s
+    best, best_err = guess, (-guess * s - m).abs()
+    for step in (float("inf"), float("-inf")):  # a neighbouring float32 zero point may hit m exactly
+        cand = torch.nextafter(guess, torch.full_like(guess, step))
+        err = (-cand * s - m).abs()
+        best, best_err = torch.where(err < best_err, cand, best), torch.minimum(err, best_err)
+    return s, best
+
+
+def offset_is_fp16(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per block: is ``-zero * scale`` (float32) an fp16 number to within one float32 step (what
+    :func:`fp16_qparams` guarantees)?"""
+    offset = -zero.to(torch.float32) * scale.to(torch.float32)
+    half = offset.to(torch.float16).to(torch.float32)
+    step = (torch.nextafter(offset.abs(), torch.full_like(offset, float("inf"))) - offset.abs())
+    return (half - offset).abs() <= step
+
+
 def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Tensor | float = 1.0,
                    float_zero: bool = True):
     """Scale and zero point per group of ``w_groups [..., g]`` from its min/max, shrunk by ``ratio``.
 
     ``float_zero=False``: the range widened to include 0 and an integer zero point (GPTQ, whose
     error feedback moves later columns of a group after its grid is fixed: the slack keeps them on it).
+    ``scheme.fp16_scales``: the parameters put on fp16's grid (:func:`fp16_qparams`; the zero point is
+    then a float).
     """
     qmin, qmax = scheme.qrange
     lo, hi = w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio
     if not float_zero:
         scale, zero = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
-        return scale, zero.to(torch.float32)
-    return weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+        zero = zero.to(torch.float32)
+    else:
+        scale, zero = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+    if scheme.fp16_scales:
+        return fp16_qparams(scale, zero, scheme.symmetric)
+    return scale, zero
 
 
 def quantize_groups(w_groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):

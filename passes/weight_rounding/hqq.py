@@ -17,7 +17,7 @@ import torch
 from qcompiler.config import HQQ, WeightScheme
 from qcompiler.core import primitives
 from qcompiler.core.ir import QuantizedWeight
-from qcompiler.passes.weight_rounding.common import group_size_of, grouped, minmax_qparams
+from qcompiler.passes.weight_rounding.common import fp16_qparams, group_size_of, grouped, minmax_qparams
 
 
 def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float) -> torch.Tensor:
@@ -60,6 +60,8 @@ def hqq_quantize(weight: torch.Tensor, scheme: WeightScheme, config: HQQ | None 
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_z = torch.where(better[..., None], z, best_z)
+    if scheme.fp16_scales:  # the optimized zero points on the grid that makes -zero * scale an fp16 number
+        best_z = fp16_qparams(scale, best_z[..., 0], False)[1][..., None]
     q, _ = reconstruct(best_z)
     return QuantizedWeight(
         q=q.reshape(n, k).to(primitives.storage_dtype(qmin, qmax)),

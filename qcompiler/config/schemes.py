@@ -40,9 +40,14 @@ class WeightScheme:
     # per_group: a layer whose in_features is not a multiple of group_size takes the largest power-of-two
     # group (>= 32) that divides it, instead of staying in float (see fitted)
     fit_group: bool = False
+    # scales exactly representable in fp16 (rounded before the integers are chosen) and, asymmetric, the
+    # offsets -zero_point * scale too: what GGUF's blocks store (d, m as fp16), so an export is exact
+    fp16_scales: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "WeightScheme")
+        if not isinstance(self.fp16_scales, bool):
+            raise ConfigError(f"WeightScheme.fp16_scales must be True or False, got {self.fp16_scales!r}")
         _check_choice(self.granularity, WEIGHT_GRANULARITIES, "WeightScheme.granularity")
         _check_choice(self.observer, WEIGHT_OBSERVERS, "WeightScheme.observer")
         if self.observer == "kl" and self.granularity == "per_group":
@@ -86,7 +91,8 @@ class WeightScheme:
     def describe(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
         obs = "" if self.observer == "minmax" else f" {self.observer}"
-        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{obs}"
+        half = " fp16-scales" if self.fp16_scales else ""
+        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{obs}{half}"
 
 
 @dataclass(frozen=True)

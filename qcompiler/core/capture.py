@@ -28,6 +28,22 @@ _SOURCE_PART = re.compile(r"_(modules|parameters|buffers)\['([^']+)'\]")
 _ROOT = re.compile(r"^(L|G)\[[^\]]*\](\[\d+\])?\.?")
 
 
+_PLACEHOLDER_ATTR = re.compile(r"_(parameters|buffers)_(.+?)_?$")
+
+
+def name_from_placeholder(placeholder: str) -> str | None:
+    """``l_args_0_modules_model_modules_norm_parameters_weight_`` -> ``model.norm.weight``: the name
+    Dynamo gives a lifted parameter's placeholder when it records no source (a module passed as an
+    argument). None when it is not such a name (or a module's name holds ``_modules_`` itself)."""
+    parts = placeholder.split("_modules_")
+    if len(parts) < 2:
+        return None
+    last = _PLACEHOLDER_ATTR.search(parts[-1])
+    if last is None:
+        return None
+    return ".".join([*parts[1:-1], parts[-1][: last.start()], last.group(2)])
+
+
 def _source_name(node: fx.Node) -> str | None:
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)

