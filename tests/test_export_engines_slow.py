@@ -39,6 +39,7 @@ import qcompiler
 from qcompiler.tools import cli, evaluate, models
 from qcompiler.tools.bench_generate import llama_cpp_build_dir
 
+
 def _smollm2_installed() -> bool:
     import importlib.util
 

@@ -156,3 +156,20 @@ def test_presets_fit_the_group_to_layers_128_does_not_divide(setup, preset):
     assert all("not a multiple of 128" in d.reason for d in rep.quantized)
     assert {d.bits_per_weight for d in rep.quantized} == {4.5, 5.0}  # 4 + 32/64 and 4 + 32/32: ATen's bf16 pair
     assert _mse(out, ref) < 0.1 * float(ref.pow(2).mean())
+
+
+@pytest.mark.parametrize("preset", ["w8a16-q8_0", "w4a16-q4_0-gptq", "w4a16-q4_1-hqq"])
+def test_gguf_presets_run_in_process_with_the_fast_kernels_as_with_the_reference(setup, preset):
+    """fp16 scales, groups of 32 and (Q4_0) the full [-8, 7] range: the int4 kernel takes the -8 level."""
+    model, batches, ids, ref = setup
+    recipe = qcompiler.PRESETS[preset]
+    stats = qcompiler.calibrate(model, batches, recipe, progress=False) if recipe.needs_calibration else None
+    fast = _logits(model, ids, recipe, stats)
+    reference = _logits(model, ids, recipe, stats, kernels="reference")
+    assert torch.allclose(fast, reference, atol=2e-2, rtol=1e-2), (fast - reference).abs().max()
+    assert _mse(reference, ref) < 0.05 * float(ref.pow(2).mean())
+    if preset == "w4a16-q4_0-gptq":
+        from qcompiler.passes.weight_rounding import round_to_nearest
+
+        w = model.model.layers[0].mlp.up_proj.weight.detach()
+        assert int(round_to_nearest(w, recipe.weight).q.min()) == -8  # the 16th level is used

@@ -42,6 +42,16 @@ def weight_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, sym
     return scale, qmin - lo / scale
 
 
+def full_range_scale(lo: torch.Tensor, hi: torch.Tensor, qmin: int) -> torch.Tensor:
+    """The scale of ``WeightScheme(full_range=True)``, llama.cpp's Q4_0 grid: the value of largest magnitude
+    lands exactly on ``qmin = -2^(b-1)`` and the other side is clamped at ``qmax = 2^(b-1) - 1``, so the step
+    is ``absmax / 2^(b-1)``. The scale is negative where that value is positive (``q * scale`` still gives
+    it back); its magnitude is at least ``MIN_SCALE``."""
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / qmin
+    return torch.where(scale.abs() < primitives.MIN_SCALE, torch.full_like(scale, primitives.MIN_SCALE), scale)
+
+
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal)
 
@@ -56,7 +66,8 @@ def fp16_qparams(scale: torch.Tensor, zero: torch.Tensor | None, symmetric: bool
     one float32 step of it (the products of an fp16 scale with neighbouring float32 zero points can step
     over ``m``); :func:`offset_is_fp16` is that test.
     """
-    s = scale.to(torch.float32).clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+    scale = scale.to(torch.float32)
+    s = (scale.sign() * scale.abs().clamp(FP16_TINY, FP16_MAX)).to(torch.float16).to(torch.float32)
     if symmetric or zero is None:
         return s, zero
     m = (-zero.to(torch.float32) * s).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
@@ -89,7 +100,9 @@ def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Te
     """
     qmin, qmax = scheme.qrange
     lo, hi = w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio
-    if not float_zero:
+    if scheme.full_range:
+        scale, zero = full_range_scale(lo, hi, qmin), torch.zeros_like(lo, dtype=torch.float32)
+    elif not float_zero:
         scale, zero = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
         zero = zero.to(torch.float32)
     else:

@@ -8,7 +8,7 @@ from qcompiler.config import WeightScheme
 from qcompiler.core import primitives
 from qcompiler.core.ir import QuantizedWeight
 from qcompiler.core.ranges import weight_range
-from qcompiler.passes.weight_rounding.common import fp16_qparams, weight_qparams
+from qcompiler.passes.weight_rounding.common import fp16_qparams, full_range_scale, weight_qparams
 
 
 def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
@@ -52,13 +52,15 @@ def round_to_nearest(
     block_size = scheme.block_size()
     qmin, qmax = scheme.qrange
     w = weight.detach()
-    if scheme.symmetric and scheme.observer == "minmax" and not scheme.fp16_scales:
+    if scheme.symmetric and scheme.observer == "minmax" and not (scheme.fp16_scales or scheme.full_range):
         scale, zero_point = primitives.choose_qparams(w, block_size, scheme.bits, scheme.symmetric)
         q = primitives.quantize(w, scale, zero_point, block_size, scheme.bits, scheme.symmetric)
     else:
         primitives.check_finite(w, "weight")
         lo, hi = weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric, scheme.percentile)
         scale, zero_point = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+        if scheme.full_range:
+            scale = full_range_scale(lo, hi, qmin)
         if scheme.fp16_scales:
             scale, zero_point = fp16_qparams(scale, zero_point, scheme.symmetric)
         # a float zero point (asymmetric): round(w / scale + zero), computed in float32 for every weight dtype

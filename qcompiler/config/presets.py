@@ -63,18 +63,19 @@ PRESETS.update({
 })
 
 
-def _gguf(name: str, bits: int, symmetric: bool, **kwargs) -> Recipe:
+def _gguf(name: str, bits: int, symmetric: bool, full_range: bool = False, **kwargs) -> Recipe:
     """Weights in blocks of 32 input channels with fp16 scales (and, asymmetric, fp16 offsets): the
     layout of GGUF's Q8_0 / Q4_0 / Q4_1, so ``qcompiler export --format gguf`` writes these recipes'
     integers exactly. Weight-only in process; llama.cpp quantizes the activations itself."""
     return Recipe(name=name, weight=WeightScheme(bits=bits, granularity="per_group", group_size=32,
-                                                 symmetric=symmetric, fp16_scales=True),
+                                                 symmetric=symmetric, fp16_scales=True, full_range=full_range),
                   activation=None, **kwargs)
 
 
 PRESETS.update({
     "w8a16-q8_0": _gguf("w8a16-q8_0", 8, True),  # GGUF Q8_0: int8 symmetric, one fp16 scale per 32
-    "w4a16-q4_0-gptq": _gguf("w4a16-q4_0-gptq", 4, True, rounding=GPTQ()),  # GGUF Q4_0: symmetric int4
+    # GGUF Q4_0: symmetric int4 on all 16 levels [-8, 7], as Q4_0 stores d * (nibble - 8)
+    "w4a16-q4_0-gptq": _gguf("w4a16-q4_0-gptq", 4, True, full_range=True, rounding=GPTQ()),
     "w4a16-q4_1-gptq": _gguf("w4a16-q4_1-gptq", 4, False, rounding=GPTQ()),  # GGUF Q4_1: d * q + m
     "w4a16-q4_1-hqq": _gguf("w4a16-q4_1-hqq", 4, False, rounding=HQQ()),
 })

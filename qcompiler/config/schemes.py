@@ -43,11 +43,20 @@ class WeightScheme:
     # scales exactly representable in fp16 (rounded before the integers are chosen) and, asymmetric, the
     # offsets -zero_point * scale too: what GGUF's blocks store (d, m as fp16), so an export is exact
     fp16_scales: bool = False
+    # symmetric weights on all 2^b levels [-2^(b-1), 2^(b-1) - 1] as llama.cpp's Q4_0 rounds them: the value of
+    # largest magnitude lands on -2^(b-1) (the scale takes its sign, so it may be negative), the other side is
+    # clamped at 2^(b-1) - 1; False: the restricted range [-(2^(b-1) - 1), 2^(b-1) - 1], scale absmax / qmax
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "WeightScheme")
-        if not isinstance(self.fp16_scales, bool):
-            raise ConfigError(f"WeightScheme.fp16_scales must be True or False, got {self.fp16_scales!r}")
+        for flag in ("fp16_scales", "full_range"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"WeightScheme.{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.full_range and (not self.symmetric or self.bits > 4):
+            raise ConfigError("WeightScheme.full_range applies to symmetric weights of 2 to 4 bits (int8 weights use "
+                             f"[-127, 127], what the int8 kernels and GGUF Q8_0 take); got bits={self.bits}, "
+                             f"symmetric={self.symmetric}")
         _check_choice(self.granularity, WEIGHT_GRANULARITIES, "WeightScheme.granularity")
         _check_choice(self.observer, WEIGHT_OBSERVERS, "WeightScheme.observer")
         if self.observer == "kl" and self.granularity == "per_group":
@@ -79,6 +88,8 @@ class WeightScheme:
 
     @property
     def qrange(self) -> tuple[int, int]:
+        if self.full_range:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return primitives.quant_range(self.bits, self.symmetric)
 
     def block_size(self) -> tuple[int, ...]:
@@ -92,7 +103,8 @@ class WeightScheme:
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
         obs = "" if self.observer == "minmax" else f" {self.observer}"
         half = " fp16-scales" if self.fp16_scales else ""
-        return f"int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}{obs}{half}"
+        sym = ("sym-full" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"int{self.bits} {gran} {sym}{obs}{half}"
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,10 @@ def test_a_compiled_model_with_overrides_reports_each_layers_scheme():
     (lambda: WeightScheme(group_size=128), ValueError,
      r"group_size=128 only applies to granularity 'per_group', not 'per_channel'"),
     (lambda: WeightScheme(fit_group=True), ValueError, r"fit_group=True only applies to granularity 'per_group'"),
+    (lambda: WeightScheme(fp16_scales=1), ValueError, r"WeightScheme.fp16_scales must be True or False, got 1"),
+    (lambda: WeightScheme(bits=4, symmetric=False, full_range=True), ValueError,
+     r"full_range applies to symmetric weights of 2 to 4 bits .*symmetric=False"),
+    (lambda: WeightScheme(bits=8, full_range=True), ValueError, r"full_range applies to .* got bits=8"),
     # activations
     (lambda: ActivationScheme(bits=9), ValueError, r"ActivationScheme.bits must be an integer from 2 to 8, got 9"),
     (lambda: ActivationScheme(bits=1), ValueError, r"ActivationScheme.bits must be an integer from 2 to 8, got 1"),
@@ -180,6 +184,8 @@ def test_invalid_recipes_are_rejected_when_built_with_a_message_that_says_why(bu
 
 def test_valid_edge_values_are_accepted():
     assert WeightScheme(bits=2).qrange == (-1, 1) and WeightScheme(bits=8, symmetric=False).qrange == (0, 255)
+    assert WeightScheme(bits=4, full_range=True).qrange == (-8, 7)  # llama.cpp's Q4_0 levels
+    assert "sym-full fp16-scales" in WeightScheme(bits=4, full_range=True, fp16_scales=True).describe()
     top = ActivationScheme(granularity="per_tensor", dynamic=False, observer="percentile", percentile=100)
     assert top.percentile == 100
     assert ActivationScheme(dynamic=False, granularity="per_tensor").symmetric is False  # static: asymmetric

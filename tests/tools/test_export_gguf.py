@@ -17,6 +17,7 @@ import torch
 from qcompiler.core.errors import ExportError
 from qcompiler.tools.bench_generate import llama_cpp_build_dir
 from qcompiler.tools.export import gguf as gw
+from qcompiler.tools.export import gguf_read as gr
 from qcompiler.tools.export.model import ExportLinear, ExportModel
 
 DATA = Path(os.environ.get("QCOMPILER_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -107,7 +108,7 @@ def fields(path):
 
 def hf_oriented(path, model, module):
     """The dequantized GGUF tensor of ``module`` with the q/k permutation undone."""
-    values = gw.dequantize_gguf_tensor(path, gw.gguf_name(module + ".weight"))
+    values = gr.dequantize_gguf_tensor(path, gw.gguf_name(module + ".weight"))
     heads = gw.qk_heads(module + ".", model.config)
     return values if heads is None else gw.permute_qk(values, heads, inverse=True)
 
@@ -124,7 +125,7 @@ def test_linears_hold_exactly_the_chosen_values(tmp_path, kind):
         assert types[gname] == kind
         assert torch.equal(hf_oriented(path, model, module), lin.dequantized()), module
         # the integers and scales themselves, unpacked without the gguf package
-        q, d, m = gw.read_gguf_linear(path, gname)
+        q, d, m = gr.read_gguf_linear(path, gname)
         heads = gw.qk_heads(module + ".", model.config)
         back = (lambda t: t) if heads is None else (lambda t: gw.permute_qk(t, heads, inverse=True))
         n, k = lin.q.shape
@@ -170,18 +171,18 @@ def test_norms_embeddings_and_float_layers(tmp_path):
     model.tensors["model.layers.0.self_attn.q_proj.weight"] = q.dequantized()
     path = gw.write_gguf(model, tmp_path / "m.gguf", "Q8_0", float_type="F32")
     emb = model.tensors["model.embed_tokens.weight"]
-    got = gw.dequantize_gguf_tensor(path, "token_embd.weight")
-    _, d, _ = gw.read_gguf_linear(path, "token_embd.weight")
+    got = gr.dequantize_gguf_tensor(path, "token_embd.weight")
+    _, d, _ = gr.read_gguf_linear(path, "token_embd.weight")
     step = d.repeat_interleave(32, dim=1)
     # round to nearest (half a step) with q chosen before d is rounded to fp16 (127 * 2^-11 of a step)
     assert ((got - emb).abs() <= 0.57 * step).all()
-    assert gw.dequantize_gguf_tensor(path, "output.weight").shape == (512, 64)
+    assert gr.dequantize_gguf_tensor(path, "output.weight").shape == (512, 64)
     for hf in ("model.norm.weight", "model.layers.1.post_attention_layernorm.weight"):
-        assert torch.equal(gw.dequantize_gguf_tensor(path, gw.gguf_name(hf)), model.tensors[hf])
-    assert torch.equal(gw.dequantize_gguf_tensor(path, "blk.1.ffn_down.weight"), down.dequantized())
+        assert torch.equal(gr.dequantize_gguf_tensor(path, gw.gguf_name(hf)), model.tensors[hf])
+    assert torch.equal(gr.dequantize_gguf_tensor(path, "blk.1.ffn_down.weight"), down.dequantized())
     assert torch.equal(hf_oriented(path, model, "model.layers.0.self_attn.q_proj"), q.dequantized())
     path = gw.write_gguf(model, tmp_path / "f.gguf", "Q8_0", embedding_type="F32")
-    assert torch.equal(gw.dequantize_gguf_tensor(path, "token_embd.weight"), emb)
+    assert torch.equal(gr.dequantize_gguf_tensor(path, "token_embd.weight"), emb)
 
 
 @needs_stories
@@ -192,7 +193,7 @@ def test_permutation_is_llama_cpps():
     cfg = json.loads((STORIES_HF / "config.json").read_text())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
         heads = gw.qk_heads(name, cfg)
-        original = gw.dequantize_gguf_tensor(STORIES_GGUF, gw.gguf_name(name))
+        original = gr.dequantize_gguf_tensor(STORIES_GGUF, gw.gguf_name(name))
         assert torch.equal(gw.permute_qk(hf[name], heads), original)
         assert torch.equal(gw.permute_qk(original, heads, inverse=True), hf[name])
 
@@ -252,7 +253,7 @@ def test_rope_scaling_and_tied_head(tmp_path):
             "original_max_position_embeddings": 64, "rope_theta": 5e5}
     model = tiny_model("Q8_0", config={"rope_parameters": rope})
     path = gw.write_gguf(model, tmp_path / "l3.gguf", "Q8_0")
-    freqs = gw.dequantize_gguf_tensor(path, "rope_freqs.weight")
+    freqs = gr.dequantize_gguf_tensor(path, "rope_freqs.weight")
     assert freqs.shape == (8,) and freqs[0] == 1.0 and freqs[-1] == 8.0
 
 

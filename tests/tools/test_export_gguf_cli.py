@@ -13,6 +13,7 @@ import torch
 from qcompiler.tools import cli, models
 from qcompiler.tools.export import build
 from qcompiler.tools.export import gguf as gw
+from qcompiler.tools.export import gguf_read as gr
 
 CASES = {  # recipe -> (GGUF type, calibration arguments)
     "w8a16-q8_0": ("Q8_0", []),
@@ -54,7 +55,7 @@ def test_the_gguf_file_holds_the_recipes_integers_and_scales(recipe, tmp_path, c
     assert len(model.linears) == 30  # down_proj (172 inputs) has no block of 32: F16
     for name, lin in model.linears.items():
         gname = gw.gguf_name(name + ".weight")
-        q, d, m = gw.read_gguf_linear(reader, gname)
+        q, d, m = gr.read_gguf_linear(reader, gname)
         heads = gw.qk_heads(name + ".", cfg)
         if heads is not None:  # q/k rows are in llama.cpp's rotary order: undo it
             q, d = gw.permute_qk(q, heads, inverse=True), gw.permute_qk(d, heads, inverse=True)
@@ -68,7 +69,7 @@ def test_the_gguf_file_holds_the_recipes_integers_and_scales(recipe, tmp_path, c
         else:
             assert torch.equal(q, lin.q.to(torch.int64)), name
         if kind != "Q4_1":  # d * q: the very values qcompiler computes with
-            values = gw.dequantize_gguf_tensor(reader, gname)
+            values = gr.dequantize_gguf_tensor(reader, gname)
             if heads is not None:
                 values = gw.permute_qk(values, heads, inverse=True)
             assert torch.equal(values, lin.dequantized()), name

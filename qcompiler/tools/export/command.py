@@ -106,7 +106,7 @@ def run(args, calibrate, example_batch) -> int:
     model = build.export_model(loaded, recipe, example_batch(loaded, args.text, args.tokens), stats,
                                other_weights=args.other_weights)
     if args.format == "gguf":
-        from qcompiler.tools.export.gguf import write_gguf_folder
+        from qcompiler.tools.export.gguf_folder import write_gguf_folder
 
         path = write_gguf_folder(model, out, args.gguf_type, embedding_type=args.gguf_embeddings)
         print(f"wrote {path}: {len(model.linears)} quantized linear layers (GGUF {args.gguf_type})")

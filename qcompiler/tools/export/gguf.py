@@ -1,12 +1,9 @@
 """GGUF writer: an :class:`ExportModel` of a Llama model as a llama.cpp GGUF file, holding exactly the
 integers and scales qcompiler chose (no re-quantization of the quantized linears).
 
-Format facts this relies on, checked against ggml's source (``ggml/src/ggml-common.h`` and
-``dequantize_row_*`` in ``ggml/src/ggml-quants.c`` of the llama.cpp vendored by llama-cpp-python
-0.3.36) and the gguf package (``gguf/quants.py``, ``GGML_QUANT_SIZES``):
-
-* Every block covers 32 consecutive weights of one row along the input dimension (ggml's ``ne0``, the
-  HF ``[out, in]`` weight's last axis); ``ggml_half`` is IEEE fp16, little-endian.
+Format facts (ggml's ``ggml-common.h``, ``dequantize_row_*`` in ``ggml-quants.c``, llama-cpp-python 0.3.36's
+llama.cpp; the gguf package's ``quants.py``): a block is 32 consecutive weights of one row along the input
+dimension (the HF ``[out, in]`` weight's last axis); ``ggml_half`` is IEEE fp16, little-endian.
 * ``Q8_0`` (34 bytes): ``d`` fp16, ``qs`` 32 x int8; ``w[j] = d * qs[j]``.
 * ``Q4_0`` (18 bytes): ``d`` fp16, ``qs`` 16 bytes; byte ``j`` holds element ``j`` in its low nibble
   and element ``j + 16`` in its high nibble; ``w = d * (nibble - 8)``.
@@ -26,10 +23,9 @@ interleaved); transformers undoes it when it loads a GGUF (``LlamaTensorProcesso
 export holds the HF layout and the permutation is always applied. Whole rows move, scales and zero
 points with them, so the integers stay exact.
 
-Checked end to end: with integers rounded as ggml rounds, the files are byte-identical, tensor for
-tensor, to what ``llama-quantize`` writes (Q8_0 and Q4_0, stories260K in the slow test of
-``tests/tools/test_export_gguf.py``, SmolLM2-135M by hand), and llama.cpp's perplexity of an all-F32
-export of stories260K equals that of its original GGUF.
+Checked end to end: with integers rounded as ggml rounds, the files are byte-identical to what
+``llama-quantize`` writes (Q8_0, Q4_0: ``tests/tools/test_export_gguf.py``); an all-F32 export of
+stories260K gives llama.cpp the perplexity of its original GGUF. Reading back: ``gguf_read.py``.
 """
 
 from __future__ import annotations
@@ -46,7 +42,6 @@ import numpy as np
 import torch
 
 from qcompiler.core.errors import ExportError
-from qcompiler.core.files import atomic_folder, occupied
 from qcompiler.passes.weight_rounding.common import offset_is_fp16
 from qcompiler.tools.export import gguf_tokenizer
 from qcompiler.tools.export.model import ExportLinear, ExportModel
@@ -88,37 +83,6 @@ def write_gguf(model: ExportModel, path: str | Path, gguf_type: str, *, embeddin
     for gname, (data, qtype) in tensors.items():
         writer.add_tensor(gname, data, raw_dtype=qtype)
     return _write_atomically(writer, Path(path))
-
-
-def write_gguf_folder(model: ExportModel, out_dir: str | Path, gguf_type: str, *, embedding_type: str = "Q8_0") -> Path:
-    """``out_dir`` (absent or empty) holding ``model-<gguf_type>.gguf`` and a README of how it was made,
-    written atomically (built as a sibling folder, then renamed)."""
-    out = Path(out_dir)
-    if occupied(out):
-        raise ExportError(f"{out} exists and is not an empty folder")
-    with atomic_folder(out) as tmp:
-        path = write_gguf(model, tmp / f"model-{gguf_type}.gguf", gguf_type, embedding_type=embedding_type)
-        (tmp / "README.md").write_text(_readme(model, path.name, gguf_type, embedding_type))
-    return out / path.name
-
-
-def _readme(model: ExportModel, file: str, gguf_type: str, embedding_type: str) -> str:
-    groups = sorted({lin.group_size or lin.q.shape[1] for lin in model.linears.values()})
-    acts = sorted({"float" if lin.activation is None else "int8" for lin in model.linears.values()})
-    lines = ["# GGUF export", "", f"`{file}`: made by qcompiler for llama.cpp (`llama-cli -m {file}`, "
-             f"`llama-perplexity`, `llama-server`).", "",
-             f"- {len(model.linears)} linear layers as `{gguf_type}`: the integers and fp16 scales qcompiler's "
-             f"rounding chose (groups of {', '.join(map(str, groups))} input channels, written as blocks of 32), "
-             "not re-quantized.",
-             f"- token embedding (and a float LM head) as `{embedding_type}`; norms F32; layers the recipe kept "
-             "in float as F16.",
-             "- q_proj / k_proj rows permuted to llama.cpp's rotary layout, as its HF converter does."]
-    if "int8" in acts:
-        lines.append("- the recipe quantized activations too: llama.cpp quantizes them its own way at run time "
-                     "(blocks of 32), so its activations are not qcompiler's.")
-    if model.notes:
-        lines += ["", "## How it was made", ""] + [f"- {note}" for note in model.notes]
-    return "\n".join(lines) + "\n"
 
 
 def check_architecture(cfg: dict) -> None:
@@ -404,40 +368,3 @@ def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _tensor(source: str | Path | gguf.GGUFReader, name: str):
-    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
-    for t in reader.tensors:
-        if t.name == name:
-            return t
-    raise KeyError(f"no tensor {name!r} in the GGUF file")
-
-
-def read_gguf_linear(source: str | Path | gguf.GGUFReader,
-                     gguf_tensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Unpack a Q8_0/Q4_0/Q4_1 tensor: ``q`` ``[N, K]`` (Q4_0: nibble - 8, Q4_1: nibble), ``d`` and ``m``
-    ``[N, K/32]`` float32 (``m`` None but for Q4_1). Independent of the gguf package's dequantizer.
-    ``source``: a path, or an open ``gguf.GGUFReader`` (reading many tensors of one file)."""
-    t = _tensor(source, gguf_tensor)
-    kind = t.tensor_type.name
-    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
-    n = raw.shape[0]
-    blocks = raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
-    half = lambda b: b.contiguous().view(torch.float16).reshape(n, -1).to(torch.float32)  # noqa: E731
-    d = half(blocks[..., 0:2])
-    if kind == "Q8_0":
-        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, -1).to(torch.int64), d, None
-    qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
-    nib = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, -1).to(torch.int64)
-    if kind == "Q4_0":
-        return nib - 8, d, None
-    if kind == "Q4_1":
-        return nib, d, half(blocks[..., 2:4])
-    raise ExportError(f"{gguf_tensor} is {kind}, not Q8_0/Q4_0/Q4_1")
-
-
-def dequantize_gguf_tensor(source: str | Path | gguf.GGUFReader, gguf_tensor: str) -> torch.Tensor:
-    """The float32 values llama.cpp computes with, by the gguf package's own dequantizer (HF orientation)."""
-    t = _tensor(source, gguf_tensor)
-    return torch.from_numpy(np.array(gguf.quants.dequantize(np.array(t.data), t.tensor_type), dtype=np.float32))
