@@ -13,7 +13,8 @@ from qcompiler.config import Recipe, recipe_from_json, recipe_to_json
 from qcompiler.config.auto import CANDIDATES, AutoPrecision
 from qcompiler.core.errors import ConfigError, StatsError
 from qcompiler.tools import models
-from qcompiler.tools.autotune import auto_recipe, measure
+from qcompiler.tools.autotune import measure
+from qcompiler.tools.autotune.search import auto_recipe
 from qcompiler.tools.metrics import next_token_divergence
 
 CANDIDATE_NAMES = ("float", "w8-channel", "w4-g64", "w3-g64")

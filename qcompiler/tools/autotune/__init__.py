@@ -2,9 +2,5 @@
 
 ``search.auto_recipe`` measures (``measure``, cached by ``cache``) and solves (``knapsack``); the config
 side (:class:`~qcompiler.config.auto.AutoPrecision`, the candidates, the Recipe it writes) is in
-``qcompiler.config.auto``.
+``qcompiler.config.auto``. Nothing is imported here, so the command line's parser stays light.
 """
-
-from qcompiler.tools.autotune.search import AutoResult, LayerChoice, auto_recipe
-
-__all__ = ["AutoResult", "LayerChoice", "auto_recipe"]
