@@ -9,6 +9,7 @@
     qcompiler generate --model smollm2-135m --recipe w8a8-dynamic --prompt "The capital of France is" --compare-float
     qcompiler export --model smollm2-135m --recipe w8a8-dynamic --format compressed-tensors --out smol-w8a8/
     qcompiler bench kernels
+    qcompiler autotune --model smollm2-135m --target-bpw 5.0 --out auto/
 """
 
 from __future__ import annotations
@@ -289,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_quantize(args)
         if args.command == "report":
             return run_report(args)
+        if args.command == "autotune":
+            from qcompiler.tools.autotune import command as autotune_command
+
+            return autotune_command.run(args)
     except Exception as exc:  # the user's errors are reported; anything else is re-raised
         error = users_error(exc)
         if error is None:  # a bug of ours keeps its traceback

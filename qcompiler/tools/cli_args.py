@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(llama.cpp)")
     export_command.add_arguments(export, MODEL_HELP, ", ".join(sorted(PRESETS)))
     add_other_weights(export)
+    from qcompiler.tools.autotune import command as autotune_command
+
+    autotune_command.add_arguments(sub.add_parser("autotune", help="the mixed-precision recipe of least error under a "
+                                                  "bits-per-weight target (one candidate scheme per layer)"), MODEL_HELP)
     _add_generate_parser(sub.add_parser("generate", help="stream text from the quantized model; prefill and decode tokens/s"))
     _add_bench_parser(sub.add_parser("bench", help="time qcompiler's kernels, or generation, against their float baselines"))
     return parser

@@ -69,7 +69,7 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _main_output(values):
+def main_output(values):
     """The graph output that looks like logits: the floating tensor with the most elements."""
     flat = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if not flat:
@@ -82,7 +82,7 @@ def _logit_metrics(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float, 
     return sqnr_db(ref, out), kl.mean().item(), agree.double().mean().item()
 
 
-def _fresh(gm: fx.GraphModule, inputs) -> fx.GraphModule:
+def fresh_graph(gm: fx.GraphModule, inputs) -> fx.GraphModule:
     new = fx.GraphModule(gm, copy_graph(gm.graph))
     capture.bind_parameters(new, inputs)
     return new
@@ -90,26 +90,31 @@ def _fresh(gm: fx.GraphModule, inputs) -> fx.GraphModule:
 
 def _run_output(gm, inputs):
     with torch.inference_mode():
-        return _main_output(gm(*inputs))
+        return main_output(gm(*inputs))
 
 
 def _qdq_graph(gm0, inputs, steps) -> fx.GraphModule:
-    return pipeline.run(_fresh(gm0, inputs), steps, CompileReport(0, "", "reference"))
+    return pipeline.run(fresh_graph(gm0, inputs), steps, CompileReport(0, "", "reference"))
+
+
+def float_args(node: fx.Node) -> tuple:
+    """The arguments of a QDQ linear ``node`` that make it read its float input and float weight again
+    (the recipe's transforms before ``insert_qdq`` stay)."""
+    dq, q = torch.ops.qcompiler.dequantize.default, torch.ops.qcompiler.quantize.default
+    x = node.args[0]
+    if x.op == "call_function" and x.target is dq and x.args[0].target is q:
+        x = x.args[0].args[0]
+    if x.op == "call_function" and x.target is torch.mul and getattr(x.args[1], "target", "").endswith("_x_inv_scale"):
+        x = x.args[0]  # AWQ's 1/s belongs to the rounded weight
+    return (x, node.meta[FLOAT_WEIGHT]) + tuple(node.args[2:])
 
 
 def _keep_in_float(gm: fx.GraphModule, module: str) -> None:
     """Make every QDQ linear of ``module`` read its float input and float weight again."""
-    dq, q = torch.ops.qcompiler.dequantize.default, torch.ops.qcompiler.quantize.default
     for node in gm.graph.nodes:
         spec = node.meta.get(QLINEAR)
-        if spec is None or spec.module != module:
-            continue
-        x = node.args[0]
-        if x.op == "call_function" and x.target is dq and x.args[0].target is q:
-            x = x.args[0].args[0]
-        if x.op == "call_function" and x.target is torch.mul and getattr(x.args[1], "target", "").endswith("_x_inv_scale"):
-            x = x.args[0]  # AWQ's 1/s belongs to the rounded weight
-        node.args = (x, node.meta[FLOAT_WEIGHT]) + tuple(node.args[2:])
+        if spec is not None and spec.module == module:
+            node.args = float_args(node)
     gm.recompile()
 
 
@@ -128,7 +133,7 @@ def _layer_errors(gm: fx.GraphModule, inputs, float_values: dict) -> list[LayerE
 
 def _run_steps(gm0, inputs, steps, recipe_name: str, reference_out):
     """The pipeline one step at a time: the final graph, the logits' error after each pass, the layers' errors."""
-    gm = _fresh(gm0, inputs)
+    gm = fresh_graph(gm0, inputs)
     report, per_pass, layers, float_values = CompileReport(0, recipe_name, "reference"), [], [], None
     for step in steps:
         gm = pipeline.run(gm, [step], report)

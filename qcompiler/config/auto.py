@@ -1,0 +1,179 @@
+"""Automatic mixed precision: the candidate schemes per layer, the bits-per-weight target, and the
+ordinary :class:`Recipe` an assignment of candidates to layers becomes.
+
+``qcompiler.tools.autotune.auto_recipe(model, AutoPrecision(target_bpw=5.0), batches)`` measures each
+candidate's bits and sensitivity per layer and solves the knapsack; :func:`recipe_for` writes its answer
+as a Recipe with one :class:`LayerOverride` per layer that differs from the most common candidate, and
+the layers kept float in ``skip``: it saves, loads, explains, exports and compiles like any preset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from qcompiler.config.methods import HQQ
+from qcompiler.config.recipe import Recipe
+from qcompiler.config.schemes import ActivationScheme, LayerOverride, LayerScheme, WeightScheme
+from qcompiler.core.errors import ConfigError, ConfigTypeError
+
+METRICS = ("kl", "mse")
+_PATTERN_CHARACTERS = "*?["
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme a layer may take: ``weight`` None keeps the layer float; ``activation`` None is weight-only.
+    Dynamic activations only: a static range would need calibration statistics per candidate."""
+
+    name: str
+    weight: WeightScheme | None = None
+    activation: ActivationScheme | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("Candidate.name must be a non-empty string, e.g. 'w4-g128'")
+        if self.weight is not None and not isinstance(self.weight, WeightScheme):
+            raise ConfigTypeError(f"Candidate {self.name!r}: weight must be a WeightScheme or None")
+        if self.activation is not None and not isinstance(self.activation, ActivationScheme):
+            raise ConfigTypeError(f"Candidate {self.name!r}: activation must be an ActivationScheme or None")
+        if self.weight is None and self.activation is not None:
+            raise ConfigError(f"Candidate {self.name!r}: a float layer (weight=None) has no activation scheme")
+        if self.activation is not None and not self.activation.dynamic:
+            raise ConfigError(f"Candidate {self.name!r}: static activations need calibration statistics per "
+                              "candidate, which the search does not gather; use a dynamic activation scheme")
+
+    @property
+    def scheme(self) -> LayerScheme | None:
+        return None if self.weight is None else LayerScheme(self.weight, self.activation)
+
+    def describe(self) -> str:
+        return "float" if self.scheme is None else self.scheme.describe()
+
+
+def _group(bits: int, group_size: int) -> WeightScheme:
+    return WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False, fit_group=True)
+
+
+_W8 = WeightScheme(bits=8, granularity="per_channel", symmetric=True)
+CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
+    Candidate("float"),
+    Candidate("w8a8-dynamic", _W8, ActivationScheme(bits=8, granularity="per_token", symmetric=True)),
+    Candidate("w8-channel", _W8),  # weight-only int8 per output channel
+    Candidate("w4-g128", _group(4, 128)),
+    Candidate("w4-g64", _group(4, 64)),
+    Candidate("w3-g64", _group(3, 64)),
+)}
+DEFAULT_CANDIDATES = tuple(CANDIDATES)
+
+
+def resolve_candidate(candidate: str | Candidate) -> Candidate:
+    if isinstance(candidate, Candidate):
+        return candidate
+    if isinstance(candidate, str):
+        if candidate not in CANDIDATES:
+            raise ConfigError(f"unknown candidate {candidate!r}; the named candidates are: {', '.join(CANDIDATES)} "
+                              "(or give a qcompiler.config.auto.Candidate)")
+        return CANDIDATES[candidate]
+    raise ConfigTypeError(f"a candidate is a name or a Candidate, got {type(candidate).__name__}")
+
+
+@dataclass(frozen=True)
+class AutoPrecision:
+    """The search: per linear layer one of ``candidates``, least summed sensitivity (``metric`` at the
+    model's output with that layer alone quantized) under ``target_bpw`` bits per weight of the whole model
+    (every parameter: embeddings, norms and the LM head included, at their stored bits).
+
+    ``skip``: layers kept float whatever the budget (the LM head is not in it: a candidate may quantize it).
+    ``rounding``: None (round to nearest) or HQQ() for every quantized layer (then every candidate needs
+    asymmetric weights). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
+    """
+
+    target_bpw: float
+    candidates: tuple = DEFAULT_CANDIDATES
+    metric: str = "kl"
+    rounding: HQQ | None = None
+    skip: tuple[str, ...] = ("*embed*",)
+    samples: int = 4
+    seq_len: int = 256
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or \
+                not math.isfinite(self.target_bpw) or self.target_bpw <= 0:
+            raise ConfigError(f"AutoPrecision.target_bpw must be a positive number of bits per weight, e.g. 5.0; "
+                              f"got {self.target_bpw!r}")
+        if isinstance(self.candidates, (str, Candidate)) or not self.candidates:
+            raise ConfigError("AutoPrecision.candidates must be a non-empty tuple of candidate names or Candidates, "
+                              f"e.g. {DEFAULT_CANDIDATES}")
+        resolved = tuple(resolve_candidate(c) for c in self.candidates)
+        names = [c.name for c in resolved]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"AutoPrecision.candidates names {twice} more than once; give each candidate once")
+        object.__setattr__(self, "candidates", resolved)
+        if self.metric not in METRICS:
+            raise ConfigError(f"AutoPrecision.metric must be one of {', '.join(METRICS)}; got {self.metric!r} "
+                              "(kl: next-token KL of a language model's logits; mse: relative squared error of the "
+                              "output, for encoders)")
+        if self.rounding is not None and not isinstance(self.rounding, HQQ):
+            raise ConfigTypeError("AutoPrecision.rounding must be None (round to nearest) or HQQ(); GPTQ/AWQ need "
+                                  f"calibration per candidate, got {type(self.rounding).__name__}")
+        symmetric = [c.name for c in resolved if c.weight is not None and c.weight.symmetric]
+        if self.rounding is not None and symmetric:
+            raise ConfigError(f"AutoPrecision: HQQ rounding needs asymmetric weights, and candidates {symmetric} are "
+                              "symmetric; drop them or use round to nearest (rounding=None)")
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ConfigTypeError("AutoPrecision.skip must be a tuple of module-name patterns, e.g. ('*embed*',)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        for field_name, lowest in (("samples", 1), ("seq_len", 2)):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ConfigError(f"AutoPrecision.{field_name} must be an integer of at least {lowest}, got {value!r}")
+
+    @property
+    def recipe_name(self) -> str:
+        return self.name or f"auto-{self.target_bpw:g}bpw"
+
+    def candidate(self, name: str) -> Candidate:
+        found = next((c for c in self.candidates if c.name == name), None)
+        if found is None:
+            raise ConfigError(f"{name!r} is not one of this search's candidates: {[c.name for c in self.candidates]}")
+        return found
+
+
+def uniform_recipe(auto: AutoPrecision, candidate: Candidate) -> Recipe:
+    """Every layer not in ``auto.skip`` on ``candidate`` (what one candidate's bits and errors are measured on)."""
+    if candidate.weight is None:
+        return Recipe(name=f"uniform-{candidate.name}", skip=("*",))
+    return Recipe(name=f"uniform-{candidate.name}", weight=candidate.weight, activation=candidate.activation,
+                  skip=auto.skip, rounding=auto.rounding)
+
+
+def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
+    """The Recipe giving each module (exact name) the candidate ``assignment`` names: the most common
+    quantized candidate is the recipe's own scheme, the others are one :class:`LayerOverride` per layer,
+    float layers are added to ``skip`` by name (after ``auto.skip``)."""
+    chosen = {module: auto.candidate(name) for module, name in assignment.items()}
+    odd = [m for m in chosen if any(ch in m for ch in _PATTERN_CHARACTERS)]
+    if odd:
+        raise ConfigError(f"module names {odd[:3]} hold pattern characters ({_PATTERN_CHARACTERS}): a recipe "
+                          "could not name them alone")
+    counts = Counter(c.name for c in chosen.values() if c.weight is not None)
+    if not counts:
+        return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=auto.rounding)
+    order = {c.name: i for i, c in enumerate(auto.candidates)}
+    base = auto.candidate(min(counts, key=lambda n: (-counts[n], order[n])))
+    overrides = []
+    for module, c in chosen.items():
+        if c.weight is None or c.name == base.name:
+            continue
+        if c.activation is None:
+            overrides.append(LayerOverride(module, weight=c.weight, weight_only=True))
+        else:
+            overrides.append(LayerOverride(module, weight=c.weight, activation=c.activation))
+    floats = tuple(m for m, c in chosen.items() if c.weight is None)
+    return Recipe(name=auto.recipe_name, weight=base.weight, activation=base.activation,
+                  skip=(*auto.skip, *floats), overrides=tuple(overrides), rounding=auto.rounding)

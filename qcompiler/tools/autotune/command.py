@@ -1,0 +1,85 @@
+"""``qcompiler autotune``: the automatic mixed-precision recipe of a model under a bits-per-weight target.
+
+    qcompiler autotune --model stories260k --target-bpw 11 --out auto/
+
+writes ``auto/recipe.json`` (the Recipe, ``qcompiler.config.recipe_from_json`` reads it) and
+``auto/autotune.json`` (every layer's choice, bits and sensitivity, every candidate's table, the arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from qcompiler.config import HQQ, recipe_to_json
+from qcompiler.config.auto import CANDIDATES, DEFAULT_CANDIDATES, METRICS, AutoPrecision
+from qcompiler.core.errors import ConfigError
+from qcompiler.core.files import atomic_folder, check_output, read_text
+
+RECIPE_FILE = "recipe.json"
+RESULT_FILE = "autotune.json"
+
+
+def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--target-bpw", type=float, required=True,
+                   help="bits per weight of the whole model (embeddings, norms and LM head included)")
+    p.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES),
+                   help=f"schemes a layer may take (default all: {' '.join(CANDIDATES)})")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="kl: next-token KL of the logits (default for language models); mse: relative squared "
+                        "error of the output (default for encoders)")
+    p.add_argument("--rounding", choices=["rtn", "hqq"], default="rtn",
+                   help="rtn: round to nearest (default); hqq: HQQ zero points (asymmetric candidates only)")
+    p.add_argument("--calib-text", default=None, help="calibration text (default: <data>/wikitext-2/valid.txt)")
+    p.add_argument("--samples", type=int, default=4, help="calibration samples (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--cache", default="qcompiler-stats",
+                   help="folder of the per-layer results, reused by a rerun (default ./qcompiler-stats)")
+    p.add_argument("--out", required=True, help="folder to write recipe.json and autotune.json to")
+
+
+def _search(args) -> AutoPrecision:
+    """The search the arguments ask for, validated (before the model is loaded)."""
+    return AutoPrecision(target_bpw=args.target_bpw, candidates=tuple(args.candidates), metric=args.metric or "kl",
+                         rounding=HQQ() if args.rounding == "hqq" else None, samples=args.samples,
+                         seq_len=args.seq_len)
+
+
+def _metric_for(auto: AutoPrecision, asked: str | None, kind: str) -> AutoPrecision:
+    if kind != "encoder":
+        return auto
+    if asked == "kl":
+        raise ConfigError("--metric kl needs next-token logits, and this model is an encoder: use --metric mse")
+    return replace(auto, metric="mse")
+
+
+def run(args) -> int:
+    import torch
+
+    from qcompiler.calibration.calibrate import text_batches
+    from qcompiler.tools import models
+    from qcompiler.tools.autotune.search import auto_recipe
+
+    auto = _search(args)
+    out = check_output(args.out, "--out", folder=True)
+    check_output(args.cache, "--cache", folder=True, replaceable=lambda path: True)
+    text = Path(args.calib_text) if args.calib_text else models.default_calibration_text()
+    read_text(text, "calibration text")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    loaded = models.load_model(args.model)
+    auto = _metric_for(auto, args.metric, loaded.kind)
+    ids = torch.cat(text_batches(loaded.tokenizer, text, auto.samples, auto.seq_len, add_bos=loaded.add_bos))
+    result = auto_recipe(loaded.model, auto, [{"input_ids": ids}], cache=args.cache)
+    print(result)
+    doc = {"arguments": {k: v for k, v in vars(args).items() if k != "json_out"}, "calibration_text": str(text),
+           **result.to_json()}
+    with atomic_folder(out) as folder:
+        (folder / RECIPE_FILE).write_text(json.dumps(recipe_to_json(result.recipe), indent=1))
+        (folder / RESULT_FILE).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out / RECIPE_FILE} ({result.bits_per_weight:.4f} bits per weight) and {out / RESULT_FILE}",
+          file=sys.stderr)
+    return 0

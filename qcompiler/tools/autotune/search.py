@@ -1,0 +1,153 @@
+"""Automatic mixed precision: per layer the candidate of least summed sensitivity under an exact
+bits-per-weight budget of the whole model, returned as an ordinary :class:`~qcompiler.config.Recipe`.
+
+    result = auto_recipe(model, AutoPrecision(target_bpw=5.0), batches, cache="qcompiler-stats/")
+    compiled = torch.compile(model, backend="qcompiler", options={"recipe": result.recipe})
+
+Steps: capture the model once on the calibration batches; count every layer's bits on every candidate
+(``measure``) and refuse a budget below the cheapest assignment before any long work; measure each
+candidate's per-layer sensitivity (or read it from the cache); solve the multiple-choice knapsack exactly
+(``knapsack``); write the assignment as a Recipe (``config.auto.recipe_for``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from qcompiler.config import Recipe
+from qcompiler.config.auto import AutoPrecision, recipe_for
+from qcompiler.core import capture
+from qcompiler.core.errors import ConfigError
+from qcompiler.tools.autotune import knapsack, measure
+from qcompiler.tools.autotune.cache import SearchCache, model_fingerprint
+from qcompiler.tools.compare import main_output
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    module: str
+    candidate: str
+    bits: int
+    sensitivity: float
+
+
+@dataclass
+class AutoResult:
+    recipe: Recipe
+    auto: AutoPrecision
+    layers: list[LayerChoice]  # the searched linear layers, graph order
+    fixed_bits: int  # parameters no choice changes (embeddings, norms, biases, tied weights), at float bits
+    weights: int  # floating-point parameter elements of the model
+    table: dict[str, dict[str, tuple[int, float]]]  # candidate -> module -> (bits, sensitivity)
+    states: int  # the knapsack's largest frontier
+
+    @property
+    def bits(self) -> int:
+        """Bits of the whole model: the fixed part plus every searched layer's choice."""
+        return self.fixed_bits + sum(c.bits for c in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
+
+    @property
+    def sensitivity(self) -> float:
+        return sum(c.sensitivity for c in self.layers)
+
+    def to_json(self) -> dict:
+        return {"recipe_name": self.recipe.name, "target_bpw": self.auto.target_bpw, "metric": self.auto.metric,
+                "bits": self.bits, "weights": self.weights, "bits_per_weight": self.bits_per_weight,
+                "fixed_bits": self.fixed_bits, "summed_sensitivity": self.sensitivity,
+                "layers": [{"module": c.module, "candidate": c.candidate, "bits": c.bits,
+                            "sensitivity": c.sensitivity} for c in self.layers],
+                "candidates": {name: {m: {"bits": b, "sensitivity": s} for m, (b, s) in per.items()}
+                               for name, per in self.table.items()}}
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for c in self.layers:
+            counts[c.candidate] = counts.get(c.candidate, 0) + 1
+        used = ", ".join(f"{name} x{n}" for name, n in counts.items())
+        width = max((len(c.module) for c in self.layers), default=10)
+        head = (f"recipe {self.recipe.name}: {self.bits_per_weight:.4f} bits per weight ({self.bits} bits over "
+                f"{self.weights} weights; target {self.auto.target_bpw:g}), summed {self.auto.metric} "
+                f"{self.sensitivity:.4g}")
+        lines = [head, f"  {used}"]
+        for c in self.layers:
+            lines.append(f"  {c.module:<{width}}  {c.candidate:<14} {c.bits / 8:>12.0f} bytes  "
+                         f"{self.auto.metric} {c.sensitivity:.4g}")
+        return "\n".join(lines)
+
+
+def _captured(model, batches):
+    if isinstance(batches, (torch.Tensor, dict)):
+        batches = [batches]
+    if not batches:
+        raise ConfigError("the search needs calibration batches, e.g. [input_ids[:, :256]]")
+    use_cache_off = capture.accepts(model, "use_cache")
+    return capture.capture(model, [capture.as_batch(b, use_cache_off) for b in batches],
+                           what="the automatic precision search")
+
+
+def least_bits_per_weight(acc: measure.Accounting) -> float:
+    cheapest = sum(min(acc.bits[c][layer.module] for c in acc.bits) for layer in acc.layers)
+    return (acc.fixed_bits + cheapest) / acc.weights
+
+
+def _check_budget(auto: AutoPrecision, acc: measure.Accounting) -> int:
+    """The knapsack's budget in bits (the target's bits less the fixed part); an error below the cheapest."""
+    least = least_bits_per_weight(acc)
+    total = math.floor(auto.target_bpw * acc.weights)
+    if round(least * acc.weights) > total:
+        fixed = acc.fixed_bits / acc.weights
+        raise ConfigError(f"target_bpw {auto.target_bpw:g} is below the least this model can take with candidates "
+                          f"{[c.name for c in auto.candidates]}: {math.ceil(least * 1e4) / 1e4:.4f} bits per weight "
+                          f"(every layer on its cheapest candidate; {fixed:.4f} of them are the parameters kept "
+                          "float: embeddings, norms, biases, tied weights); give at least that, or a cheaper "
+                          "candidate")
+    return total - acc.fixed_bits
+
+
+def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=None,  # long: the steps in order
+                device: torch.device | str = "cpu", progress: bool = True) -> AutoResult:
+    """The recipe of least summed sensitivity whose whole model fits ``auto.target_bpw`` bits per weight.
+
+    ``batches``: calibration inputs (input-id tensors or dicts of keyword inputs, all of one shape; the
+    model is captured once on them). ``cache``: a folder for the per-layer results (``None``: no cache).
+    ``device``: whose kernels' storage the bits count (default CPU). The model is not changed."""
+    device = torch.device(device)
+    gm0, calls = _captured(model, batches)
+    cached = SearchCache(cache, model_fingerprint(model))
+    data = measure.data_digest(gm0, calls[0]) + "".join(measure.data_digest(gm0, c) for c in calls[1:])
+    acc = measure.accounting(model, gm0, calls[0], auto)
+    if not acc.layers:
+        raise ConfigError("the model has no linear layer outside AutoPrecision.skip to search over")
+    modules = [layer.module for layer in acc.layers]
+    keys = {c.name: measure.candidate_key(auto, c, data, device) for c in auto.candidates}
+    found = {c.name: cached.get(keys[c.name], modules) for c in auto.candidates}
+    for c in auto.candidates:
+        hit = found[c.name]
+        acc.bits[c.name] = hit[0] if hit else measure.candidate_bits(gm0, calls[0], auto, c, acc.layers, device)
+    budget = _check_budget(auto, acc)
+    with torch.inference_mode():
+        references = [main_output(gm0(*inputs)) for inputs in calls]
+    table: dict[str, dict[str, tuple[int, float]]] = {}
+    for c in auto.candidates:
+        if found[c.name] is not None:
+            sensitivity = found[c.name][1]
+        else:
+            if progress:
+                print(f"measuring {c.name} ({c.describe()}) on {len(modules)} layers ...", file=sys.stderr)
+            sensitivity = measure.candidate_sensitivity(gm0, calls, references, auto, c, modules, progress)
+            cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity)
+        table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in modules}
+    names = [c.name for c in auto.candidates]
+    options = [[table[n][m] for n in names] for m in modules]
+    solution = knapsack.solve(options, budget)
+    layers = [LayerChoice(m, names[k], *table[names[k]][m]) for m, k in zip(modules, solution.choices)]
+    recipe = recipe_for(auto, {c.module: c.candidate for c in layers})
+    return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table, solution.states)

@@ -1,0 +1,140 @@
+"""The automatic mixed-precision search on stories260K: the budget holds, the bits are the backend's,
+a layer's sensitivity is what compiling that layer alone gives, the recipe compiles and round-trips,
+a rerun reads the cache."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.config import Recipe, recipe_from_json, recipe_to_json
+from qcompiler.config.auto import CANDIDATES, AutoPrecision
+from qcompiler.core.errors import ConfigError, StatsError
+from qcompiler.tools import models
+from qcompiler.tools.autotune import measure
+from qcompiler.tools.autotune.search import auto_recipe
+from qcompiler.tools.metrics import next_token_divergence
+
+CANDIDATE_NAMES = ("float", "w8-channel", "w4-g64", "w3-g64")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    loaded = models.load_model("stories260k")
+    ids = torch.randint(3, loaded.model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    return loaded.model, ids
+
+
+@pytest.fixture(scope="module")
+def searched(stories, tmp_path_factory):
+    model, ids = stories
+    cache = tmp_path_factory.mktemp("cache")
+    auto = AutoPrecision(11.0, candidates=CANDIDATE_NAMES)
+    return auto_recipe(model, auto, [ids], cache=cache, progress=False), cache
+
+
+def _compile_and_run(model, recipe, ids, kernels="fast"):
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    compiled = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "kernels": kernels})
+    with torch.inference_mode():
+        logits = compiled(input_ids=ids, use_cache=False).logits
+    return logits, qcompiler.last_report()
+
+
+def test_the_recipe_fits_the_budget_and_its_bits_are_the_backends_own(stories, searched):
+    model, ids = stories
+    result, _ = searched
+    params = [p for p in model.parameters()]
+    assert result.weights == sum(p.numel() for p in params)
+    assert result.bits <= 11.0 * result.weights and result.bits_per_weight <= 11.0
+    assert len({c.candidate for c in result.layers}) >= 2  # a real mix at this budget
+    logits, report = _compile_and_run(model, result.recipe, ids)
+    assert torch.isfinite(logits).all()
+    decisions = {d.module: d for d in report.layers}
+    for choice in result.layers:
+        d = decisions[choice.module]
+        assert d.quantized == (choice.candidate != "float"), choice
+        if d.quantized:
+            assert 8 * d.weight_bytes == choice.bits and d.scheme == CANDIDATES[choice.candidate].describe()
+    # the whole model: every parameter once; stories260K's LM head is tied to the embedding, which stays float
+    float_bits = sum(8 * p.numel() * p.element_size() for p in params)
+    untied = [d for d in decisions.values() if d.quantized and d.module != "lm_head"]
+    head = [8 * d.weight_bytes for d in decisions.values() if d.quantized and d.module == "lm_head"]
+    expected = float_bits - sum(8 * d.float_weight_bytes for d in untied) + sum(8 * d.weight_bytes for d in untied)
+    assert result.bits == expected + sum(head)
+
+
+def test_a_layers_sensitivity_is_the_kl_of_compiling_that_layer_alone(stories, searched):
+    model, ids = stories
+    result, _ = searched
+    module = "model.layers.2.mlp.up_proj"
+    others = tuple(c.module for c in result.layers if c.module != module)
+    alone = Recipe(weight=CANDIDATES["w3-g64"].weight, activation=None, skip=("*embed*", *others))
+    with torch.inference_mode():
+        reference = model(input_ids=ids, use_cache=False).logits
+    logits, report = _compile_and_run(model, alone, ids, kernels="reference")
+    assert [d.module for d in report.quantized] == [module]
+    kl = next_token_divergence(reference, logits)[0].mean().item()
+    assert result.table["w3-g64"][module][1] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+    # fewer bits, more error: summed over the layers, 3 bits hurt more than 4, and 4 more than 8
+    total = {name: sum(s for _, s in result.table[name].values()) for name in CANDIDATE_NAMES}
+    assert total["float"] == 0 < total["w8-channel"] < total["w4-g64"] < total["w3-g64"]
+
+
+def test_the_saved_recipe_loads_and_compiles_to_the_same_logits(stories, searched, tmp_path):
+    model, ids = stories
+    result, _ = searched
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe_to_json(result.recipe)))
+    loaded = recipe_from_json(json.loads(path.read_text()))
+    assert loaded == result.recipe
+    first, _ = _compile_and_run(model, result.recipe, ids)
+    again, _ = _compile_and_run(model, loaded, ids)
+    assert torch.equal(first, again)
+
+
+def test_a_rerun_reads_every_number_from_the_cache(stories, searched, monkeypatch):
+    model, ids = stories
+    result, cache = searched
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("autotune-")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(measure, "candidate_sensitivity", measured)
+    monkeypatch.setattr(measure, "candidate_bits", measured)
+    again = auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+    assert again.layers == result.layers and again.recipe == result.recipe
+    # another budget reuses the same measurements and never costs more bits than it is given
+    tighter = auto_recipe(model, AutoPrecision(9.6, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+    assert tighter.bits_per_weight <= 9.6 and tighter.sensitivity >= result.sensitivity
+
+
+def test_a_budget_below_the_cheapest_assignment_names_the_least_bits_per_weight(stories, searched):
+    model, ids = stories
+    result, cache = searched
+    least = (result.fixed_bits + sum(min(result.table[n][c.module][0] for n in CANDIDATE_NAMES)
+                                     for c in result.layers)) / result.weights
+    with pytest.raises(ConfigError, match=rf"target_bpw 4 is below .*: {math.ceil(least * 1e4) / 1e4:.4f} bits per weight"):
+        auto_recipe(model, AutoPrecision(4.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+
+
+def test_a_cache_of_another_model_or_not_json_is_an_error_naming_the_file(stories, searched):
+    model, ids = stories
+    _, cache = searched
+    path = next(cache.iterdir())
+    saved = path.read_text()
+    try:
+        doc = json.loads(saved)
+        path.write_text(json.dumps({**doc, "model": "0" * 64}))
+        with pytest.raises(StatsError, match="another model"):
+            auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+        path.write_text("{not json")
+        with pytest.raises(StatsError, match=f"{path.name} is not readable JSON.*delete"):
+            auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+    finally:
+        path.write_text(saved)

@@ -1,0 +1,51 @@
+"""``qcompiler autotune``: errors before any work, then a recipe folder that loads, and a cached rerun."""
+
+import json
+
+import pytest
+
+from qcompiler.config import Recipe, recipe_from_json
+from qcompiler.tools import cli, models
+
+QUICK = ["--samples", "1", "--seq-len", "32", "--candidates", "float", "w8-channel", "w4-g64"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-bpw", "0"], "target_bpw must be a positive number"),
+    (["--target-bpw", "5", "--candidates", "w5"], "unknown candidate 'w5'"),
+    (["--target-bpw", "5", "--rounding", "hqq", "--candidates", "float", "w8-channel"], "HQQ rounding needs asym"),
+    (["--target-bpw", "5", "--samples", "0"], "--samples must be at least 1"),
+    (["--target-bpw", "5", "--calib-text", "/nonexistent/valid.txt"], "calibration text /nonexistent/valid.txt"),
+])
+def test_bad_arguments_are_errors_before_the_model_loads(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    assert cli.main(["autotune", "--model", "stories260k", "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_occupied_out_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("mine")
+    assert cli.main(["autotune", "--model", "stories260k", "--target-bpw", "10", "--out", str(tmp_path / "o")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_autotune_writes_a_recipe_that_loads_and_a_rerun_reads_the_cache(capsys, tmp_path):
+    cache = tmp_path / "stats"
+    args = ["autotune", "--model", "stories260k", "--target-bpw", "10.5", "--cache", str(cache), *QUICK]
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+    recipe = recipe_from_json(json.loads((tmp_path / "a" / "recipe.json").read_text()))
+    result = json.loads((tmp_path / "a" / "autotune.json").read_text())
+    assert isinstance(recipe, Recipe) and recipe.name == result["recipe_name"] == "auto-10.5bpw"
+    assert result["bits_per_weight"] <= 10.5 and result["bits"] <= 10.5 * result["weights"]
+    assert {layer["candidate"] for layer in result["layers"]} <= {"float", "w8-channel", "w4-g64"}
+    assert result["arguments"]["target_bpw"] == 10.5 and result["arguments"]["candidates"] == QUICK[-3:]
+    assert "measuring w4-g64" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "measuring" not in err  # every number came from the cache
+    again = json.loads((tmp_path / "b" / "autotune.json").read_text())
+    assert again["layers"] == result["layers"]
+    assert cli.main([*args[:4], "9", *args[5:], "--out", str(tmp_path / "c")]) == 2
+    assert "is below the least this model can take" in capsys.readouterr().err
