@@ -4,9 +4,11 @@ versions than qcompiler, so it runs in its own process and imports nothing of qc
 
     python run_vllm.py SPEC.json OUT.json
 
-SPEC: ``{"folder": DIR, "prompts": [[ids]], "max_tokens": 32, "windows": [[ids]], "dtype": "bfloat16"}``.
-OUT: the greedy new tokens per prompt, the negative log-likelihood of each window's tokens after the
-first (vLLM's prompt logprobs), and the linear kernel vLLM chose (from its log).
+SPEC: ``{"folder": DIR, "prompts": [[ids]], "max_tokens": 32, "windows": [[ids]], "sequences": [[ids]],
+"dtype": "bfloat16"}``.
+OUT: the greedy new tokens per prompt; the negative log-likelihood of each window's tokens after the first
+(vLLM's prompt logprobs); for each of ``sequences`` (teacher forcing), vLLM's most likely next token at
+every position after the first.
 """
 
 import json
@@ -14,7 +16,8 @@ import sys
 
 
 def main() -> None:
-    spec = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -29,7 +32,12 @@ def main() -> None:
     for window, out in zip(spec["windows"], scored):
         lp = out.prompt_logprobs  # None for the first token, then {token: Logprob} holding the prompt's token
         nll.append(-sum(lp[i][window[i]].logprob for i in range(1, len(window))))
-    json.dump({"tokens": tokens, "nll": nll}, open(sys.argv[2], "w"))
+    ranked = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    top1 = []
+    for out in llm.generate([TokensPrompt(prompt_token_ids=s) for s in spec.get("sequences", [])], ranked):
+        top1.append([next(t for t, lp in pos.items() if lp.rank == 1) for pos in out.prompt_logprobs[1:]])
+    with open(sys.argv[2], "w") as f:
+        json.dump({"tokens": tokens, "nll": nll, "top1": top1}, f)
 
 
 if __name__ == "__main__":
