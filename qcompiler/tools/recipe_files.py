@@ -28,23 +28,29 @@ def recipe_argument(value: str | Recipe) -> Recipe:
     if value in PRESETS:
         return PRESETS[value]
     path = Path(value)
+    if not path.exists():
+        if value.endswith(".json") or "/" in value or "\\" in value:  # meant as a file
+            raise InputFileError(f"recipe file {path} not found (and {value!r} is not a preset name)")
+        raise ConfigError(f"unknown recipe {value!r}: not a preset ({', '.join(sorted(PRESETS))}), nor an existing "
+                          f"recipe JSON file or folder holding {RECIPE_FILE}")
     if path.is_dir():
         if not (path / RECIPE_FILE).is_file():
             raise InputFileError(f"recipe folder {path} holds no {RECIPE_FILE} (the file `qcompiler autotune "
                                  "--out` writes): give a preset name or a recipe JSON file")
         path = path / RECIPE_FILE
-    elif not path.exists():
-        raise ConfigError(f"unknown recipe {value!r}: not a preset ({', '.join(sorted(PRESETS))}), nor an existing "
-                          f"recipe JSON file or folder holding {RECIPE_FILE}")
     return read_recipe_file(path)
 
 
-def labelled_recipes(values: list[str], taken: tuple[str, ...] = ()) -> dict[str, Recipe]:
+def labelled_recipes(values: list[str], taken: tuple[str, ...] = (), calibration_free: bool = False
+                     ) -> dict[str, Recipe]:
     """Each of ``values`` read by :func:`recipe_argument`, labelled by the recipe's name, or by the value as
-    given (a file's path) where another recipe or ``taken`` has that name; a value given twice counts once."""
+    given (a file's path) where another recipe or ``taken`` has that name; a value given twice counts once.
+    ``calibration_free``: a recipe that needs statistics is an error."""
     out: dict[str, Recipe] = {}
     for value in values:
         recipe = recipe_argument(value)
+        if calibration_free and recipe.needs_calibration:
+            raise ConfigError(f"--recipes takes calibration-free recipes only; {value} needs statistics")
         label = recipe.name if recipe.name not in (*taken, *out) else value
         if label not in (*taken, *out):
             out[label] = recipe
