@@ -10,6 +10,7 @@
     qcompiler export --model smollm2-135m --recipe w8a8-dynamic --format compressed-tensors --out smol-w8a8/
     qcompiler bench kernels
     qcompiler autotune --model smollm2-135m --target-bpw 5.0 --out auto/
+    qcompiler explain --model smollm2-135m --recipe auto/      # --recipe: a preset, a recipe JSON file or its folder
 """
 
 from __future__ import annotations
