@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from qcompiler.config import Recipe
 from qcompiler.core.errors import ConfigError, InputFileError
 
 LLAMA_TYPES = ("Q8_0", "Q4_0")
 LLAMA_CPP_VERSION = "0.3.36"  # what ../shared/tools/build-llama-cpp.sh builds
 
 
-def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: int) -> dict[str, object]:
+def _generators(loaded, recipes: dict[str, Recipe], stats_for: Callable, max_cache_len: int) -> dict[str, object]:
     import qcompiler
     from qcompiler.tools import generate
 
@@ -38,12 +39,12 @@ def _generators(loaded, recipes: list[str], stats_for: Callable, max_cache_len: 
     models = {"float (eager)": model,
               "float (Inductor)": generate.with_static_generate(
                   model, generate.CompiledForward(model.forward, None, backend="inductor"), max_cache_len)}
-    for name in recipes:
-        models[name] = qcompiler.compile(model, name, stats=stats_for(name), max_cache_len=max_cache_len)
+    for name, recipe in recipes.items():
+        models[name] = qcompiler.compile(model, recipe, stats=stats_for(name), max_cache_len=max_cache_len)
     return models
 
 
-def bench_ours(loaded, recipes: list[str], stats_for: Callable, prefill: int, depth: int, decode: int,
+def bench_ours(loaded, recipes: dict[str, Recipe], stats_for: Callable, prefill: int, depth: int, decode: int,
                repeats: int, progress: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
     """Median prefill and decode tokens/s of the float model (eager, Inductor) and each recipe."""
     from qcompiler import report
@@ -149,7 +150,7 @@ def bench_llama(tools: dict[str, Path], gguf: Path, prefill: int, depth: int, de
     return result
 
 
-def bench_generate(loaded, recipes: list[str], stats_for: Callable, *, prefill: int = 512, depth: int = 128,
+def bench_generate(loaded, recipes: dict[str, Recipe], stats_for: Callable, *, prefill: int = 512, depth: int = 128,
                    decode: int = 64, repeats: int = 5, llama_cpp: str | None = None, gguf_source: Path | None = None,
                    work_dir: Path | None = None, threads: int | None = None,
                    progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -198,10 +199,10 @@ def format_table(result: dict) -> str:
 def run_cli(args, calibrate, progress: Callable[[str], None]) -> dict:
     """`qcompiler bench generate` (``calibrate(loaded, recipe, text, samples, seq_len)`` for static recipes);
     the numeric options were checked by ``cli_args.check_numbers``."""
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import models
+    from qcompiler.tools.recipe_files import labelled_recipes
 
-    recipes = [resolve_recipe(name) for name in args.recipes]  # an unknown name fails before loading
+    recipes = labelled_recipes(args.recipes, taken=("float (eager)", "float (Inductor)"))  # read before loading
     tools = find_llama_tools(args.llama_cpp) if args.llama_cpp else None
     loaded = models.load_model(args.model)
     source = models.gguf_path(args.model)
@@ -210,11 +211,11 @@ def run_cli(args, calibrate, progress: Callable[[str], None]) -> dict:
     stats = {}
 
     def stats_for(name: str):
-        recipe = resolve_recipe(name)
+        recipe = recipes[name]
         if recipe.needs_calibration and name not in stats:
             stats[name] = calibrate(loaded, recipe, None, 32, 512)
         return stats.get(name)
 
-    return bench_generate(loaded, [r.name for r in recipes], stats_for, prefill=args.prefill, depth=args.depth,
+    return bench_generate(loaded, recipes, stats_for, prefill=args.prefill, depth=args.depth,
                           decode=args.decode, repeats=args.repeats or 5, llama_cpp=args.llama_cpp, gguf_source=source,
                           threads=args.threads, progress=progress)

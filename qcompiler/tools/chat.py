@@ -122,13 +122,13 @@ def run_cli(args, calibrate) -> int:
 
     import qcompiler
     from qcompiler.calibration.stats import resolve_stats
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import generate, models
+    from qcompiler.tools.recipe_files import recipe_argument
 
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     prompt_text = _read_prompt(args)
-    recipe = None if args.artifact else resolve_recipe(args.recipe)
+    recipe = None if args.artifact else recipe_argument(args.recipe)
     stats = resolve_stats(args.stats)
     if args.threads:
         torch.set_num_threads(args.threads)

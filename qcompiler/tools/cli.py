@@ -10,6 +10,7 @@
     qcompiler export --model smollm2-135m --recipe w8a8-dynamic --format compressed-tensors --out smol-w8a8/
     qcompiler bench kernels
     qcompiler autotune --model smollm2-135m --target-bpw 5.0 --out auto/
+    qcompiler explain --model smollm2-135m --recipe auto/      # --recipe: a preset, a recipe JSON file or its folder
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ def run_explain(args) -> int:
     import torch
 
     import qcompiler
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import models
+    from qcompiler.tools.recipe_files import recipe_argument
 
-    recipe = resolve_recipe(args.recipe)
+    recipe = recipe_argument(args.recipe)
     loaded = models.load_model(args.model)
     stats = args.stats
     if stats is None and recipe.needs_calibration:
@@ -91,10 +92,10 @@ def _example_batch(loaded, text, tokens: int) -> dict:
 
 def run_quantize(args) -> int:
     from qcompiler import artifact
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import models, quantize
+    from qcompiler.tools.recipe_files import recipe_argument
 
-    recipe = resolve_recipe(args.recipe)
+    recipe = recipe_argument(args.recipe)
     artifact.check_output(args.out)  # before loading and calibrating: nothing is lost to a bad --out
     loaded = models.load_model(args.model)
     stats = args.stats
@@ -115,14 +116,11 @@ def run_report(args) -> int:
 
     import qcompiler
     from qcompiler.calibration.stats import resolve_stats
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import models, report_html
+    from qcompiler.tools.recipe_files import labelled_recipes, recipe_argument
 
-    recipe = resolve_recipe(args.recipe)
-    others = {name: (resolve_recipe(name), None) for name in args.recipes}  # checked before any work
-    bad = [name for name, (r, _) in others.items() if r.needs_calibration]
-    if bad:
-        raise ConfigError(f"--recipes takes calibration-free recipes only; {bad} need statistics")
+    recipe = recipe_argument(args.recipe)  # --recipe and --recipes are read and checked before any work
+    others = labelled_recipes(args.recipes, taken=("fp32", recipe.name), calibration_free=True)
     loaded = models.load_model(args.model)
     stats = resolve_stats(args.stats)
     if stats is None and recipe.needs_calibration:
@@ -134,7 +132,8 @@ def run_report(args) -> int:
         torch.compile(loaded.model, backend="qcompiler",
                       options={"recipe": recipe, "stats": stats, "other_weights": args.other_weights})(**batch)
     plan = format_plan(qcompiler.last_report())
-    path = report_html.build(loaded, recipe, stats, Path(args.out), batch, {recipe.name: (recipe, stats), **others},
+    path = report_html.build(loaded, recipe, stats, Path(args.out), batch, {recipe.name: (recipe, stats),
+                             **{label: (r, None) for label, r in others.items()}},
                              args.tokens, plan, other_weights=args.other_weights)
     print(f"wrote {path}")
     return 0
@@ -170,7 +169,7 @@ def run_generate(args) -> int:
     return chat.run_cli(args, _calibrate)
 
 
-def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int, channel_bins: int = 0):
+def _calibrate(loaded, recipe, text: str | None, samples: int, seq_len: int, channel_bins: int = 0):
     from qcompiler.calibration.calibrate import calibrate, text_batches
     from qcompiler.tools import models
 
@@ -182,13 +181,14 @@ def _calibrate(loaded, recipe: str, text: str | None, samples: int, seq_len: int
 
 
 def run_calibrate(args) -> int:
-    from qcompiler.tools import models
-
     from qcompiler.calibration.stats import CalibrationStats
+    from qcompiler.tools import models
+    from qcompiler.tools.recipe_files import recipe_argument
 
     CalibrationStats.check_output(args.out)  # before loading and calibrating: nothing is lost to a bad --out
+    recipe = recipe_argument(args.recipe)
     loaded = models.load_model(args.model)
-    stats = _calibrate(loaded, args.recipe, args.calib_text, args.samples, args.seq_len, args.channel_bins)
+    stats = _calibrate(loaded, recipe, args.calib_text, args.samples, args.seq_len, args.channel_bins)
     stats.save(args.out)
     rounded = f", {len(stats.weights)} layers' weights rounded" if stats.weights else ""
     print(f"wrote statistics of {len(stats.activations)} layers{rounded} to {args.out} "
@@ -213,14 +213,13 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
     import torch
 
     from qcompiler.tools import evaluate, models
+    from qcompiler.tools.recipe_files import recipe_argument
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from qcompiler.config import resolve_recipe
-
     text_path = Path(text) if text else models.default_text()
     read_text(text_path, "text file")  # missing, a folder, binary: said before the model is loaded
-    resolved = resolve_recipe(recipe)
+    resolved = recipe_argument(recipe)
     print(f"loading {model} ...", file=sys.stderr)
     loaded = models.load_model(model)
     window = _window(loaded, args.window)  # the model's context decides: checked before calibrating

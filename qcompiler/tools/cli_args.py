@@ -9,6 +9,8 @@ from qcompiler.config import PRESETS
 from qcompiler.core.errors import ConfigError
 
 MODEL_HELP = "alias (smollm2-135m, stories260k, minilm-l6), HF folder or .gguf file"
+RECIPE_HELP = (f"preset ({', '.join(sorted(PRESETS))}), a recipe JSON file, or a folder holding recipe.json "
+               "(what `qcompiler autotune --out` writes)")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, text_flag: str) -> None:
@@ -27,7 +29,7 @@ def add_other_weights(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
         p.add_argument("--model", required=True, help=MODEL_HELP)
-        p.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+        p.add_argument("--recipe", default="w8a8-dynamic", help=RECIPE_HELP)
         p.add_argument("--text", default=None, help="evaluation text (default: <data>/wikitext-2-raw/wiki.test.raw)")
         p.add_argument("--kernels", default="fast", choices=["fast", "reference"])
         p.add_argument("--stats", default=None,
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(sub.add_parser("demo", help="eval SmolLM2-135M with w8a8-dynamic on WikiText-2, then generate"), demo=True)
     cal = sub.add_parser("calibrate", help="gather activation statistics for static recipes")
     cal.add_argument("--model", required=True, help=MODEL_HELP)
-    cal.add_argument("--recipe", default="w8a8-static", help="recipe whose skip list decides the layers")
+    cal.add_argument("--recipe", default="w8a8-static",
+                     help="the recipe whose skip list, transforms and rounding decide what is gathered: " + RECIPE_HELP)
     _add_calibration_args(cal, "--text")
     cal.add_argument("--out", required=True, help="folder to write the statistics to")
     cal.add_argument("--channel-bins", type=int, default=0,
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "percentile/MSE/KL ranges (default 0: per-channel min/max and moving averages only)")
     quant = sub.add_parser("quantize", help="quantize a model and save the artifact (weights + manifest)")
     quant.add_argument("--model", required=True, help=MODEL_HELP)
-    quant.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    quant.add_argument("--recipe", default="w8a8-dynamic", help=RECIPE_HELP)
     quant.add_argument("--out", required=True, help="artifact folder to write")
     quant.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
     add_other_weights(quant)
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--tokens", type=int, default=256, help="tokens in the example batch (default 256)")
     rep = sub.add_parser("report", help="an HTML page with plots: outliers, per-layer SQNR, perplexity vs bits")
     rep.add_argument("--model", required=True, help=MODEL_HELP)
-    rep.add_argument("--recipe", default="w8a8-smoothquant", help=f"preset: {', '.join(sorted(PRESETS))}")
+    rep.add_argument("--recipe", default="w8a8-smoothquant", help=RECIPE_HELP)
     rep.add_argument("--out", required=True, help="folder for index.html and the PNGs")
     rep.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
     add_other_weights(rep)
@@ -78,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tokens", type=int, default=2048,
                      help="tokens of the evaluation text for the perplexity plot (default 2048)")
     rep.add_argument("--recipes", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"],
-                     help="calibration-free recipes to place on the perplexity/bits plot beside --recipe")
+                     help="calibration-free recipes to place on the perplexity/bits plot beside --recipe (presets, "
+                          "recipe JSON files, folders holding recipe.json)")
     explain = sub.add_parser("explain", help="the plan per layer (scheme, bpw, transforms, kernel) and the error table")
     explain.add_argument("--model", required=True, help=MODEL_HELP)
-    explain.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    explain.add_argument("--recipe", default="w8a8-dynamic", help=RECIPE_HELP)
     explain.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
     add_other_weights(explain)
     _add_calibration_args(explain, "--calib-text")
@@ -93,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a compressed-tensors folder (vLLM, transformers) or a GGUF file "
                             "(llama.cpp)")
-    export_command.add_arguments(export, MODEL_HELP, ", ".join(sorted(PRESETS)))
+    export_command.add_arguments(export, MODEL_HELP, RECIPE_HELP)
     add_other_weights(export)
     from qcompiler.tools.autotune import command as autotune_command
 
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_generate_parser(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--model", required=True, help=MODEL_HELP)
-    gen.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {', '.join(sorted(PRESETS))}")
+    gen.add_argument("--recipe", default="w8a8-dynamic", help=RECIPE_HELP)
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--stats", default=None, help="calibration folder (default: calibrate now if the recipe needs it)")
     source.add_argument("--artifact", default=None, help="a folder written by `qcompiler quantize` (brings its recipe)")
@@ -134,7 +138,7 @@ def _add_bench_parser(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--repeats", type=int, default=None,
                        help="interleaved timing repeats, median reported (default: kernels 30, generate 5)")
     bench.add_argument("--model", default="smollm2-135m", help=f"generate: {MODEL_HELP} (default smollm2-135m)")
-    bench.add_argument("--recipes", nargs="+", default=["w8a8-dynamic", "w4a16-rtn"], help="generate: recipes to time")
+    bench.add_argument("--recipes", nargs="+", default=["w8a8-dynamic", "w4a16-rtn"], help="generate: recipes to time (presets, recipe JSON files, folders holding recipe.json)")
     bench.add_argument("--llama-cpp", default=None, metavar="BIN_DIR",
                        help="generate: llama.cpp's bin folder (../shared/tools/build-llama-cpp.sh prints it) to add "
                             "llama-bench rows for Q8_0/Q4_0 GGUFs made from the model's GGUF with llama-quantize")

@@ -5,8 +5,9 @@
   the calibration statistics;
 - per-layer SQNR of each quantized layer's output against float on an example batch
   (``qcompiler.compare``), with the pass table and the keep-one-layer-in-float attribution;
-- perplexity against bits per weight across recipes on a short stretch of the evaluation text
-  (same windows for every recipe, fp32 included);
+- perplexity against bits per weight of the whole model across recipes (presets and recipe files, such
+  as ``qcompiler autotune``'s) on a short stretch of the evaluation text (same windows for every recipe,
+  fp32 included), the Pareto front marked (also written as ``perplexity_vs_bits.json``);
 - the per-layer plan (``qcompiler explain``'s table).
 
 Every picture is written as a PNG next to ``index.html`` and embedded in it (one self-contained file).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 
@@ -95,33 +97,70 @@ def plot_sqnr(comparison, out: Path):
     return _save(fig, out, "sqnr.png")
 
 
+def pareto_front(points: list[dict]) -> list[int]:
+    """Indices of the points no other point dominates (no more bits and no higher perplexity, one of them
+    strictly less), in order of bits."""
+    def dominated(p: dict) -> bool:
+        return any(q["bpw"] <= p["bpw"] and q["perplexity"] <= p["perplexity"]
+                   and (q["bpw"] < p["bpw"] or q["perplexity"] < p["perplexity"]) for q in points)
+
+    return sorted((i for i, p in enumerate(points) if not dominated(p)), key=lambda i: points[i]["bpw"])
+
+
 def plot_perplexity_vs_bits(points: list[dict], out: Path):
+    """The points (``recipe``, ``bpw``, ``perplexity``, ``kind``: float / preset / file, ``pareto``), each
+    labelled; the Pareto front's points filled and joined, the dominated ones hollow; recipes read from
+    files (``qcompiler autotune``'s) drawn as stars."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for p in points:
-        ax.scatter(p["bpw"], p["perplexity"], s=30)
-        ax.annotate(p["recipe"], (p["bpw"], p["perplexity"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["bpw"])
+    ax.plot([p["bpw"] for p in front], [p["perplexity"] for p in front], color="tab:blue", lw=1, ls="--",
+            zorder=1, label="Pareto front (filled: not dominated)")
+    for kind, marker, what in (("float", "s", "fp32"), ("preset", "o", "presets"), ("file", "*", "recipe files")):
+        for i, p in enumerate(q for q in points if q["kind"] == kind):
+            ax.scatter(p["bpw"], p["perplexity"], marker=marker, s=90 if marker == "*" else 36, zorder=2,
+                       edgecolors="tab:blue", facecolors="tab:blue" if p["pareto"] else "none",
+                       label=what if i == 0 else None)
+    for i, p in enumerate(sorted(points, key=lambda p: p["bpw"])):  # neighbours' labels above and below
+        ax.annotate(p["recipe"], (p["bpw"], p["perplexity"]), fontsize=8, xytext=(4, 4 if i % 2 else -11),
+                    textcoords="offset points")
     ax.set_xscale("log", base=2)
-    lowest = min(p["bpw"] for p in points)
-    ticks = [b for b in (2, 3, 4, 6, 8, 16, 32) if 0.9 * lowest <= b <= 34]
+    lowest, highest = min(p["bpw"] for p in points), max(p["bpw"] for p in points)
+    ticks = [b for b in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) if 0.9 * lowest <= b <= 1.1 * highest]
     ax.set_xticks(ticks, [str(b) for b in ticks])
-    ax.set_xlabel("bits per weight of the quantized layers (scales and zero points included)")
+    ax.set_xlabel("bits per weight of the whole model (embeddings, norms, LM head, scales included)")
     ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
     ax.set_title("Perplexity against bits per weight", fontsize=10)
     return _save(fig, out, "perplexity_vs_bits.png")
 
 
-def linear_bits_per_weight(report) -> float:
-    """Average stored bits per weight over the quantized linear layers (scales and zero points included)."""
-    layers = report.quantized
-    weights = sum(8 * d.weight_bytes / d.bits_per_weight for d in layers)
-    return sum(8 * d.weight_bytes for d in layers) / weights if weights else 32.0
+def model_bits_per_weight(model: torch.nn.Module, report) -> float:
+    """Bits per weight of the whole model as ``report`` (its compile report) stores it, counted as
+    ``qcompiler autotune`` counts them: every floating-point parameter once at its own bits, except that a
+    quantized linear's weight counts at the bytes the backend stores for it (``weight_bytes``: integers,
+    scales, zero points); a weight something else also holds (an LM head tied to the token embedding)
+    keeps its float bits and the quantized copy adds to them. Denominator: every floating-point element."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    holders: dict[int, int] = {}  # (module, attribute) places holding each parameter: 2 for a tied head
+    for _, module in model.named_modules(remove_duplicate=False):
+        for _, p in module.named_parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    bits = sum(p.numel() * p.element_size() * 8 for p in params)
+    for d in report.quantized:
+        weight = getattr(model.get_submodule(d.module), "weight", None)
+        if weight is not None and holders.get(id(weight)) == 1:
+            bits -= weight.numel() * weight.element_size() * 8
+        bits += 8 * d.weight_bytes
+    return bits / sum(p.numel() for p in params)
 
 
 def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = False) -> list[dict]:
     """fp32 and each recipe (``name -> (recipe, stats)``) on the first ``tokens`` tokens, 512-token windows
-    (``other_weights``: the backend option, for statistics gathered on other weights)."""
+    (``other_weights``: the backend option, for statistics gathered on other weights): ``recipe``,
+    ``perplexity``, whole-model ``bpw``, ``kind`` (float, preset, or file: any other recipe) and ``pareto``."""
     from qcompiler import report
+    from qcompiler.config import PRESETS
     from qcompiler.tools import evaluate, models
     from qcompiler.tools.metrics import nll
 
@@ -134,14 +173,17 @@ def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = 
             total = sum(nll(evaluate.logits(model, w)[:-1], w[0, 1:]).item() for w in windows)
         return math.exp(total / sum(w.shape[1] - 1 for w in windows))
 
-    points = [{"recipe": "fp32", "perplexity": perplexity(loaded.model), "bpw": 32.0}]
+    points = [{"recipe": "fp32", "perplexity": perplexity(loaded.model), "bpw": 32.0, "kind": "float"}]
     for name, (recipe, stats) in recipes.items():
         torch._dynamo.reset()
         report.clear_reports()
         model = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats,
                                                                         "other_weights": other_weights})
-        points.append({"recipe": name, "perplexity": perplexity(model), "bpw": linear_bits_per_weight(report.last_report())})
-    return points
+        points.append({"recipe": name, "perplexity": perplexity(model),
+                       "bpw": model_bits_per_weight(loaded.model, report.last_report()),
+                       "kind": "preset" if PRESETS.get(recipe.name) is recipe else "file"})
+    front = set(pareto_front(points))
+    return [{**p, "pareto": i in front} for i, p in enumerate(points)]
 
 
 def write(out: Path, title: str, sections: list[tuple[str, object, str]]) -> Path:
@@ -179,7 +221,9 @@ def build(loaded, recipe, stats, out: Path, batch, recipes: dict, tokens: int, p
     comparison = compare.compare(loaded.model, recipe, batch, stats=stats, top=5, other_weights=other_weights)
     sections.append(("Per-layer SQNR", plot_sqnr(comparison, out), str(comparison)))
     points = perplexity_points(loaded, recipes, tokens, other_weights)
-    table = "\n".join(f"{p['recipe']:<28} {p['bpw']:6.2f} bpw  perplexity {p['perplexity']:.3f}" for p in points)
+    (out / "perplexity_vs_bits.json").write_text(json.dumps(points, indent=1))
+    table = "\n".join(f"{p['recipe']:<28} {p['bpw']:7.3f} bpw  perplexity {p['perplexity']:8.3f}  {p['kind']:<6}"
+                      f"{'  Pareto front' if p['pareto'] else ''}" for p in points)
     sections.append((f"Perplexity against bits per weight (first {tokens} tokens of the evaluation text)",
                      plot_perplexity_vs_bits(points, out), table))
     sections.append(("Plan per layer", None, plan))

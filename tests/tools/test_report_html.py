@@ -72,3 +72,40 @@ def test_a_report_without_statistics_says_why_the_outlier_plot_is_missing(tmp_pa
     assert len(parser.images) == 2 and not (out / "outliers.png").exists()
     assert "Activation outliers" in page and "Not drawn: recipe w8a8-dynamic needs no calibration" in page
     assert "--stats DIR" in page
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_in_both():
+    from qcompiler.tools.report_html import pareto_front
+
+    points = [{"bpw": 32, "perplexity": 10.0}, {"bpw": 8, "perplexity": 10.1}, {"bpw": 9, "perplexity": 10.2},
+              {"bpw": 4, "perplexity": 12.0}, {"bpw": 4, "perplexity": 12.0}, {"bpw": 16, "perplexity": 9.0}]
+    assert pareto_front(points) == [3, 4, 1, 5]  # by bits; equal points do not dominate each other
+
+
+def test_report_plots_autotunes_recipe_file_with_its_bits_and_perplexity(tmp_path, capsys):
+    import json
+
+    from qcompiler.tools.report_html import pareto_front
+
+    auto = tmp_path / "auto"
+    assert cli.main(["autotune", "--model", "stories260k", "--target-bpw", "10.5", "--cache", str(tmp_path / "c"),
+                     "--samples", "1", "--seq-len", "32", "--candidates", "float", "w8-channel", "w4-g64",
+                     "--out", str(auto)]) == 0
+    tuned = json.loads((auto / "autotune.json").read_text())
+    out = tmp_path / "report"
+    assert cli.main(["report", "--model", "stories260k", "--recipe", "w8a8-dynamic", "--out", str(out),
+                     "--tokens", "256", "--recipes", str(auto), "w4a16-rtn"]) == 0
+    points = json.loads((out / "perplexity_vs_bits.json").read_text())
+    assert [(p["recipe"], p["kind"]) for p in points] == [
+        ("fp32", "float"), ("w8a8-dynamic", "preset"), ("auto-10.5bpw", "file"), ("w4a16-rtn", "preset")]
+    by_name = {p["recipe"]: p for p in points}
+    assert by_name["fp32"]["bpw"] == 32.0
+    # whole-model bits as autotune counts them: the tuned recipe lands exactly where the search put it
+    assert by_name["auto-10.5bpw"]["bpw"] == pytest.approx(tuned["bits_per_weight"], rel=1e-12)
+    assert 10 < by_name["w8a8-dynamic"]["bpw"] < 32
+    front = set(pareto_front(points))
+    assert [p["pareto"] for p in points] == [i in front for i in range(len(points))] and front
+    page = (out / "index.html").read_text()
+    for p in points:  # the table under the plot lists every recipe with its bits and perplexity
+        assert f"{p['recipe']:<28} {p['bpw']:7.3f} bpw  perplexity {p['perplexity']:8.3f}" in page
+    assert (out / "perplexity_vs_bits.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,7 +2,8 @@
 
     qcompiler autotune --model stories260k --target-bpw 11 --out auto/
 
-writes ``auto/recipe.json`` (the Recipe, ``qcompiler.config.recipe_from_json`` reads it) and
+writes ``auto/recipe.json`` (the Recipe: every command's ``--recipe auto/`` reads it, as does
+``qcompiler.config.recipe_from_json``) and
 ``auto/autotune.json`` (every layer's choice, bits and sensitivity, every candidate's table, the arguments).
 """
 

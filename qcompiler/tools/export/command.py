@@ -22,9 +22,9 @@ GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 GGUF_PRESETS = {"Q8_0": "w8a16-q8_0", "Q4_0": "w4a16-q4_0-gptq", "Q4_1": "w4a16-q4_1-gptq or w4a16-q4_1-hqq"}
 
 
-def add_arguments(p: argparse.ArgumentParser, model_help: str, presets: str) -> None:
+def add_arguments(p: argparse.ArgumentParser, model_help: str, recipe_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--recipe", default="w8a8-dynamic", help=f"preset: {presets}")
+    p.add_argument("--recipe", default="w8a8-dynamic", help=recipe_help)
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="compressed-tensors: a folder for vLLM / transformers; gguf: a folder with one GGUF "
                         "file for llama.cpp (needs --gguf-type and a recipe with fp16 scales in groups of 32)")
@@ -77,12 +77,12 @@ def run(args, calibrate, example_batch) -> int:
     """``calibrate(loaded, recipe, text, samples, seq_len)`` gathers statistics; ``example_batch(loaded,
     text, tokens)`` gives the batch the graph is traced on."""
     from qcompiler.calibration.stats import resolve_stats
-    from qcompiler.config import resolve_recipe
     from qcompiler.tools import models
     from qcompiler.tools.export import build
+    from qcompiler.tools.recipe_files import recipe_argument
 
     out = check_output(args.out, "--out", folder=True)  # before any work: absent or empty, writable
-    recipe = resolve_recipe(args.recipe)
+    recipe = recipe_argument(args.recipe)  # a preset, or a recipe file read and validated now
     build.refuse_transforms(recipe)  # before loading or calibrating anything
     if args.format == "gguf":
         if args.gguf_type is None:
