@@ -163,6 +163,25 @@ def _vllm_python() -> str | None:
     return str(default) if default.exists() else None
 
 
+def _run_vllm(python: str, folder: Path, env: dict) -> tuple[int, list[str]]:
+    """Run ``engines/run_vllm.py`` on ``folder/spec.json`` in its own process group, its output to a file (an
+    engine process left behind can not hold a pipe open), and end the whole group afterwards."""
+    import signal
+
+    with open(folder / "vllm.log", "w") as log:
+        proc = subprocess.Popen([python, str(ROOT / "engines" / "run_vllm.py"), str(folder / "spec.json"),
+                                 str(folder / "out.json")], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=900)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return returncode, (folder / "vllm.log").read_text(errors="replace").splitlines()
+
+
 @pytest.mark.skipif(_vllm_python() is None and not os.environ.get("CI"),
                     reason="no vLLM venv: bash ../shared/tools/vllm-cpu-venv.sh (CI makes it and sets VLLM_PYTHON)")
 @pytest.mark.parametrize("recipe", COMPRESSED)
@@ -194,12 +213,10 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
             "windows": [w[0].tolist() for w in windows], "sequences": [p + o for p, o in zip(prompts, ours)]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([python, str(ROOT / "engines" / "run_vllm.py"), str(tmp_path / "spec.json"),
-                          str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900, env=env)
-    if run.returncode != 0:
-        log = (run.stdout + run.stderr).splitlines()
+    returncode, log = _run_vllm(python, tmp_path, env)
+    if returncode != 0:
         errors = [line for line in log if "Error" in line or "error" in line or "Traceback" in line]
-        raise AssertionError(f"vLLM exited with {run.returncode}:\n" + "\n".join(errors[-30:] + log[-20:]))
+        raise AssertionError(f"vLLM exited with {returncode}:\n" + "\n".join(errors[-30:] + log[-20:]))
     theirs = json.loads((tmp_path / "out.json").read_text())
 
     # free running, one differing token sends the two texts apart: the length of the common prefix. Teacher
