@@ -98,8 +98,14 @@ def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Te
     ``scheme.fp16_scales``: the parameters put on fp16's grid (:func:`fp16_qparams`; the zero point is
     then a float).
     """
+    return scheme_qparams(w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio, scheme, float_zero)
+
+
+def scheme_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, float_zero: bool = True):
+    """Scale and zero point of the weight blocks whose range is ``[lo, hi]`` under ``scheme``: its grid
+    (``full_range``: llama.cpp's Q4_0 levels), integer or float zero points (``float_zero``, see
+    :func:`minmax_qparams`), then fp16 (``fp16_scales``)."""
     qmin, qmax = scheme.qrange
-    lo, hi = w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio
     if scheme.full_range:
         scale, zero = full_range_scale(lo, hi, qmin), torch.zeros_like(lo, dtype=torch.float32)
     elif not float_zero:

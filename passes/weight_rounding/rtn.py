@@ -8,7 +8,7 @@ from qcompiler.config import WeightScheme
 from qcompiler.core import primitives
 from qcompiler.core.ir import QuantizedWeight
 from qcompiler.core.ranges import weight_range
-from qcompiler.passes.weight_rounding.common import fp16_qparams, full_range_scale, weight_qparams
+from qcompiler.passes.weight_rounding.common import scheme_qparams
 
 
 def limit_pair_sums(q: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
@@ -58,11 +58,7 @@ def round_to_nearest(
     else:
         primitives.check_finite(w, "weight")
         lo, hi = weight_range(w, block_size, scheme.observer, scheme.bits, scheme.symmetric, scheme.percentile)
-        scale, zero_point = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
-        if scheme.full_range:
-            scale = full_range_scale(lo, hi, qmin)
-        if scheme.fp16_scales:
-            scale, zero_point = fp16_qparams(scale, zero_point, scheme.symmetric)
+        scale, zero_point = scheme_qparams(lo, hi, scheme)
         # a float zero point (asymmetric): round(w / scale + zero), computed in float32 for every weight dtype
         q = primitives.quantize_math(w, scale, None if scheme.symmetric else zero_point, block_size, qmin, qmax,
                                      primitives.storage_dtype(qmin, qmax), compute_dtype=torch.float32)
