@@ -1,8 +1,9 @@
-"""The C++ matrix-vector kernels of ``cpu_gemv.cpp``, built at first use for this machine.
+"""The C++ kernels of the decode step (``cpu_gemv.cpp``, ``cpu_attention.cpp``), built at first use for this machine.
 
 ``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
 ``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights) and ``qcompiler::int4_gemv``
-(float32 activations x packed 4-bit weights with group scales and zeros) are C++ ops: a compiled
+(float32 activations x packed 4-bit weights with group scales and zeros) and ``qcompiler::decode_attention``
+(one query position over the filled part of a static KV cache) are C++ ops: a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
 takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
 is fixed and small); larger products keep the library kernels of ``cpu.py``.
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads")
+SOURCES = (Path(__file__).with_name("cpu_gemv.cpp"), Path(__file__).with_name("cpu_attention.cpp"))
+OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads", "decode_attention")
 
 
 def _machine_tag() -> str:
@@ -46,7 +47,7 @@ def _build() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(SOURCE)],
+        load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
              verbose=False)
     except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
@@ -67,6 +68,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qcompiler::int4_gemv")
     def _(x, w_packed, scale, zero, group_size):
         return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+    @torch.library.register_fake("qcompiler::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape)
 
 
 def unavailable_reason() -> str | None:
