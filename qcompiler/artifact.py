@@ -33,12 +33,11 @@ import torch.fx as fx
 
 from qcompiler.calibration.stats import CalibrationStats
 from qcompiler.config import recipe_from_json, recipe_to_json
-from qcompiler.core import __version__
-from qcompiler.core import integrity
+from qcompiler.core import __version__, integrity
 from qcompiler.core.errors import ArtifactError
-from qcompiler.core.ir import PARAM_META, PassResult
 from qcompiler.core.files import atomic_folder
 from qcompiler.core.files import check_output as check_output_path
+from qcompiler.core.ir import PARAM_META, PassResult
 
 FORMAT = "qcompiler-artifact"
 VERSION = 2  # 2: the manifest's own checksum and the weights' fingerprints

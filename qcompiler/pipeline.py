@@ -11,7 +11,11 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 7. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
 8. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
 9. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
-10. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
+10. ``fuse_gemv``      decode-step GEMVs that read the same input (q/k/v, gate/up) -> one call on stacked
+    weights (exact; ``qcompiler/lowering/fuse_gemv.py``)
+11. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
+12. ``decode_attention`` one-query attention (decode steps) reads only the filled part of a static KV cache
+    (``qcompiler/lowering/attention.py``; CPU, skipped with ``kernels="reference"``)
 
 Calibration runs 1-6 and then inserts observers, so static ranges are those of the transformed
 inputs. A pass that raises is named, with the passes that ran before it.
@@ -29,7 +33,7 @@ import torch.fx as fx
 from qcompiler.config import Recipe
 from qcompiler.core.errors import QCompilerError, StatsError
 from qcompiler.core.ir import PLAN, PassResult
-from qcompiler.lowering import fuse, ops
+from qcompiler.lowering import attention, fuse, fuse_gemv, ops
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.gqa_attention import gqa_attention
@@ -41,7 +45,8 @@ from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
 ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq",
-         "load_artifact", "lower", "gqa_attention")
+         "load_artifact", "lower", "fuse_gemv", "gqa_attention",
+         "decode_attention")
 
 
 class PassFailed(RuntimeError):
@@ -124,7 +129,10 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
         steps.append(Step("load_artifact", artifact.apply, requires=("insert_qdq",)))
     if kernels == "fast":
         steps.append(Step("lower", fuse.lower, requires=("insert_qdq",)))
+        steps.append(Step("fuse_gemv", fuse_gemv.fuse_gemv, requires=("lower",)))
     steps.append(Step("gqa_attention", gqa_attention))
+    if kernels == "fast" and device.type == "cpu":
+        steps.append(Step("decode_attention", attention.decode_attention, requires=("gqa_attention",)))
     check_order(steps)
     return steps
 

@@ -25,7 +25,8 @@ def test_debug_option_dumps_every_pass_with_code_diff_counts_and_errors(tmp_path
     graph = tmp_path / "graph_0"
     assert "def forward" in (graph / "float.py").read_text()
     steps = _passes(graph)
-    assert steps == ["01_canonicalize", "02_plan", "03_insert_qdq", "04_lower", "05_gqa_attention"]
+    assert steps == ["01_canonicalize", "02_plan", "03_insert_qdq", "04_lower", "05_fuse_gemv", "06_gqa_attention",
+                     "07_decode_attention"]
     for step in steps:
         files = {p.name for p in (graph / step).iterdir()}
         assert files == {"before.py", "after.py", "diff.txt", "summary.json", "errors.tsv"}
@@ -85,7 +86,8 @@ def test_compare_reports_passes_layers_and_attribution_on_a_tiny_llama():
     batch = torch.randint(0, 128, (1, 24))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = qcompiler.compare(model, "w8a8-dynamic", batch, top=3)
-    assert [p.name for p in result.passes] == ["canonicalize", "plan", "insert_qdq", "lower", "gqa_attention"]
+    assert [p.name for p in result.passes] == ["canonicalize", "plan", "insert_qdq", "lower", "fuse_gemv", "gqa_attention",
+                                              "decode_attention"]
     assert result.passes[0].sqnr_db == float("inf") and result.passes[0].kl == 0
     assert 10 < result.passes[-1].sqnr_db < float("inf") and result.kl > 0
     assert len(result.layers) == 14
