@@ -30,9 +30,9 @@ def _step_ms(model, ctx, new: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.generate(ctx, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        model.generate(ctx, max_new_tokens=1, eos_token_id=None, do_sample=False)
         t1 = time.perf_counter()
-        model.generate(ctx, max_new_tokens=new + 1, min_new_tokens=new + 1, do_sample=False)
+        model.generate(ctx, max_new_tokens=new + 1, eos_token_id=None, do_sample=False)
         t2 = time.perf_counter()
         times.append(((t2 - t1) - (t1 - t0)) / new * 1e3)
     return statistics.median(times)
@@ -41,7 +41,7 @@ def _step_ms(model, ctx, new: int, repeats: int) -> float:
 def _parts(model, ctx, new_tokens: int) -> dict[str, float]:
     """Self CPU ms of one generate() of ``new_tokens`` tokens, by part."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.generate(ctx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(ctx, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False)
     parts = dict.fromkeys(("linear layers", "LM head", "attention", "rest of the compiled graph",
                            "Dynamo frame entry", "outside the compiled forward (generation loop)"), 0.0)
     for e in prof.key_averages():
@@ -50,7 +50,7 @@ def _parts(model, ctx, new_tokens: int) -> dict[str, float]:
             parts["linear layers"] += ms
         elif e.key == "qcompiler::int8_weight_gemv":  # the int8 LM head (lm_head="int8", the default)
             parts["LM head"] += ms
-        elif "scaled_dot_product" in e.key:
+        elif "scaled_dot_product" in e.key or e.key == "qcompiler::decode_attention":
             parts["attention"] += ms
         elif e.key.startswith("## Call CompiledFxGraph"):  # Inductor's fused kernels and their Python wrapper
             parts["rest of the compiled graph"] += ms
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     vocab = loaded.model.config.vocab_size
     ctx = torch.randint(10, vocab, (1, args.depth), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        model.generate(ctx, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # compiles both graphs
+        model.generate(ctx, max_new_tokens=4, eos_token_id=None, do_sample=False)  # compiles both graphs
         step = _step_ms(model, ctx, args.new, args.repeats)
         parts = _breakdown(model, ctx, args.new)
     result = {"model": args.model, "recipe": args.recipe, "machine": machine_name(), "threads": torch.get_num_threads(),

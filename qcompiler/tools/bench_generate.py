@@ -62,7 +62,7 @@ def bench_ours(loaded, recipes: dict[str, Recipe], stats_for: Callable, prefill:
             progress(f"{name}: round {round_}/{repeats}")
             first_new = report.next_index()
             p = chat.generate_timed(model, loaded, long_prompt, 1, 0.0, echo=False)
-            d = chat.generate_timed(model, loaded, context, decode + 1, 0.0, echo=False, min_new_tokens=decode + 1)
+            d = chat.generate_timed(model, loaded, context, decode + 1, 0.0, echo=False, stop_at_eos=False)
             if round_ == 0:
                 new = [r for r in report.reports() if r.graph_index >= first_new]
                 weights[name] = _linear_bytes(loaded.model, new[-1] if new and name in recipes else None)
