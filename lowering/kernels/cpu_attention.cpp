@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -22,6 +24,28 @@ inline float dot_f32(const float* __restrict a, const float* __restrict b, int64
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
+}
+
+// exp(x) for the softmax's x = score - max <= 0, in a form the compiler vectorizes (the C library's expf
+// is a scalar call per position): x = n ln2 + r with |r| <= ln2 / 2 (ln 2 split in two constants, as in
+// Cody and Waite), exp(r) by Cephes' degree-6 polynomial (within 2 ulp of expf), 2^n from the exponent
+// bits. Below -87.3 (where expf leaves the normal range) the result is exp(-87.3), about 1e-38, which
+// next to the largest term (exactly 1) changes no float32 sum.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
 }
 
 inline void axpy_f32(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
@@ -92,8 +116,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       float total = 0.f;
 #pragma omp simd reduction(+ : total)
       for (int64_t j = 0; j < n; ++j) {
-        sc[j] = std::exp(sc[j] - best);  // exp(-inf) = 0 for the masked positions
-        total += sc[j];
+        const float e = sc[j] == kMasked ? 0.f : exp_nonpositive(sc[j] - best);
+        sc[j] = e;
+        total += e;
       }
       for (int64_t j = 0; j < n; ++j) {
         if (sc[j] != 0.f) axpy_f32(sc[j], vbase + j * vl, orow, d);

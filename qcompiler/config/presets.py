@@ -40,6 +40,12 @@ PRESETS.update({
     "w8a8-static-percentile": _static("w8a8-static-percentile", "percentile", percentile=99.99),
     "w8a8-static-mse": _static("w8a8-static-mse", "mse"),
     "w8a8-static-kl": _static("w8a8-static-kl", "kl"),
+    # per-token dynamic activations after SmoothQuant (one of the SmoothQuant paper's settings): the
+    # migration is calibrated, the activations' ranges are not
+    "w8a8-dynamic-smoothquant": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-smoothquant",
+                                        smoothquant=SmoothQuant(alpha=0.5)),
+    "w8a8-dynamic-smoothquant-auto": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-smoothquant-auto",
+                                             smoothquant=SmoothQuant(alpha="auto")),
 })
 
 
