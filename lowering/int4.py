@@ -1,8 +1,11 @@
 """Lowerings of 2..4-bit weights with float activations (W4A16).
 
-CPU: ATen's int4 kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 CPU layout uses) on
-weights packed once in its tile layout, called straight from the graph (an aten op: no Python runs per
-layer); it computes in bf16 (its fp32 path is not vectorized). CUDA: the Triton int4 GEMM. A layer the
+CPU: for graphs with a fixed small row count (the decode step) the C++ ``qcompiler::int4_gemv`` of
+``kernels/cpu_gemv.cpp`` (activations in int16 fixed point, integer sums per group: more exact than bf16,
+and stacked for q/k/v and gate/up by ``fuse_gemv``); otherwise ATen's int4 kernel
+(``_weight_int4pack_mm_for_cpu``, the one torchao's int4 CPU layout uses) on weights packed once in its
+tile layout, called straight from the graph (an aten op: no Python runs per layer); it computes in bf16
+(its fp32 path is not vectorized). CUDA: the Triton int4 GEMM. A layer the
 device's kernel does not take runs ``qcompiler::int4_gemm_reference``, decided at prepare time and
 named in the report.
 """
@@ -14,7 +17,7 @@ import torch.fx as fx
 
 from qcompiler.core.ir import QLinearSpec
 from qcompiler.lowering import ops
-from qcompiler.lowering.kernels import cpu, reference
+from qcompiler.lowering.kernels import cpu, native, reference
 from qcompiler.lowering.key import REFERENCE_OPS, Layer, Lowering, Prepared, register
 
 
@@ -41,9 +44,17 @@ def _int4_reason(layer: Layer) -> str | None:
     return f"no {layer.device.type} kernel"
 
 
+INT4_GEMV_KERNEL = ("C++ int4 GEMV (lowering/kernels/cpu_gemv.cpp: int16 fixed-point activations x 4-bit weights, "
+                    "integer group sums, fixed row count)")
+
+
 def _choose_int4(layer: Layer) -> tuple[str, str]:
     if layer.k % 2:
         return REFERENCE_OPS, f"K={layer.k} is odd: two 4-bit weights are packed per byte"
+    if layer.gemv and layer.group % 2 == 0 and layer.k % layer.group == 0:
+        why = native.unavailable_reason()
+        if why is None:
+            return INT4_GEMV_KERNEL, ""
     why = _int4_reason(layer)
     return ops.kernel_for(layer.device, 4, why), why or ""
 
@@ -57,6 +68,14 @@ def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, layer: Layer) -> Prepar
     w_int, group, scale, zero = _int4_storage(gm, spec)
     base = spec.w_q.removesuffix("_w_q")
     kernel, why = _choose_int4(layer)
+    if kernel == INT4_GEMV_KERNEL:
+        packed = reference.pack_int4(w_int)
+        buffers = {"w_packed": register(gm, base + "_w4", packed),
+                   "scale": register(gm, base + "_w4_scale", scale.contiguous()),
+                   "zero": register(gm, base + "_w4_zero", zero.contiguous())}
+        stored = packed.numel() + scale.numel() * scale.element_size() + zero.numel() * zero.element_size()
+        return Prepared(buffers=buffers, constants={"group_size": group, "layout": "gemv"}, kernel=kernel,
+                        stored_bytes=stored)
     if layer.device.type == "cpu" and not why:
         packed, scale_zeros = cpu.pack_int4_for_cpu(w_int, scale, zero)
         buffers = {"packed": register(gm, base + "_w4_cpu", packed),
@@ -88,6 +107,8 @@ def w4a16(x, bias, *, group_size: int, layout: str, out_dtype: torch.dtype, ndim
     ``"cpu"`` (ATen's int4 kernel), ``"triton"`` (the Triton kernel), ``"reference"``."""
     if layout == "cpu":
         y = _int4_cpu(x, packed, scale_zeros, group_size, ndim, n, k)
+    elif layout == "gemv":
+        y = torch.ops.qcompiler.int4_gemv(x.to(torch.float32), w_packed, scale, zero, group_size)
     elif layout == "triton":
         y = torch.ops.qcompiler.int4_gemm(x, w_packed, scale, zero, group_size)
     else:

@@ -10,6 +10,9 @@
 // with explicit VNNI intrinsics reached half the bandwidth of these loops on a Zen 4).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -41,14 +44,38 @@ inline int32_t dot_s16s8(const int16_t* __restrict a, const int8_t* __restrict b
   return acc;
 }
 
-// Float sums are reassociated into vector lanes (omp simd): within float32 rounding of the reference.
-// sum_j a_lo[j] * (b[j] & 15) + a_hi[j] * (b[j] >> 4) over one group's bytes
-inline float dot_f32u4(const float* __restrict a_lo, const float* __restrict a_hi, const uint8_t* __restrict b,
-                       int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
+#if defined(__AVX512BW__)
+// One weight row of int4_gemv with AVX-512, for groups that are multiples of 64 channels: per 64 weights
+// (32 bytes) the nibbles are widened to int16 and multiplied with the int16 activations pairwise into 16
+// int32 lanes (vpmaddwd); each group's lanes go to float and are scaled into one float accumulator, so
+// the only horizontal sum is the row's last one. Returns sum_g scale[g] * sum_k x_q[k] q[k] (the zero
+// points are taken out by the caller).
+inline float row_u4s16_avx512(const int16_t* __restrict lo, const int16_t* __restrict hi, const uint8_t* __restrict w,
+                              const float* __restrict scale, int64_t groups, int64_t half) {
+  const __m512i low_mask = _mm512_set1_epi16(15);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t b = g * half; b < (g + 1) * half; b += 32) {
+      const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b)));
+      const __m512i q_lo = _mm512_and_si512(w16, low_mask);
+      const __m512i q_hi = _mm512_srli_epi16(w16, 4);
+      sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_loadu_si512(lo + b), q_lo));
+      sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_loadu_si512(hi + b), q_hi));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale[g]), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// sum_j a_lo[j] * (b[j] & 15) + a_hi[j] * (b[j] >> 4) over one group's bytes, exact in int32
+inline int32_t dot_u4s16(const int16_t* __restrict a_lo, const int16_t* __restrict a_hi, const uint8_t* __restrict b,
+                         int64_t n) {
+  int32_t acc = 0;
   for (int64_t j = 0; j < n; ++j) {
-    acc += a_lo[j] * static_cast<float>(b[j] & 15) + a_hi[j] * static_cast<float>(b[j] >> 4);
+    acc += static_cast<int32_t>(a_lo[j]) * static_cast<int32_t>(b[j] & 15) +
+           static_cast<int32_t>(a_hi[j]) * static_cast<int32_t>(b[j] >> 4);
   }
   return acc;
 }
@@ -131,7 +158,13 @@ at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at
 
 // x @ W.T with W = (q - zero) * scale per group of `group` input channels, float32 activations; q packed
 // two per byte as lowering/kernels/reference.pack_int4 does (byte j: q[2j] low nibble, q[2j+1] high).
-// Per group: scale * (sum_k x[k] q[k] - zero * sum_k x[k]).
+// Each row of x is rounded to fixed point first, as int8_weight_gemv does (int16 with the most levels an
+// exact int32 sum over one group allows: 32767 unless a group is wider than 4,369 channels), so a group's
+// sum is an integer dot product the CPU runs on its int16 units (vpmaddwd / vpdpwssd): 64 weights per
+// few instructions where a float loop converts every nibble. Per group:
+//   scale * (sum_k x_q[k] q[k] - zero * sum_k x_q[k]) * x_step
+// with x_step the row's fixed-point step: the only rounding is that of x, below 0.5 / 32767 of the
+// row's largest value (ATen's int4 CPU kernel rounds x to bf16, 2^-9).
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale, const at::Tensor& zero,
                      int64_t group) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "int4_gemv takes float32 activations, got ", x.scalar_type());
@@ -142,39 +175,59 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   TORCH_CHECK(group >= 2 && group % 2 == 0 && k % group == 0, "int4_gemv: group ", group, " does not fit K=", k);
   const int64_t groups = k / group, half = group / 2;
   TORCH_CHECK(scale.numel() == n * groups && zero.numel() == n * groups, "int4_gemv: scale/zero must be [N, K/group]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat,
+              "int4_gemv: scale and zero must be float32");
   const auto x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
-  // de-interleave each row into even and odd columns (so both loops read memory in order) and sum its groups
-  auto even = at::empty({m, k / 2}, x.options()), odd = at::empty({m, k / 2}, x.options());
-  auto gsum = at::empty({m, groups}, x.options());
+  const float qmax = static_cast<float>(std::min<int64_t>(32767, 2147483647LL / (15 * std::max<int64_t>(group, 1))));
+  // per row: even and odd columns apart (the low and high nibbles of a byte), the step, each group's sum
+  std::vector<int16_t> even(m * (k / 2)), odd(m * (k / 2));
+  std::vector<float> step(m), gsum(m * groups);
   const float* xp = x2.data_ptr<float>();
-  float *ep = even.data_ptr<float>(), *dp = odd.data_ptr<float>(), *gp = gsum.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < k / 2; ++j) {
-      ep[i * (k / 2) + j] = xp[i * k + 2 * j];
-      dp[i * (k / 2) + j] = xp[i * k + 2 * j + 1];
-    }
+    const float* row = xp + i * k;
+    float absmax = 0.f;
+    for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(row[c]));
+    step[i] = absmax > 0.f ? absmax / qmax : 1.f;
+    const float inv = 1.f / step[i];
     for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t c = g * group; c < (g + 1) * group; ++c) s += xp[i * k + c];
-      gp[i * groups + g] = s;
+      int32_t sum = 0;
+      for (int64_t j = g * half; j < (g + 1) * half; ++j) {
+        const int16_t lo = static_cast<int16_t>(std::nearbyint(row[2 * j] * inv));
+        const int16_t hi = static_cast<int16_t>(std::nearbyint(row[2 * j + 1] * inv));
+        even[i * (k / 2) + j] = lo;
+        odd[i * (k / 2) + j] = hi;
+        sum += lo + hi;
+      }
+      gsum[i * groups + g] = static_cast<float>(sum);
     }
   }
   auto out = at::empty({m, n}, x.options());
   const uint8_t* wp = w_packed.data_ptr<uint8_t>();
-  const float* sp = scale.contiguous().data_ptr<float>();
-  const float* zp = zero.contiguous().data_ptr<float>();
+  const auto sc = scale.contiguous(), zc = zero.contiguous();
+  const float* sp = sc.data_ptr<float>();
+  const float* zp = zc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, grain(k / 2), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
+      const uint8_t* wrow = wp + j * (k / 2);
       for (int64_t i = 0; i < m; ++i) {
+        const int16_t* e = even.data() + i * (k / 2);
+        const int16_t* o = odd.data() + i * (k / 2);
         float acc = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const float dot = dot_f32u4(ep + i * (k / 2) + g * half, dp + i * (k / 2) + g * half,
-                                      wp + j * (k / 2) + g * half, half);
-          acc += sp[j * groups + g] * (dot - zp[j * groups + g] * gp[i * groups + g]);
+#if defined(__AVX512BW__)
+        if (half % 32 == 0) {
+          acc = row_u4s16_avx512(e, o, wrow, sp + j * groups, groups, half);
+          for (int64_t g = 0; g < groups; ++g) acc -= sp[j * groups + g] * zp[j * groups + g] * gsum[i * groups + g];
+          op[i * n + j] = acc * step[i];
+          continue;
         }
-        op[i * n + j] = acc;
+#endif
+        for (int64_t g = 0; g < groups; ++g) {
+          const int32_t dot = dot_u4s16(e + g * half, o + g * half, wrow + g * half, half);
+          acc += sp[j * groups + g] * (static_cast<float>(dot) - zp[j * groups + g] * gsum[i * groups + g]);
+        }
+        op[i * n + j] = acc * step[i];
       }
     }
   });
