@@ -1,6 +1,7 @@
 """`qcompiler generate` and `qcompiler bench generate` on stories260K; their bad inputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,38 @@ def test_bench_generate_checks_its_arguments_before_timing(tmp_path, capsys):
     assert "unknown recipe" in capsys.readouterr().err
     assert cli.main(["bench", "generate", "--model", "stories260k", "--decode", "0"]) == 2
     assert "--decode must be at least 1" in capsys.readouterr().err
+
+
+def _stub_llama_cpp(folder: Path) -> Path:
+    """A bin folder whose llama-quantize copies the file and whose llama-bench prints llama-bench's JSON
+    (prefill 500 tokens/s, decode 50) and logs its arguments: what bench generate reads of llama.cpp."""
+    folder.mkdir()
+    (folder / "llama-quantize").write_text('#!/bin/sh\ncp "$2" "$3"\n')
+    (folder / "llama-bench").write_text(
+        '#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls.log"\n'
+        'case "$*" in *"-n 0"*) echo \'[{"avg_ts": 500.0}]\' ;; *) echo \'[{"avg_ts": 50.0}]\' ;; esac\n')
+    for tool in ("llama-quantize", "llama-bench"):
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def test_bench_generate_runs_llama_bench_in_turn_with_our_candidates(tmp_path):
+    from qcompiler.tools import bench_generate, models
+
+    bin_dir = _stub_llama_cpp(tmp_path / "bin")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF" + bytes(1000))
+    steps: list[str] = []
+    result = bench_generate.bench_generate(models.load_model("stories260k"), {}, lambda name: None, prefill=16,
+                                           depth=8, decode=3, repeats=2, llama_cpp=str(bin_dir), gguf_source=source,
+                                           work_dir=tmp_path / "gguf", progress=steps.append)
+    rows = result["rows"]
+    assert set(rows) == {"float (eager)", "float (Inductor)", "llama.cpp Q8_0", "llama.cpp Q4_0"}
+    assert rows["llama.cpp Q8_0"]["prefill_tokens_per_s"] == 500.0 and rows["llama.cpp Q4_0"]["decode_tokens_per_s"] == 50.0
+    assert rows["llama.cpp Q8_0"]["bytes_per_token"] > 1000 and result["missing"] is None
+    calls = (bin_dir / "calls.log").read_text().splitlines()
+    assert len(calls) == 2 * 2 * 2 and all("-r 1" in c for c in calls)  # repeats x types x (prefill, decode)
+    # every round: ours, then llama.cpp's, then the next round (llama.cpp's first run warms up itself)
+    assert steps.index("llama.cpp Q8_0: round 1/2") < steps.index("float (eager): round 2/2") \
+        < steps.index("llama.cpp Q8_0: round 2/2")
+    assert "llama.cpp Q8_0: round 0/2" not in steps
