@@ -45,27 +45,40 @@ inline int32_t dot_s16s8(const int16_t* __restrict a, const int8_t* __restrict b
 }
 
 #if defined(__AVX512BW__)
-// One weight row of int4_gemv with AVX-512, for groups that are multiples of 64 channels: per 64 weights
-// (32 bytes) the nibbles are widened to int16 and multiplied with the int16 activations pairwise into 16
-// int32 lanes (vpmaddwd); each group's lanes go to float and are scaled into one float accumulator, so
-// the only horizontal sum is the row's last one. Returns sum_g scale[g] * sum_k x_q[k] q[k] (the zero
-// points are taken out by the caller).
-inline float row_u4s16_avx512(const int16_t* __restrict lo, const int16_t* __restrict hi, const uint8_t* __restrict w,
-                              const float* __restrict scale, int64_t groups, int64_t half) {
+// sum += a * b in int32 pairs: vpdpwssd where the CPU has AVX512-VNNI, else vpmaddwd + vpaddd
+inline __m512i madd_acc(__m512i sum, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(sum, a, b);
+#else
+  return _mm512_add_epi32(sum, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// Weight rows of int4_gemv with AVX-512, for groups that are multiples of 64 channels, ROWS at a time
+// (they share the activations' loads): per 64 weights (32 bytes) the nibbles are widened to int16 and
+// multiplied with the int16 activations pairwise into 16 int32 lanes; each group's lanes go to float and
+// are scaled into one float accumulator per row, so the only horizontal sum is the row's last one.
+// out[r] = sum_g scale_r[g] * sum_k x_q[k] q_r[k] (the zero points are taken out by the caller).
+template <int ROWS>
+inline void rows_u4s16_avx512(const int16_t* __restrict lo, const int16_t* __restrict hi, const uint8_t* const* w,
+                              const float* const* scale, int64_t groups, int64_t half, float* out) {
   const __m512i low_mask = _mm512_set1_epi16(15);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i sum = _mm512_setzero_si512();
+    __m512i sum[ROWS];
+    for (int r = 0; r < ROWS; ++r) sum[r] = _mm512_setzero_si512();
     for (int64_t b = g * half; b < (g + 1) * half; b += 32) {
-      const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b)));
-      const __m512i q_lo = _mm512_and_si512(w16, low_mask);
-      const __m512i q_hi = _mm512_srli_epi16(w16, 4);
-      sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_loadu_si512(lo + b), q_lo));
-      sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_loadu_si512(hi + b), q_hi));
+      const __m512i a_lo = _mm512_loadu_si512(lo + b), a_hi = _mm512_loadu_si512(hi + b);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b)));
+        sum[r] = madd_acc(sum[r], a_lo, _mm512_and_si512(w16, low_mask));
+        sum[r] = madd_acc(sum[r], a_hi, _mm512_srli_epi16(w16, 4));
+      }
     }
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale[g]), acc);
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(scale[r][g]), acc[r]);
   }
-  return _mm512_reduce_add_ps(acc);
+  for (int r = 0; r < ROWS; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -208,21 +221,48 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   const float* sp = sc.data_ptr<float>();
   const float* zp = zc.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // sum_g scale * zero * (the group's sum of x_q): the zero points' part of output j for row i
+  auto zero_part = [&](int64_t j, int64_t i) {
+    float z = 0.f;
+    for (int64_t g = 0; g < groups; ++g) z += sp[j * groups + g] * zp[j * groups + g] * gsum[i * groups + g];
+    return z;
+  };
   at::parallel_for(0, n, grain(k / 2), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
+    int64_t j = begin;
+#if defined(__AVX512BW__)
+    if (half % 32 == 0) {
+      constexpr int kRows = 4;  // weight rows per pass over the activations
+      for (; j + kRows <= end; j += kRows) {
+        const uint8_t* rows[kRows];
+        const float* scales[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          rows[r] = wp + (j + r) * (k / 2);
+          scales[r] = sp + (j + r) * groups;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          float dots[kRows];
+          rows_u4s16_avx512<kRows>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half,
+                                   dots);
+          for (int r = 0; r < kRows; ++r) op[i * n + j + r] = (dots[r] - zero_part(j + r, i)) * step[i];
+        }
+      }
+      for (; j < end; ++j) {
+        const uint8_t* rows[1] = {wp + j * (k / 2)};
+        const float* scales[1] = {sp + j * groups};
+        for (int64_t i = 0; i < m; ++i) {
+          float dot;
+          rows_u4s16_avx512<1>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half, &dot);
+          op[i * n + j] = (dot - zero_part(j, i)) * step[i];
+        }
+      }
+    }
+#endif
+    for (; j < end; ++j) {
       const uint8_t* wrow = wp + j * (k / 2);
       for (int64_t i = 0; i < m; ++i) {
         const int16_t* e = even.data() + i * (k / 2);
         const int16_t* o = odd.data() + i * (k / 2);
         float acc = 0.f;
-#if defined(__AVX512BW__)
-        if (half % 32 == 0) {
-          acc = row_u4s16_avx512(e, o, wrow, sp + j * groups, groups, half);
-          for (int64_t g = 0; g < groups; ++g) acc -= sp[j * groups + g] * zp[j * groups + g] * gsum[i * groups + g];
-          op[i * n + j] = acc * step[i];
-          continue;
-        }
-#endif
         for (int64_t g = 0; g < groups; ++g) {
           const int32_t dot = dot_u4s16(e + g * half, o + g * half, wrow + g * half, half);
           acc += sp[j * groups + g] * (static_cast<float>(dot) - zp[j * groups + g] * gsum[i * groups + g]);
