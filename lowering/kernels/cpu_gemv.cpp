@@ -80,6 +80,45 @@ inline void rows_u4s16_avx512(const int16_t* __restrict lo, const int16_t* __res
   }
   for (int r = 0; r < ROWS; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+// The same for groups of 32 channels (16 bytes: llama.cpp's Q4_0 / Q4_1 blocks), two groups per 32 bytes: the
+// 16 int32 lanes are 8 of one group then 8 of the next, scaled by a vector of the two groups' scales.
+template <int ROWS>
+inline void rows_u4s16_avx512_g32(const int16_t* __restrict lo, const int16_t* __restrict hi,
+                                  const uint8_t* const* w, const float* const* scale, int64_t groups, float* out) {
+  const __m512i low_mask = _mm512_set1_epi16(15);
+  __m512 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 2) {
+    const int64_t b = g * 16;
+    const __m512i a_lo = _mm512_loadu_si512(lo + b), a_hi = _mm512_loadu_si512(hi + b);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b)));
+      __m512i sum = madd_acc(_mm512_setzero_si512(), a_lo, _mm512_and_si512(w16, low_mask));
+      sum = madd_acc(sum, a_hi, _mm512_srli_epi16(w16, 4));
+      const __m512 two = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(scale[r][g]))),
+          _mm256_castps_pd(_mm256_set1_ps(scale[r][g + 1])), 1));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), two, acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// ROWS weight rows from `w` with the kernel that fits the group: 0 when none does (the generic loop then)
+template <int ROWS>
+inline bool rows_u4s16(const int16_t* lo, const int16_t* hi, const uint8_t* const* w, const float* const* scale,
+                       int64_t groups, int64_t half, float* out) {
+  if (half % 32 == 0) {
+    rows_u4s16_avx512<ROWS>(lo, hi, w, scale, groups, half, out);
+    return true;
+  }
+  if (half == 16 && groups % 2 == 0) {
+    rows_u4s16_avx512_g32<ROWS>(lo, hi, w, scale, groups, out);
+    return true;
+  }
+  return false;
+}
 #endif
 
 // sum_j a_lo[j] * (b[j] & 15) + a_hi[j] * (b[j] >> 4) over one group's bytes, exact in int32
@@ -230,7 +269,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   at::parallel_for(0, n, grain(k / 2), [&](int64_t begin, int64_t end) {
     int64_t j = begin;
 #if defined(__AVX512BW__)
-    if (half % 32 == 0) {
+    if (half % 32 == 0 || (half == 16 && groups % 2 == 0)) {
       constexpr int kRows = 4;  // weight rows per pass over the activations
       for (; j + kRows <= end; j += kRows) {
         const uint8_t* rows[kRows];
@@ -241,8 +280,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
         }
         for (int64_t i = 0; i < m; ++i) {
           float dots[kRows];
-          rows_u4s16_avx512<kRows>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half,
-                                   dots);
+          rows_u4s16<kRows>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half, dots);
           for (int r = 0; r < kRows; ++r) op[i * n + j + r] = (dots[r] - zero_part(j + r, i)) * step[i];
         }
       }
@@ -251,7 +289,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
         const float* scales[1] = {sp + j * groups};
         for (int64_t i = 0; i < m; ++i) {
           float dot;
-          rows_u4s16_avx512<1>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half, &dot);
+          rows_u4s16<1>(even.data() + i * (k / 2), odd.data() + i * (k / 2), rows, scales, groups, half, &dot);
           op[i * n + j] = (dot - zero_part(j, i)) * step[i];
         }
       }

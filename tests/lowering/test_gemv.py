@@ -53,8 +53,8 @@ def test_int8_weight_gemv_is_the_float_product(m, n, k):
     assert (out - expected).abs().max() > 0 or k == 1  # it is the fixed-point kernel, not a float copy
 
 
-@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 9, 576, 64), (8, 32, 256, 256), (1, 40, 1536, 128),
-                                         (2, 7, 192, 192)])
+@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 7, 576, 32), (3, 9, 576, 64), (8, 32, 256, 256),
+                                         (1, 40, 1536, 128), (2, 7, 192, 192)])
 def test_int4_gemv_matches_the_reference(m, n, k, group):
     gen = torch.Generator().manual_seed(k + group)
     x = torch.randn(m, k, generator=gen)
