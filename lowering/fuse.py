@@ -67,19 +67,23 @@ def _match(node: fx.Node, spec: QLinearSpec):
     return x_dq.args[0].args[0]
 
 
-def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
-    """Erase ``roots`` and their inputs, transitively, as they become unused."""
+def erase_dead(graph: fx.Graph, roots: list[fx.Node], erasable=None) -> None:
+    """Erase ``roots`` and their inputs, transitively, as they become unused (only the nodes for which
+    ``erasable(node)`` holds, when given)."""
     work = list(roots)
     while work:
         node = work.pop()
         if node._erased or node.users or node.op in ("placeholder", "output"):
             continue
+        if erasable is not None and not erasable(node):
+            continue
         work.extend(node.all_input_nodes)
         graph.erase_node(node)
 
 
-def _drop_unused_buffers(gm: fx.GraphModule, names: set[str]) -> None:
-    """Delete buffers no node reads any more (the int8 form of a weight repacked to 4 bits)."""
+def drop_unused_buffers(gm: fx.GraphModule, names: set[str]) -> None:
+    """Delete buffers among ``names`` that no node reads any more (the int8 form of a weight repacked to 4
+    bits, the weights stacked by ``fuse_gemv``)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in names - used:
         if name in gm._buffers:
@@ -105,7 +109,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, x: fx.Node, l
     old_inputs = list(node.all_input_nodes)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-    _erase_dead(graph, old_inputs)
+    erase_dead(graph, old_inputs)
     return out
 
 
@@ -160,7 +164,7 @@ def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
             lowered += 1
     if lowered:
         gm.graph.lint()
-        _drop_unused_buffers(gm, replaced_buffers)
+        drop_unused_buffers(gm, replaced_buffers)
         gm.recompile()
     counts = {"lowered": lowered, "not_lowered": len(details) - lowered}
     return PassResult(gm, modified=lowered > 0, counts=counts, details=tuple(details))

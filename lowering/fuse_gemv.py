@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.core.ir import PassResult
+from qcompiler.lowering.fuse import drop_unused_buffers, erase_dead
 
 _OPS = {  # kernel -> (positions of its activation/constant arguments, positions of its weight buffers)
     "int8_gemv": ((0, 1), (2, 3, 4)),  # x_q, x_zero_point | w_q [N, K], w_rowsum [N], w_scale [N]
@@ -153,17 +154,17 @@ def fuse_gemv(gm: fx.GraphModule) -> PassResult:
                tuple((b.dtype, b.shape[1:]) for b in buffers[1:]))
         groups[key].append(node)
     fused = calls = 0
+    replaced: set[str] = set()
     for (kind, *_), members in groups.items():
         roots = set().union(*(signatures.roots.get(m.args[0], {m.args[0]}) for m in members))
         if len(members) < 2 or any(_mutated(r) for r in roots):
             continue
+        replaced.update(m.args[i].target for m in members for i in _OPS[kind][1])
         _stack(gm, kind, members, fused)
         fused += 1
         calls += len(members)
     if fused:
-        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        for name in [b for b in gm._buffers if b not in used]:
-            del gm._buffers[name]
+        drop_unused_buffers(gm, replaced)
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified=fused > 0, counts={"stacked_gemv_calls": fused, "gemv_calls_stacked": calls})
@@ -199,17 +200,7 @@ def _stack(gm: fx.GraphModule, kind: str, members: list[fx.Node], index: int) ->
         member.replace_all_uses_with(part)
         dropped = list(member.all_input_nodes)
         graph.erase_node(member)
-        _erase_unused(graph, dropped)
+        # the member's own input quantization and buffer reads; an in-place update that nothing reads is
+        # kept (it is done for its effect)
+        erase_dead(graph, dropped, erasable=lambda node: _is_pure(node) or node.op == "get_attr")
         start += width
-
-
-def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase ``nodes`` and their inputs, transitively, where nothing reads them any more and they are pure
-    operations or buffer reads (an in-place update that nothing reads is kept: it is done for its effect)."""
-    work = list(nodes)
-    while work:
-        node = work.pop()
-        if node._erased or node.users or not (_is_pure(node) or node.op == "get_attr"):
-            continue
-        work.extend(node.all_input_nodes)
-        graph.erase_node(node)

@@ -105,19 +105,20 @@ inline void rows_u4s16_avx512_g32(const int16_t* __restrict lo, const int16_t* _
   for (int r = 0; r < ROWS; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// ROWS weight rows from `w` with the kernel that fits the group: 0 when none does (the generic loop then)
+// Whether the AVX-512 row kernels take groups of `half` bytes, `groups` of them per row
+inline bool avx512_takes(int64_t half, int64_t groups) {
+  return half % 32 == 0 || (half == 16 && groups % 2 == 0);
+}
+
+// ROWS weight rows from `w` with the kernel that fits the group (where avx512_takes(half, groups))
 template <int ROWS>
-inline bool rows_u4s16(const int16_t* lo, const int16_t* hi, const uint8_t* const* w, const float* const* scale,
+inline void rows_u4s16(const int16_t* lo, const int16_t* hi, const uint8_t* const* w, const float* const* scale,
                        int64_t groups, int64_t half, float* out) {
   if (half % 32 == 0) {
     rows_u4s16_avx512<ROWS>(lo, hi, w, scale, groups, half, out);
-    return true;
-  }
-  if (half == 16 && groups % 2 == 0) {
+  } else {
     rows_u4s16_avx512_g32<ROWS>(lo, hi, w, scale, groups, out);
-    return true;
   }
-  return false;
 }
 #endif
 
@@ -269,7 +270,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   at::parallel_for(0, n, grain(k / 2), [&](int64_t begin, int64_t end) {
     int64_t j = begin;
 #if defined(__AVX512BW__)
-    if (half % 32 == 0 || (half == 16 && groups % 2 == 0)) {
+    if (avx512_takes(half, groups)) {
       constexpr int kRows = 4;  // weight rows per pass over the activations
       for (; j + kRows <= end; j += kRows) {
         const uint8_t* rows[kRows];
