@@ -46,10 +46,11 @@ def _generators(loaded, recipes: dict[str, Recipe], stats_for: Callable, max_cac
 
 def bench_ours(loaded, recipes: dict[str, Recipe], stats_for: Callable, prefill: int, depth: int, decode: int,
                repeats: int, progress: Callable[[str], None] = lambda s: None,
-               external: dict[str, Callable[[], dict[str, float]]] | None = None) -> dict[str, dict]:
+               external: dict[str, tuple[Callable[[], dict[str, float]], int]] | None = None) -> dict[str, dict]:
     """Median prefill and decode tokens/s of the float model (eager, Inductor), each recipe and each of
-    ``external`` (a name -> a call that times one repeat, e.g. one llama-bench run), in turn, repeat after
-    repeat: a machine whose speed drifts during the run (a shared host) slows every candidate alike."""
+    ``external`` (a name -> a call that times one repeat, e.g. one llama-bench run, and the bytes of its
+    weights), in turn, repeat after repeat: a machine whose speed drifts during the run (a shared host)
+    slows every candidate alike."""
     external = external or {}
     from qcompiler import report
     from qcompiler.tools import chat
@@ -73,16 +74,17 @@ def bench_ours(loaded, recipes: dict[str, Recipe], stats_for: Callable, prefill:
             else:
                 runs[name]["prefill"].append(p.prefill_tokens_per_s)
                 runs[name]["decode"].append(d.decode_tokens_per_s)
-        for name, time_once in external.items() if round_ > 0 else ():
+        for name, (time_once, weight_bytes) in external.items() if round_ > 0 else ():
             progress(f"{name}: round {round_}/{repeats}")
             row = time_once()
+            weights[name] = weight_bytes
             runs.setdefault(name, {"prefill": [], "decode": []})
             runs[name]["prefill"].append(row["prefill_tokens_per_s"])
             runs[name]["decode"].append(row["decode_tokens_per_s"])
     kv = _kv_bytes(loaded.model.config, depth + decode // 2)
     return {name: {"prefill_tokens_per_s": statistics.median(r["prefill"]),
                    "decode_tokens_per_s": statistics.median(r["decode"]),
-                   **({"bytes_per_token": weights[name] + kv} if name in weights else {})} for name, r in runs.items()}
+                   "bytes_per_token": weights[name] + kv} for name, r in runs.items()}
 
 
 def _linear_bytes(model: torch.nn.Module, rep) -> int:
@@ -172,17 +174,13 @@ def bench_generate(loaded, recipes: dict[str, Recipe], stats_for: Callable, *, p
     if tools is not None and gguf_source is None:
         raise ConfigError(f"{loaded.name} has no GGUF file to make llama.cpp's Q8_0/Q4_0 from; give a .gguf model")
     threads = threads or torch.get_num_threads()
-    external: dict[str, Callable[[], dict[str, float]]] = {}
-    ggufs: dict[str, Path] = {}
+    external = {}
     if tools is not None:  # llama-bench runs (one repeat each) take their turns among ours
         ggufs = make_ggufs(tools, gguf_source, work_dir or Path.home() / ".cache" / "qcompiler" / "gguf")
         for kind, path in ggufs.items():
             external[f"llama.cpp {kind}"] = (
-                lambda path=path: bench_llama(tools, path, prefill, depth, decode, threads, 1))
+                lambda path=path: bench_llama(tools, path, prefill, depth, decode, threads, 1), path.stat().st_size)
     rows = bench_ours(loaded, recipes, stats_for, prefill, depth, decode, repeats, progress, external)
-    for kind, path in ggufs.items():
-        rows[f"llama.cpp {kind}"]["bytes_per_token"] = (path.stat().st_size
-                                                         + _kv_bytes(loaded.model.config, depth + decode // 2))
     bandwidth = read_bandwidth_gbps()
     for row in rows.values():  # the share of the memory-bandwidth limit each decode step reaches
         row["bandwidth_limit_tokens_per_s"] = bandwidth * 1e9 / row["bytes_per_token"]
