@@ -42,3 +42,22 @@ def capture_graph(model, *args, **kwargs) -> tuple[fx.GraphModule, list]:
 
 def count_calls(gm: fx.GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def decode_step(model, recipe="w8a8-dynamic", kernels: str = "fast"):
+    """``(logits, report)`` of one decode step on a static cache (a 5-token prompt, then one token at
+    position 5), the forward compiled by the qcompiler backend with ``kernels``; the report is the decode
+    step's graph's."""
+    from transformers import StaticCache
+
+    import qcompiler
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        forward = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "kernels": kernels})
+        forward(input_ids=torch.tensor([[3, 1, 4, 1, 5]]), past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(5))
+        logits = forward(input_ids=torch.tensor([[9]]), past_key_values=cache, use_cache=True,
+                         cache_position=torch.tensor([5])).logits
+    return logits, qcompiler.last_report()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._C._nn as nn_c
 import torch.nn.functional as F
-from graphs import capture_graph, tiny_gpt2, tiny_llama
+from graphs import capture_graph, count_calls, decode_step, tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +32,8 @@ def test_equals_pytorchs_attention(b, kv, group, length, d, mask_kind, filled, h
     h = kv * group
     q = torch.randn(b, h, 1, d, generator=gen)
     k, v = torch.randn(b, kv, length, d, generator=gen), torch.randn(b, kv, length, d, generator=gen)
-    shape = {"none": None, "batch": (b, 1, 1, length), "shared": (1, 1, 1, length), "per_head": (b, h, 1, length)}[mask_kind]
+    shapes = {"none": None, "batch": (b, 1, 1, length), "shared": (1, 1, 1, length), "per_head": (b, h, 1, length)}
+    shape = shapes[mask_kind]
     mask = None
     if shape is not None:
         # a static cache's mask: the first positions filled (some masked out as left padding), the rest empty
@@ -83,10 +84,6 @@ def _decode_graph(model, cache_len=16, position=5):
     return gm, example
 
 
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
-
-
 def test_the_lowering_rewrites_a_decode_steps_attention_and_keeps_its_output():
     model = tiny_llama()
     gm, example = _decode_graph(model)
@@ -100,7 +97,7 @@ def test_the_lowering_rewrites_a_decode_steps_attention_and_keeps_its_output():
         result = decode_attention(gm)
         got = gm(*fresh())
     assert result.modified and result.counts == {"decode_attention": 2}  # one per layer
-    assert _count(gm, _OP) == 2 and _count(gm, nn_c.scaled_dot_product_attention) == 0
+    assert count_calls(gm, _OP) == 2 and count_calls(gm, nn_c.scaled_dot_product_attention) == 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -120,22 +117,9 @@ def test_prompts_and_other_attention_are_left_alone():
 
 
 def test_the_backend_lowers_decode_attention_and_matches_the_reference_kernels():
-    from transformers import StaticCache
-
-    import qcompiler
-
     model = tiny_llama()
-    outs = {}
-    for kernels in ("fast", "reference"):
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.inference_mode():
-            torch._dynamo.reset()
-            forward = torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-dynamic", "kernels": kernels})
-            forward(input_ids=torch.tensor([[3, 1, 4, 1, 5]]), past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(5))
-            outs[kernels] = forward(input_ids=torch.tensor([[9]]), past_key_values=cache, use_cache=True,
-                                    cache_position=torch.tensor([5])).logits
-            if kernels == "fast":
-                passes = {p.name: p for p in qcompiler.last_report().passes}
+    fast, rep = decode_step(model, kernels="fast")
+    reference, _ = decode_step(model, kernels="reference")
+    passes = {p.name: p for p in rep.passes}
     assert passes["decode_attention"].counts == {"decode_attention": 2}
-    torch.testing.assert_close(outs["fast"], outs["reference"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)

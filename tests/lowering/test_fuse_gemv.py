@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from graphs import tiny_llama
+from graphs import decode_step, tiny_llama
 
 from qcompiler.lowering.fuse_gemv import fuse_gemv
 from qcompiler.lowering.kernels import native
@@ -81,7 +81,8 @@ class _Int4Layers(torch.nn.Module):
         gen = torch.Generator().manual_seed(1)
         self.group = group
         for i, n in enumerate(widths):
-            self.register_buffer(f"p{i}", torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8))
+            packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+            self.register_buffer(f"p{i}", packed)
             self.register_buffer(f"s{i}", torch.rand(n, k // group, generator=gen) * 0.1)
             self.register_buffer(f"z{i}", torch.full((n, k // group), 8.0))
 
@@ -100,23 +101,10 @@ def test_int4_layers_are_stacked_too():
 
 
 def test_a_decode_step_calls_four_gemvs_per_block_and_keeps_its_logits():
-    from transformers import StaticCache
-
-    import qcompiler
-
     model = tiny_llama()
-    logits, reports = {}, {}
-    for kernels in ("fast", "reference"):
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.inference_mode():
-            torch._dynamo.reset()
-            forward = torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-dynamic", "kernels": kernels})
-            forward(input_ids=torch.tensor([[3, 1, 4, 1, 5]]), past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(5))
-            logits[kernels] = forward(input_ids=torch.tensor([[9]]), past_key_values=cache, use_cache=True,
-                                      cache_position=torch.tensor([5])).logits
-            reports[kernels] = qcompiler.last_report()
-    passes = {p.name: p for p in reports["fast"].passes}
+    fast, rep = decode_step(model, kernels="fast")
+    reference, _ = decode_step(model, kernels="reference")
+    passes = {p.name: p for p in rep.passes}
     # per block: q/k/v in one call, gate/up in one call (o and down alone): 2 stacked calls of 5 layers
     assert passes["fuse_gemv"].counts == {"stacked_gemv_calls": 4, "gemv_calls_stacked": 10}
-    torch.testing.assert_close(logits["fast"], logits["reference"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
