@@ -15,8 +15,9 @@ import sys
 
 import torch
 
+from qcompiler import report
 from qcompiler.config import BackendOptions
-from qcompiler.tools import evaluate, models, report
+from qcompiler.tools import evaluate, models
 
 
 def main(argv=None) -> int:
