@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 
 import qcompiler
-from qcompiler import AWQ, GPTQ, HQQ, Recipe, WeightScheme, evaluate, models, report
+from qcompiler import AWQ, GPTQ, HQQ, Recipe, WeightScheme, report
 from qcompiler.calibration.calibrate import text_batches
+from qcompiler.tools import evaluate, models
 
-METHODS = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ()}
+# awq: scales shared per input and folded into the model (the default, exports); awq-per-layer: every layer
+# its own s, its input divided at run time (AWQ(foldable=False); float zero points before 2026-12-05)
+METHODS = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ(), "awq-per-layer": AWQ(foldable=False)}
 
 
 def recipe_for(method: str, bits: int, group: int) -> Recipe:

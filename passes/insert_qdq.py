@@ -34,12 +34,14 @@ from qcompiler.core.ir import (
     FLOAT_WEIGHT,
     LINEAR,
     QLINEAR,
+    VALUE_FOLD,
     LayerDecision,
     LayerPlan,
     LinearSite,
     PassResult,
     QLinearSpec,
     QuantizedWeight,
+    ValueFold,
     fresh_name,
     linear_weight,
     plan_of,
@@ -150,11 +152,14 @@ def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_na
     return qw, None, ""
 
 
-def _divide_input(gm, graph, prefix: str, x: fx.Node, input_scale: torch.Tensor) -> fx.Node:
+def _divide_input(gm, graph, prefix: str, x: fx.Node, input_scale: torch.Tensor, fold: ValueFold | None) -> fx.Node:
+    """``x / s`` at run time (AWQ); ``fold``: the value projection export folds ``1 / s`` into (None: none)."""
     info = tensor_info(x)
     dtype = info.dtype if info is not None else torch.float32
     gm.register_buffer(prefix + "_x_inv_scale", (1.0 / input_scale).to(dtype))
-    scaled = graph.call_function(torch.mul, (x, graph.get_attr(prefix + "_x_inv_scale")))
+    inv = graph.get_attr(prefix + "_x_inv_scale")
+    inv.meta[VALUE_FOLD] = fold or ValueFold(None, 1, 1)  # export: fold it or refuse
+    scaled = graph.call_function(torch.mul, (x, inv))
     same_tensor_info(scaled, x)
     return scaled
 
@@ -187,7 +192,7 @@ def _quantize_node(gm, node: fx.Node, scheme, qw: QuantizedWeight, input_scale, 
     with graph.inserting_before(node):
         w_dq, names = _dequantize_weight_nodes(gm, graph, prefix, qw, weight.dtype)
         if input_scale is not None:  # AWQ: the layer reads x / s
-            x = _divide_input(gm, graph, prefix, x, input_scale)
+            x = _divide_input(gm, graph, prefix, x, input_scale, node.meta.get(VALUE_FOLD))
         new_x, act_names, act = x, (None, None), scheme.activation
         if act is not None:
             value = tensor_info(x)

@@ -8,13 +8,15 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 4. ``smoothquant``     SmoothQuant migration (function-preserving)
 5. ``split_outliers``  outlier channel splitting (function-preserving)
 6. ``mixed_int8``      LLM.int8() decomposition: outlier columns to a float linear (function-preserving)
-7. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
-8. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
-9. ``lower``           QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
-10. ``fuse_gemv``      decode-step GEMVs that read the same input (q/k/v, gate/up) -> one call on stacked
+7. ``fold_awq``        ``AWQ(foldable=True)``'s shared input scales folded into norms and producers' rows
+   (``passes/weight_rounding/fold.py``; function-preserving up to float rounding)
+8. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
+9. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
+10. ``lower``          QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
+11. ``fuse_gemv``      decode-step GEMVs that read the same input (q/k/v, gate/up) -> one call on stacked
     weights (exact; ``qcompiler/lowering/fuse_gemv.py``)
-11. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
-12. ``decode_attention`` one-query attention (decode steps) reads only the filled part of a static KV cache
+12. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
+13. ``decode_attention`` one-query attention (decode steps) reads only the filled part of a static KV cache
     (``qcompiler/lowering/attention.py``; CPU, skipped with ``kernels="reference"``)
 
 Calibration runs 1-6 and then inserts observers, so static ranges are those of the transformed
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from qcompiler.config import Recipe
+from qcompiler.config import AWQ, Recipe
 from qcompiler.core.errors import QCompilerError, StatsError
 from qcompiler.core.ir import PLAN, PassResult
 from qcompiler.lowering import attention, fuse, fuse_gemv, ops
@@ -41,12 +43,12 @@ from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
 from qcompiler.passes.smoothquant import smoothquant
 from qcompiler.passes.split_outliers import split_outliers
+from qcompiler.passes.weight_rounding.fold import fold_awq_scales
 from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
-ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "insert_qdq",
-         "load_artifact", "lower", "fuse_gemv", "gqa_attention",
-         "decode_attention")
+ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "fold_awq",
+         "insert_qdq", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention")
 
 
 class PassFailed(RuntimeError):
@@ -119,6 +121,9 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
     steps = transform_steps(recipe, None if stats is None else stats.raw, device, kernels)
     ranges = static_ranges(recipe, stats)
     rounded = rounded_weights(recipe, stats)
+    if isinstance(recipe.rounding, AWQ) and recipe.rounding.foldable:
+        rounded = dict(rounded)  # this graph's copy: the fold changes entries, the statistics stay as they are
+        steps.append(Step("fold_awq", lambda gm: fold_awq_scales(gm, rounded), requires=("plan",)))
     steps.append(Step(
         "insert_qdq",
         lambda gm: insert_qdq(gm, recipe.rounding, recipe.name, int8_pair_limit=ops.int8_pair_limit(device),

@@ -11,7 +11,7 @@ from qcompiler.config import SmoothQuant
 from qcompiler.core.errors import StatsError
 
 PRESETS = ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8", "w8a8-dynamic-smoothquant",
-           "w8a8-dynamic-smoothquant-auto"]
+           "w8a8-dynamic-smoothquant-auto", "w8a8-smoothquant-gptq", "w8a8-dynamic-smoothquant-gptq"]
 
 
 def _batches():
@@ -136,3 +136,42 @@ def test_the_reports_kernels_line_counts_the_layers_a_split_left_quantized(model
     assert {d.reason for d in rep.kept_float if "down_proj" in d.module} == {
         "in_features 120 is not a multiple of group_size 16"}
     assert "kernels: reference quantize/dequantize ops (12 layers)" in str(rep)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant-gptq", "w8a8-dynamic-smoothquant-gptq"])
+def test_gptq_rounds_the_smoothed_weights_on_the_smoothed_inputs(model, preset):
+    from qcompiler.core.ir import weight_checksum
+
+    torch._dynamo.reset()
+    stats = qcompiler.calibrate(model, _batches(), preset, progress=False)
+    assert len(stats.weights) == 14 and stats.raw is not None  # the float inputs SmoothQuant is computed from
+    q = model.model.layers[0].self_attn.q_proj.weight
+    entry = stats.weights["model.layers.0.self_attn.q_proj"]
+    assert entry.method == "gptq" and entry.checksum != pytest.approx(weight_checksum(q))  # W * s, not W
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.inference_mode():
+        qcompiler.clear_reports()
+        torch._dynamo.reset()
+        torch.compile(model, backend="qcompiler", options={"recipe": preset, "stats": stats})(ids)
+    rep = qcompiler.last_report()
+    assert all(d.reason.startswith("GPTQ") for d in rep.quantized) and rep.transforms["smoothquant"]
+    # statistics of the same recipe without GPTQ hold no rounded weights: refused, with what to do
+    plain = qcompiler.calibrate(model, _batches(), preset.replace("-gptq", "-auto" if "dynamic" in preset else ""),
+                                progress=False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="not calibrated with recipe"), torch.inference_mode():  # in Dynamo's error
+        torch.compile(model, backend="qcompiler", options={"recipe": preset, "stats": plain})(ids)
+
+
+def test_rounding_combines_with_smoothquant_only():
+    from qcompiler import AWQ, GPTQ, HQQ, MixedInt8, Recipe
+
+    base = qcompiler.PRESETS["w8a8-smoothquant"]
+    assert replace(base, rounding=GPTQ()).rounding_fingerprint() != replace(
+        base, smoothquant=SmoothQuant(alpha=0.6), rounding=GPTQ()).rounding_fingerprint()
+    with pytest.raises(ValueError, match="SmoothQuant combines with GPTQ rounding only"):
+        replace(base, rounding=AWQ())
+    with pytest.raises(ValueError, match="SmoothQuant combines with GPTQ rounding only"):
+        replace(base, weight=replace(base.weight, symmetric=False), rounding=HQQ())
+    with pytest.raises(ValueError, match="outlier splitting or LLM.int8"):
+        Recipe(mixed_int8=MixedInt8(), rounding=GPTQ())

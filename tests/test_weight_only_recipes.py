@@ -1,5 +1,7 @@
 """4-bit (and 3-bit) weight-only recipes end to end on a tiny Llama: RTN, GPTQ, AWQ, HQQ."""
 
+import copy
+
 import pytest
 import torch
 from graphs import tiny_llama
@@ -82,7 +84,7 @@ def test_sequential_rounding_keeps_no_autograd_graph(setup, monkeypatch):
 
 def test_awq_layers_divide_their_input_by_the_searched_scale(setup):
     model, batches, ids, _ = setup
-    recipe = _recipe(AWQ(grid=4, clip=False))
+    recipe = _recipe(AWQ(grid=4, clip=False, foldable=False))
     stats = qcompiler.calibrate(model, batches, recipe, progress=False)
     q = stats.weights["model.layers.0.self_attn.q_proj"]
     assert q.input_scale.shape == (64,) and (q.input_scale > 0).all()
@@ -92,6 +94,64 @@ def test_awq_layers_divide_their_input_by_the_searched_scale(setup):
         qdq = torch.compile(model, backend="qcompiler",
                             options={"recipe": recipe, "stats": stats, "kernels": "reference"})(ids).logits
     assert (ref_out - qdq).abs().max() < 0.1 * (qdq.abs().max())
+
+
+def _with_outlier_channels(model):
+    """``model`` with a few large input channels in every linear's input (AWQ's salient channels)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 20
+            layer.post_attention_layernorm.weight[:4] *= 20
+            layer.self_attn.v_proj.weight[:4] *= 20  # o_proj's input channels 0-3 (value head 0)
+            layer.mlp.up_proj.weight[:4] *= 20
+    return model
+
+
+def test_foldable_awq_shares_scales_and_folds_them_into_the_model(setup):
+    model, batches, ids, _ = setup
+    model = _with_outlier_channels(model)
+    recipe = _recipe(AWQ(grid=10, clip_grid=4))
+    stats = qcompiler.calibrate(model, batches, recipe, progress=False)
+    layer = "model.layers.0."
+    s = {name.removeprefix(layer): w.input_scale for name, w in stats.weights.items() if name.startswith(layer)}
+    for a, b in (("self_attn.q_proj", "self_attn.k_proj"), ("self_attn.q_proj", "self_attn.v_proj"),
+                 ("mlp.gate_proj", "mlp.up_proj")):  # one s per input: foldable into the norm
+        assert s[a] is not None and torch.equal(s[a], s[b]), (a, b)
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # powers of two: exact in the producer's row scales
+        assert s[name] is not None and torch.equal(torch.exp2(torch.log2(s[name]).round()), s[name]), name
+    # o_proj reads 4 query heads of 16 channels; heads 2h and 2h+1 read value head h: tied
+    heads = s["self_attn.o_proj"].reshape(2, 2, 16)
+    assert torch.equal(heads[:, 0], heads[:, 1]) and heads[0, 0, :4].min() > heads[0, 0, 4:].max()
+    assert any(n.startswith("alpha") and "norm group" in n for n in (w.note for w in stats.weights.values()))
+
+    # the compiled model is the float model with each weight replaced by its rounded one (W * s quantized,
+    # divided by s): folding 1/s into the norms and the up projections' rows changed only float rounding
+    out = _logits(model, ids, recipe, stats, kernels="reference")
+    counts = {p.name: p.counts for p in qcompiler.last_report().passes}
+    assert counts["fold_awq"] == {"folded": 6, "marked": 2}, counts  # 2 layers x (2 norms, down; o_proj)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, rounded in stats.weights.items():
+            reference.get_submodule(name).weight.copy_(rounded.dequantized(torch.float32))
+        expected = reference(ids).logits
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
+
+    # the fold preserves the float function, and each folded layer's float weight is the one it computes
+    # with (W * s after the norm's 1/s): with every layer put back to float, the graph is the float model
+    from qcompiler.core import capture
+    from qcompiler.tools import compare
+
+    result = qcompiler.compare(model, recipe, ids, stats=stats, top=0)
+    assert next(p for p in result.passes if p.name == "fold_awq").sqnr_db > 100
+    gm0, calls = capture.capture(model, [capture.as_batch(ids)], what="test")
+    steps = qcompiler.pipeline.build(recipe, torch.device("cpu"), stats=stats, kernels="reference")
+    gm = compare._qdq_graph(gm0, calls[0], steps)
+    for name in stats.weights:
+        compare._keep_in_float(gm, name)
+    with torch.inference_mode():
+        back = compare.main_output(gm(*calls[0]))
+        assert torch.allclose(back, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_hqq_needs_no_calibration_and_beats_rtn_on_weight_error(setup):

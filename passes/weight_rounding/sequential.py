@@ -8,6 +8,13 @@ quantizable linear is reached, its inputs for all batches are at hand: their Hes
 *rounded* weight, so later layers are rounded against the inputs the quantized model really gives
 them (the "sequential" form of GPTQ). Tensors are freed after their last use, so memory holds the
 live activations of one point of the graph for the calibration batches, plus one Hessian at a time.
+
+``AWQ(foldable=True)``: the layers are taken in SmoothQuant's groups (``smoothquant.find_groups``: a norm and
+the linears it feeds, ``act(gate) * up`` and down_proj, the value projection and o_proj). The first layer of
+a norm group to be reached finds the one ``s`` of the whole group (``awq.search_scales`` over all its
+weights: they read the same input, so its Hessian serves all); the others reuse it. down_proj and o_proj get
+powers of two (o_proj's tied across the query heads sharing a value head); a layer outside every group, or
+in a group some of whose layers the plan keeps in float, keeps ``s = 1`` (clipping only).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from qcompiler.config import AWQ, GPTQ
 from qcompiler.core.errors import CalibrationError
 from qcompiler.core.ir import LINEAR, RoundedLayer, linear_weight, plan_of, weight_checksum
 from qcompiler.passes.graph_utils import ancestors
-from qcompiler.passes.weight_rounding.awq import awq_quantize
+from qcompiler.passes.smoothquant import Group, find_groups, tie_heads
+from qcompiler.passes.weight_rounding.awq import awq_quantize, search_scales
 from qcompiler.passes.weight_rounding.gptq import gptq_quantize
 
 
@@ -75,6 +83,7 @@ def round_weights(gm: fx.GraphModule, calls: list, method: GPTQ | AWQ, progress:
     needed = ancestors(sites)  # what runs after the last rounded layer (the LM head, the logits) is not needed
     results: dict[str, RoundedLayer] = {}
     hessians: dict[fx.Node, tuple] = {}  # by input node: q/k/v (gate/up) share one
+    shared = _SharedScales(gm, sites, method) if isinstance(method, AWQ) and method.foldable else None
     bar = tqdm(total=len(sites), desc=f"{type(method).__name__} rounding", disable=not progress)
     for node in graph.nodes:
         if node.op in ("placeholder", "output") or (node not in needed and node not in sites):
@@ -82,7 +91,7 @@ def round_weights(gm: fx.GraphModule, calls: list, method: GPTQ | AWQ, progress:
         if node.op == "get_attr":
             env[node] = [getattr(gm, node.target)] * len(calls)
         elif LINEAR in node.meta:
-            rounded = _round_site(gm, node, method, env, hessians)
+            rounded = _round_site(gm, node, method, env, hessians, shared)
             if rounded is not None:
                 results[node.meta[LINEAR].module] = rounded
             bar.update(node in sites)
@@ -107,17 +116,56 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env, j: int):
     raise CalibrationError(f"cannot run graph node {node.format_node()}")
 
 
-def _round(weight: torch.Tensor, hessian_entry: tuple, scheme, method: GPTQ | AWQ) -> RoundedLayer:
+def _round(weight: torch.Tensor, hessian_entry: tuple, scheme, method: GPTQ | AWQ, scales=None,
+           note: str = "") -> RoundedLayer:
     h, act_mean, _ = hessian_entry
     if isinstance(method, GPTQ):
         qw = gptq_quantize(weight, h, scheme.weight, method)
         return RoundedLayer(qw, "gptq", weight_checksum(weight), note=f"damp {method.damp}")
-    res = awq_quantize(weight, h, act_mean.to(torch.float32), scheme.weight, method)
-    return RoundedLayer(res.weight, "awq", weight_checksum(weight), input_scale=res.input_scale,
-                        note=f"alpha {res.alpha:.2f}")
+    res = awq_quantize(weight, h, act_mean.to(torch.float32), scheme.weight, method, scales=scales)
+    if scales is None:
+        note = f"alpha {res.alpha:.2f}"
+    keep = scales is None or bool((res.input_scale != 1).any())
+    return RoundedLayer(res.weight, "awq", weight_checksum(weight), input_scale=res.input_scale if keep else None,
+                        note=note)
 
 
-def _round_site(gm, node: fx.Node, method: GPTQ | AWQ, env, hessians) -> RoundedLayer | None:
+class _SharedScales:
+    """``AWQ(foldable=True)``'s scales, one per group, found when the group's first layer is reached."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[fx.Node], method: AWQ):
+        self.gm, self.method = gm, method
+        groups, _ = find_groups(gm, ("norm", "linear", "attention"))
+        rounded = set(sites)
+        self.group_of: dict[fx.Node, Group] = {}
+        for group in groups:
+            if group.kind == "attention" and (group.fold is None or group.fold.module is None):
+                continue  # no value projection to fold into
+            if all(c in rounded for c in group.consumers):
+                self.group_of.update((c, group) for c in group.consumers)
+        self.found: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def scales(self, node: fx.Node, hessian_entry: tuple) -> tuple[torch.Tensor, str]:
+        """``(s, note)`` for the layer ``node``; ``s`` all ones outside the groups."""
+        group = self.group_of.get(node)
+        k = node.meta[LINEAR].in_features
+        if group is None:
+            return torch.ones(k), "s = 1 (no producer to fold 1/s into)"
+        if id(group) not in self.found:
+            weights = [linear_weight(self.gm, c.args[1])[0] for c in group.consumers]
+            schemes = [plan_of(c).scheme.weight for c in group.consumers]
+            tie = (lambda t: tie_heads(t, group.fold)) if group.kind == "attention" else None
+            h, act_mean, _ = hessian_entry
+            alpha, s, _ = search_scales(weights, h, act_mean.to(torch.float32), schemes, self.method, tie=tie,
+                                        pow2=group.kind != "norm")
+            what = {"norm": "shared by " + group.name, "linear": "powers of two",
+                    "attention": "powers of two, tied across heads"}[group.kind]
+            self.found[id(group)] = (s, f"alpha {alpha:.2f}, {group.kind} group ({what})")
+        return self.found[id(group)]
+
+
+def _round_site(gm, node: fx.Node, method: GPTQ | AWQ, env, hessians, shared: _SharedScales | None = None
+                ) -> RoundedLayer | None:
     """Round ``node``'s weight when the plan quantizes it, then run it (rounded) on every batch."""
     site, plan = node.meta[LINEAR], plan_of(node)
     x_node, w_node = node.args[0], node.args[1]
@@ -131,7 +179,8 @@ def _round_site(gm, node: fx.Node, method: GPTQ | AWQ, env, hessians) -> Rounded
     if usable:
         if x_node not in hessians:
             hessians[x_node] = _hessian(env[x_node], site.in_features, site.module)
-        rounded = _round(weight, hessians[x_node], scheme, method)
+        scales, note = shared.scales(node, hessians[x_node]) if shared is not None else (None, "")
+        rounded = _round(weight, hessians[x_node], scheme, method, scales, note)
         w_used = rounded.dequantized(weight.dtype)
     outs = []
     for j, x in enumerate(env[x_node]):

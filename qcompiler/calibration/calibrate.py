@@ -78,7 +78,7 @@ def calibrate(
 
     start = time.perf_counter()
     if recipe.data_driven_rounding:
-        return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins)
+        return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins, sample_rows)
     raw, count, tokens = _observe(model, batches, lambda: pipeline.transform_steps(recipe, None)[:2],
                                   bins, sample_rows, progress, "calibrating", channel_bins)
     info = {
@@ -102,10 +102,17 @@ def calibrate(
 
 
 def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: bool, start: float,
-                        channel_bins: int = 0) -> CalibrationStats:
+                        channel_bins: int = 0, sample_rows: int = 0) -> CalibrationStats:
     """GPTQ/AWQ: round every layer's weight on the batches, layer by layer (and observe the inputs too
-    when the recipe also has static activation ranges)."""
-    steps = pipeline.transform_steps(recipe, None)[:2]  # canonicalize and the plan
+    when the recipe also has static activation ranges). With SmoothQuant the float inputs are observed
+    first, and the smoothed weights are rounded on the smoothed inputs."""
+    raw = None
+    if recipe.transforms:  # the transforms' own statistics, from the float model
+        raw, _, _ = _observe(model, batches, lambda: pipeline.transform_steps(recipe, None)[:2], bins, sample_rows,
+                             progress, "calibrating", channel_bins)
+        steps = pipeline.transform_steps(recipe, raw)  # canonicalize, the plan, the transforms
+    else:
+        steps = pipeline.transform_steps(recipe, None)[:2]  # canonicalize and the plan
 
     def prepare(gm, example_inputs):
         for step in steps:
@@ -128,12 +135,17 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
         activations, _, _ = _observe(model, batches, lambda: steps, bins, 0, progress, "calibrating", channel_bins)
     info = {
         "batches": len(batches), "tokens": sum(capture.batch_tokens(b) for b in batches), "recipe": recipe.name,
-        "bins": bins, "channel_bins": channel_bins, "transforms": repr(((), recipe.skip)),
+        "bins": bins, "channel_bins": channel_bins,
+        "transforms": repr(((), recipe.skip)),
         "rounding": recipe.rounding_fingerprint(), "qcompiler_version": __version__,
         "seconds": round(time.perf_counter() - start, 2),
         "weight_fingerprints": integrity.weight_fingerprints(model.named_parameters()),
     }
-    return CalibrationStats(activations, info, weights=weights)
+    if raw is not None and not recipe.has_static_activations:
+        return CalibrationStats(raw, info, weights=weights)  # the transforms' statistics are all it needs
+    if raw is not None:
+        info["transforms"] = recipe.transform_fingerprint()  # the static ranges are of the smoothed inputs
+    return CalibrationStats(activations, info, weights=weights, raw=raw)
 
 
 def _observe(model, batches: list, steps, bins: int, sample_rows: int, progress: bool, desc: str,

@@ -66,7 +66,7 @@ def _pack_weights(weights: Mapping, tensors: dict) -> dict:
         if qw.zero_point is not None:
             tensors[f"w{i}.zero_point"] = qw.zero_point.contiguous()
         if r.input_scale is not None:
-            tensors[f"w{i}.input_scale"] = r.input_scale.contiguous()
+            tensors[f"w{i}.input_scale"] = r.input_scale.clone()  # layers of one AWQ group share one s
         layers[module] = {"index": i, "method": r.method, "checksum": r.checksum, "note": r.note,
                           "bits": qw.bits, "symmetric": qw.symmetric, "block_size": list(qw.block_size),
                           "zero_point": qw.zero_point is not None, "input_scale": r.input_scale is not None}

@@ -95,12 +95,23 @@ class AWQ:
     """Activation-aware weight quantization (Lin et al. 2023): per input channel scales
     ``s = mean|X|^alpha`` (``alpha`` searched on ``grid`` points in [0, 1]) applied to the weight
     columns (and ``1/s`` to the layer's input), then a per-group clipping search over ``clip_grid``
-    ratios down to ``min_clip``; both minimize the layer's output error on the calibration inputs."""
+    ratios down to ``min_clip``; both minimize the layer's output error on the calibration inputs.
+    Asymmetric weights get integer zero points (as AWQ's own kernels and compressed-tensors store them).
+
+    ``foldable`` (default): the scales are found so that ``1/s`` can live in the model's own weights, as the
+    AWQ paper applies them: the layers that read one input (q/k/v after a norm, gate/up) share one ``s``
+    (``alpha`` minimizes their summed error) and ``1/s`` is folded into the norm's weight; a layer whose
+    input is made by a linear (down_proj from ``act(gate) * up``, o_proj from the value projection) gets
+    powers of two (tied across the query heads that share a value head), folded into that producer's row
+    scales exactly. Layers with no such producer keep ``s = 1`` (clipping only). The model keeps its
+    architecture, so the result exports (compressed-tensors, GGUF). ``foldable=False``: every layer its own
+    ``s``, its input divided at run time (not exportable)."""
 
     grid: int = 20
     clip: bool = True
     clip_grid: int = 20
     min_clip: float = 0.5
+    foldable: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.grid, int) and self.grid >= 1):
@@ -109,6 +120,8 @@ class AWQ:
             raise ConfigError(f"AWQ.clip_grid must be a positive int, got {self.clip_grid!r}")
         if not 0 < self.min_clip <= 1:
             raise ConfigError(f"AWQ.min_clip must be in (0, 1], got {self.min_clip!r}")
+        if not isinstance(self.foldable, bool):
+            raise ConfigError(f"AWQ.foldable must be True or False, got {self.foldable!r}")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ PRESETS.update({
     "w8a8-dynamic-smoothquant-auto": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-smoothquant-auto",
                                              smoothquant=SmoothQuant(alpha="auto")),
 })
+PRESETS.update({  # llm-compressor's W8A8 recipe: SmoothQuant, then GPTQ rounds the smoothed weights
+    "w8a8-smoothquant-gptq": replace(PRESETS["w8a8-smoothquant"], name="w8a8-smoothquant-gptq", rounding=GPTQ()),
+    "w8a8-dynamic-smoothquant-gptq": replace(PRESETS["w8a8-dynamic-smoothquant-auto"],
+                                             name="w8a8-dynamic-smoothquant-gptq", rounding=GPTQ()),
+})
 
 
 
@@ -84,6 +89,8 @@ PRESETS.update({
     # GPTQ with activation order: on SmolLM2 into Q4_0, llama-perplexity 27.11 with it, 29.69 without
     # (llama-quantize's own Q4_0: 29.79)
     "w4a16-q4_0-gptq": _gguf("w4a16-q4_0-gptq", 4, True, full_range=True, rounding=GPTQ(act_order=True)),
+    # AWQ with its scales folded into the norms and the value/up projections' rows (exports)
+    "w4a16-q4_0-awq": _gguf("w4a16-q4_0-awq", 4, True, full_range=True, rounding=AWQ()),
     "w4a16-q4_1-gptq": _gguf("w4a16-q4_1-gptq", 4, False, rounding=GPTQ(act_order=True)),  # GGUF Q4_1: d * q + m
     "w4a16-q4_1-hqq": _gguf("w4a16-q4_1-hqq", 4, False, rounding=HQQ()),
 })

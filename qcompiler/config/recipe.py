@@ -44,9 +44,13 @@ class Recipe:
         if self.rounding is not None and not isinstance(self.rounding, ROUNDINGS):
             raise ConfigTypeError(f"Recipe.rounding must be GPTQ(), AWQ(), HQQ() or None (round to nearest), got "
                             f"{type(self.rounding).__name__}")
-        if self.rounding is not None and self.transforms:
-            raise ConfigError("Recipe: GPTQ/AWQ/HQQ rounding cannot be combined with SmoothQuant, outlier splitting "
-                             "or LLM.int8() in one recipe yet; use one or the other")
+        if self.rounding is not None and (self.split_outliers is not None or self.mixed_int8 is not None):
+            raise ConfigError("Recipe: GPTQ/AWQ/HQQ rounding cannot be combined with outlier splitting or LLM.int8() "
+                             "in one recipe (they change the layers' widths); use one or the other")
+        if self.smoothquant is not None and self.rounding is not None and not isinstance(self.rounding, GPTQ):
+            raise ConfigError(f"Recipe: SmoothQuant combines with GPTQ rounding only (the smoothed weights are rounded "
+                             f"by GPTQ on the smoothed inputs), not with {type(self.rounding).__name__}: AWQ scales "
+                             "the same channels itself; use SmoothQuant with GPTQ() or round to nearest")
         weights = [self.weight] + [o.weight for o in self.overrides if o.weight is not None]
         if isinstance(self.rounding, HQQ) and any(w.symmetric for w in weights):
             raise ConfigError("Recipe: HQQ optimizes the zero point, so it needs asymmetric weights "
@@ -91,8 +95,10 @@ class Recipe:
         return self.has_static_activations or bool(data_driven) or self.data_driven_rounding
 
     def rounding_fingerprint(self) -> str:
-        """Identifies what GPTQ/AWQ results depend on: the method, the weight schemes, the skip list."""
-        return repr((self.rounding, self.weight, tuple((o.pattern, o.weight) for o in self.overrides), self.skip))
+        """Identifies what GPTQ/AWQ results depend on: the method, the weight schemes, the skip list (and the
+        transforms before the rounding, when there are any)."""
+        key = (self.rounding, self.weight, tuple((o.pattern, o.weight) for o in self.overrides), self.skip)
+        return repr(key + (self.transforms,) if self.transforms else key)
 
     def transform_fingerprint(self) -> str:
         """Identifies the transforms (and the skip list) that statistics after transforms depend on."""

@@ -2,6 +2,7 @@
 by Hugging Face transformers (with the compressed-tensors package) and compared with qcompiler's own
 reference (quantize/dequantize) model on real text."""
 
+import dataclasses
 import json
 
 import pytest
@@ -21,7 +22,9 @@ def _ids(loaded, n=64):
 EXPORTED = {  # recipe -> (the graph's linears, extra CLI arguments)
     "w8a8-dynamic": (35, []),
     "w8a8-smoothquant": (35, ["--samples", "16", "--seq-len", "128"]),  # static, SmoothQuant folded
+    "w8a8-smoothquant-gptq": (35, ["--samples", "16", "--seq-len", "128"]),  # and GPTQ on the smoothed weights
     "w4a16-q4_0-gptq": (30, ["--samples", "16", "--seq-len", "128"]),  # symmetric int4, groups of 32
+    "w4a16-q4_0-awq": (30, ["--samples", "16", "--seq-len", "128"]),  # AWQ's scales folded into the model
 }
 
 
@@ -71,7 +74,8 @@ def test_export_loads_in_transformers_and_gives_qcompilers_logits(recipe, tmp_pa
     for name, t in model.tensors.items():
         assert torch.equal(exported.state_dict()[name].float(), t.float()), name
     smoothed = "model.layers.0.input_layernorm.weight"
-    assert torch.equal(model.tensors[smoothed], loaded.model.state_dict()[smoothed]) == ("smoothquant" not in recipe)
+    folds = "smoothquant" in recipe or "awq" in recipe
+    assert torch.equal(model.tensors[smoothed], loaded.model.state_dict()[smoothed]) == (not folds)
     if "a16" in recipe:  # weight-only: the same weights, so the same logits to float rounding
         assert torch.allclose(theirs, ours, atol=1e-4, rtol=1e-4), (theirs - ours).abs().max()
     else:
@@ -85,19 +89,18 @@ def test_export_loads_in_transformers_and_gives_qcompilers_logits(recipe, tmp_pa
 
 
 def test_recipes_the_formats_can_not_hold_are_refused_before_any_work(tmp_path, capsys):
+    from qcompiler import AWQ
+    from qcompiler.core.errors import ExportError
+    from qcompiler.tools.export import build
+
     out = tmp_path / "x"
-    assert cli.main(["export", "--model", "stories260k", "--recipe", "w4a16-awq", "--format",
-                     "compressed-tensors", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "uses AWQ input scales" in err and "can not be exported" in err
+    loaded = models.load_model("stories260k")
+    per_layer = dataclasses.replace(qcompiler.PRESETS["w4a16-awq"], rounding=AWQ(foldable=False))
+    with pytest.raises(ExportError, match=r"uses AWQ\(foldable=False\) input scales.*can not be exported"):
+        build.export_model(loaded, per_layer, {"input_ids": _ids(loaded, 16)})  # before asking for statistics
     assert cli.main(["export", "--model", "stories260k", "--recipe", "w8a8-ocs-llm-int8", "--format",
                      "compressed-tensors", "--out", str(out)]) == 2
     assert "outlier channel splitting" in capsys.readouterr().err
-    assert not out.exists()
-    # float zero points (round-to-nearest) have no exact place in compressed-tensors: a clear error, no folder
-    assert cli.main(["export", "--model", "stories260k", "--recipe", "w4a16-rtn", "--format",
-                     "compressed-tensors", "--out", str(out)]) == 2
-    assert "fractional (float) zero points" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -155,3 +158,39 @@ def test_a_gptq_export_holds_its_integer_zero_points_as_pack_quantized(tmp_path)
     assert tensors[f"{name}.weight_packed"].dtype == torch.int32 and f"{name}.weight_zero_point" in tensors
     assert torch.equal(tensors[f"{name}.weight_shape"], torch.tensor([64, 64]))
     assert "model.layers.0.mlp.down_proj.weight" in tensors  # kept float, listed in the ignore list
+
+
+def test_float_zero_points_are_rounded_and_the_export_says_by_how_much(tmp_path, capsys):
+    """RTN keeps float zero points; compressed-tensors stores integers: the export rounds them, states
+    how far the weights moved, and writes exactly the rounded weights."""
+    from safetensors.torch import load_file
+
+    from qcompiler.tools.export import build
+    from qcompiler.tools.export.compressed_tensors import round_zero_points
+
+    out = tmp_path / "rtn"
+    assert cli.main(["export", "--model", "stories260k", "--recipe", "w4a16-rtn", "--format",
+                     "compressed-tensors", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fractional weight zero points of 30 layers rounded to integers" in err
+    assert "fractional weight zero points" in (out / "README.md").read_text()
+
+    loaded = models.load_model("stories260k")
+    model = build.export_model(loaded, "w4a16-rtn", {"input_ids": _ids(loaded), "use_cache": False})
+    rounded, note = round_zero_points(model)
+    assert note is not None and round_zero_points(rounded)[1] is None  # integral now: nothing more to round
+    tensors = load_file(str(out / "model.safetensors"))
+    steps = []
+    for name, lin in model.linears.items():
+        new = rounded.linears[name]
+        assert torch.equal(new.q, lin.q) and torch.equal(new.zero_point, lin.zero_point.round()), name
+        moved = (new.dequantized() - lin.dequantized()).abs()
+        step = lin.scale.repeat_interleave(lin.group_size, dim=1)
+        assert (moved <= 0.5 * step + 1e-7).all(), name  # at most half a step
+        steps.append(float(moved.max()))
+        # the file holds the rounded zero points, packed along the output dimension (offset 8)
+        packed = tensors[f"{name}.weight_zero_point"]
+        shifts = torch.arange(8, dtype=torch.int64) * 4
+        z = ((packed.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, packed.shape[1])
+        assert torch.equal(z[: lin.q.shape[0]].float(), lin.zero_point.round()), name
+    assert f"max |dw| {max(steps):.3g}" in note

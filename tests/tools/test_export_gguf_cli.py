@@ -18,6 +18,7 @@ from qcompiler.tools.export import gguf_read as gr
 CASES = {  # recipe -> (GGUF type, calibration arguments)
     "w8a16-q8_0": ("Q8_0", []),
     "w4a16-q4_0-gptq": ("Q4_0", ["--samples", "8", "--seq-len", "128"]),
+    "w4a16-q4_0-awq": ("Q4_0", ["--samples", "8", "--seq-len", "128"]),  # o_proj/down_proj's 1/s in v/up rows
     "w4a16-q4_1-hqq": ("Q4_1", []),
 }
 

@@ -11,9 +11,13 @@ are already in its quantized weight, and the ``1 / s`` the backend multiplies o_
 is folded into the value projection's rows (``s`` is equal across the query heads sharing a value head,
 so each row has one; per row, the integers stay and only the row's scales are divided).
 
+AWQ's shared scales are folded the same way: into the norms and the up projections' rows by the backend's
+``fold_awq`` step, and o_proj's ``1 / s`` (a power of two, tied across heads) into the value projection's
+rows here, with SmoothQuant's.
+
 Recipes whose transforms change the architecture (outlier channel splitting, LLM.int8() float columns) or
-divide a layer's own input (AWQ's per-layer input scales, which no producer can hold for q/k/v at once) are
-refused before any work.
+divide a layer's own input (``AWQ(foldable=False)``: one ``s`` per layer, which no producer can hold for
+q/k/v at once) are refused before any work.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 
 from qcompiler import backend, pipeline
-from qcompiler.config import AWQ, BackendOptions
+from qcompiler.config import AWQ, BackendOptions, resolve_recipe
 from qcompiler.core import capture
 from qcompiler.core.errors import ExportError
 from qcompiler.core.ir import QLINEAR, REPLACES, VALUE_FOLD
@@ -39,7 +43,8 @@ def refuse_transforms(recipe) -> None:
     """An :class:`ExportError` naming the transform of ``recipe`` no engine format can hold."""
     found = [name for name, on in (("outlier channel splitting (OCS)", recipe.split_outliers),
                                    ("LLM.int8() decomposition", recipe.mixed_int8),
-                                   ("AWQ input scales", isinstance(recipe.rounding, AWQ))) if on]
+                                   ("AWQ(foldable=False) input scales",
+                                    isinstance(recipe.rounding, AWQ) and not recipe.rounding.foldable)) if on]
     if found:
         raise ExportError(
             f"recipe {recipe.name!r} uses {' and '.join(found)}: the exported formats (compressed-tensors, GGUF) "
@@ -81,9 +86,9 @@ def export_model(loaded, recipe, batch, stats=None, other_weights: bool = False)
     """The :class:`ExportModel` of ``loaded`` (a :class:`~qcompiler.tools.models.LoadedModel`) quantized
     with ``recipe`` (statistics ``stats`` when it needs them; gathered on other weights they are an error
     unless ``other_weights``), traced on the example ``batch``."""
+    refuse_transforms(resolve_recipe(recipe))  # before the statistics are asked for
     opts = backend.resolve(BackendOptions(recipe=recipe, stats=stats, kernels="reference",
                                           other_weights=other_weights))
-    refuse_transforms(opts.recipe)
     model = loaded.model
     backend.check_made_from(opts, model.named_parameters())
     example = capture.as_batch(batch, use_cache_off=capture.accepts(model, "use_cache"))
@@ -112,6 +117,9 @@ def export_model(loaded, recipe, batch, stats=None, other_weights: bool = False)
     if tied and "lm_head" not in linears:
         tensors.pop("lm_head.weight", None)  # the engines tie it back to the embedding
     notes = [f"qcompiler recipe {opts.recipe.name}: {len(linears)} linear layers quantized"]
+    if isinstance(opts.recipe.rounding, AWQ):
+        notes.append(f"AWQ input scales folded into the norms' weights, the up projections' rows and ({folded} "
+                     "layers) the value projections' rows")
     if opts.recipe.smoothquant is not None:
         notes.append(f"SmoothQuant (alpha {opts.recipe.smoothquant.alpha}) folded into the norms' weights, the up "
                      f"projections' rows and ({folded} layers) the value projections' rows")
@@ -146,9 +154,10 @@ def _fold_value_scales(gm: torch.fx.GraphModule, linears: dict[str, ExportLinear
         if fold is None:
             continue
         if fold.module is None:
-            raise ExportError(f"{node.target}: the graph divides an attention's output at run time and the value "
-                             "projection it could be folded into was not found: export a recipe without "
-                             "SmoothQuant's attention group (SmoothQuant(groups=('norm', 'linear')))")
+            raise ExportError(f"{node.target}: the graph divides a layer's input at run time and no producer it "
+                             "could be folded into was found (a value projection, a norm): export a recipe without "
+                             "SmoothQuant's attention group (SmoothQuant(groups=('norm', 'linear'))), or AWQ "
+                             "calibrated on a model whose layers read norms and projections")
         inv = getattr(gm, node.target).detach().to(torch.float32).reshape(-1, fold.repeats, fold.head_dim)
         if not torch.equal(inv, inv[:, :1].expand_as(inv)):
             raise ExportError(f"{node.target}: the scales differ across the query heads that share a value head, "

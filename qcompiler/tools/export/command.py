@@ -19,7 +19,7 @@ from qcompiler.core.files import check_output
 
 FORMATS = ("compressed-tensors", "gguf")
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-GGUF_PRESETS = {"Q8_0": "w8a16-q8_0", "Q4_0": "w4a16-q4_0-gptq", "Q4_1": "w4a16-q4_1-gptq or w4a16-q4_1-hqq"}
+GGUF_PRESETS = {"Q8_0": "w8a16-q8_0", "Q4_0": "w4a16-q4_0-gptq or w4a16-q4_0-awq", "Q4_1": "w4a16-q4_1-gptq or w4a16-q4_1-hqq"}
 
 
 def add_arguments(p: argparse.ArgumentParser, model_help: str, recipe_help: str) -> None:
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str, recipe_help: str)
                         "file for llama.cpp (needs --gguf-type and a recipe with fp16 scales in groups of 32)")
     p.add_argument("--gguf-type", dest="gguf_type", default=None, choices=GGUF_TYPES,
                    help="GGUF block type of the quantized linears (--format gguf): Q8_0 (w8a16-q8_0), Q4_0 "
-                        "(w4a16-q4_0-gptq), Q4_1 (w4a16-q4_1-gptq, w4a16-q4_1-hqq)")
+                        "(w4a16-q4_0-gptq, w4a16-q4_0-awq), Q4_1 (w4a16-q4_1-gptq, w4a16-q4_1-hqq)")
     p.add_argument("--gguf-embeddings", dest="gguf_embeddings", default="Q8_0", choices=("Q8_0", "F16", "F32"),
                    help="GGUF type of the token embedding and a float LM head (default Q8_0, as llama.cpp's "
                         "Q4_0/Q8_0 files)")
@@ -111,8 +111,11 @@ def run(args, calibrate, example_batch) -> int:
         path = write_gguf_folder(model, out, args.gguf_type, embedding_type=args.gguf_embeddings)
         print(f"wrote {path}: {len(model.linears)} quantized linear layers (GGUF {args.gguf_type})")
         return 0
-    from qcompiler.tools.export.compressed_tensors import write_compressed_tensors
+    from qcompiler.tools.export.compressed_tensors import round_zero_points, write_compressed_tensors
 
+    model, note = round_zero_points(model)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     path = write_compressed_tensors(model, out)
     print(f"wrote {path}: {len(model.linears)} quantized linear layers ({args.format})")
     return 0

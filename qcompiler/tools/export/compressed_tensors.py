@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,6 +103,31 @@ def _check_integers(name: str, lin: ExportLinear) -> None:
                          "or export symmetric weights")
     if int(zp.min()) < 0 or int(zp.max()) > 2**b - 1:
         raise ExportError(f"{name}: zero points outside [0, {2**b - 1}] for {b}-bit weights")
+
+
+def round_zero_points(model: ExportModel) -> tuple[ExportModel, str | None]:
+    """``model`` with fractional (float) weight zero points rounded to the nearest integer (RTN and HQQ keep
+    float ones; compressed-tensors stores integers), and a sentence stating what moved: each group's
+    weights shift by ``(z - round(z)) * scale``, at most half a quantization step. ``None``: nothing to round
+    (the model is returned as it is)."""
+    linears, moved, mean_w, n = dict(model.linears), [], 0.0, 0
+    for name, lin in model.linears.items():
+        if lin.symmetric or lin.zero_point is None or _integral(lin.zero_point):
+            continue
+        zero = lin.zero_point.to(torch.float32).round().clamp(0, 2**lin.bits - 1)
+        rounded = replace(lin, zero_point=zero)
+        delta = (rounded.dequantized() - lin.dequantized()).abs()
+        moved.append(delta)
+        mean_w += float(lin.dequantized().abs().sum())
+        n += delta.numel()
+        linears[name] = rounded
+    if not moved:
+        return model, None
+    flat = torch.cat([d.reshape(-1) for d in moved])
+    note = (f"fractional weight zero points of {len(moved)} layers rounded to integers (compressed-tensors stores "
+            f"integer zero points): each group's weights moved by (z - round(z)) * scale, at most half a step; "
+            f"max |dw| {float(flat.max()):.3g}, mean |dw| {float(flat.mean()):.3g} (mean |w| {mean_w / n:.3g})")
+    return replace(model, linears=linears, notes=[*model.notes, note]), note
 
 
 def scheme_of(name: str, lin: ExportLinear) -> dict:
@@ -283,6 +309,7 @@ def write_compressed_tensors(model: ExportModel, out_dir: str | os.PathLike) -> 
         raise ExportError("config has no `architectures`, which vLLM needs to pick the model class (a "
                          "GGUF-loaded or from_config config lacks it): set config['architectures'] = "
                          "[type(hf_model).__name__], e.g. ['LlamaForCausalLM']")
+    model, _ = round_zero_points(model)  # stated in the README (the export command prints it too)
     schemes = schemes_of(model)  # validates every linear before anything is written
     qconfig = config_groups_for(model, schemes)
     tensors = checkpoint_tensors(model, schemes)

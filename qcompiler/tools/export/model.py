@@ -32,7 +32,7 @@ class ExportLinear:
     2^(b-1)-1]``, asymmetric ``[0, 2^b-1]``); the weight the model computes with is
     ``(q - zero_point) * scale`` per block of ``group_size`` input channels (per output channel when
     ``group_size`` is None). ``zero_point`` is None for symmetric weights; otherwise float (it may
-    be fractional: HQQ, RTN) or integral (GPTQ, AWQ with integer zero points).
+    be fractional: HQQ, RTN; the compressed-tensors writer rounds those and says so) or integral (GPTQ, AWQ).
     """
 
     q: torch.Tensor  # [N, K] integers
