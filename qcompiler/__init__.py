@@ -28,6 +28,7 @@ from qcompiler.config import (
     MixedInt8,
     OutlierSplit,
     Recipe,
+    Rotation,
     SmoothQuant,
     WeightScheme,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "MixedInt8",
     "OutlierSplit",
     "Recipe",
+    "Rotation",
     "SmoothQuant",
     "WeightScheme",
     "__version__",

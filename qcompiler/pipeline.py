@@ -4,6 +4,8 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 
 1. ``canonicalize``    every linear-like op on a parameter -> ``linear(x, W, b)`` (function-preserving)
 2. ``plan``            per layer: the fitted scheme, the kernel and why, or why float (``qcompiler/plan.py``)
+   ``rotate``          the residual stream rotated (``Recipe(rotation=Rotation())``; data-free, function-
+   preserving: ``passes/rotate.py``)
 3. ``attach_stats``    calibrated input channel ranges onto the linears (when transforms need them)
 4. ``smoothquant``     SmoothQuant migration (function-preserving)
 5. ``split_outliers``  outlier channel splitting (function-preserving)
@@ -19,7 +21,7 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 13. ``decode_attention`` one-query attention (decode steps) reads only the filled part of a static KV cache
     (``qcompiler/lowering/attention.py``; CPU, skipped with ``kernels="reference"``)
 
-Calibration runs 1-6 and then inserts observers, so static ranges are those of the transformed
+Calibration runs 1-6 (with ``rotate``) and then inserts observers, so static ranges are those of the transformed
 inputs. A pass that raises is named, with the passes that ran before it.
 """
 
@@ -41,13 +43,14 @@ from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.gqa_attention import gqa_attention
 from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
+from qcompiler.passes.rotate import rotate
 from qcompiler.passes.smoothquant import smoothquant
 from qcompiler.passes.split_outliers import split_outliers
 from qcompiler.passes.weight_rounding.fold import fold_awq_scales
 from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
-ORDER = ("canonicalize", "plan", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "fold_awq",
+ORDER = ("canonicalize", "plan", "rotate", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "fold_awq",
          "insert_qdq", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention")
 
 
@@ -62,12 +65,20 @@ class Step:
     requires: tuple[str, ...] = ()
 
 
-def transform_steps(recipe: Recipe, raw: Mapping | None, device: torch.device | None = None,
-                    kernels: str = "fast") -> list[Step]:
-    """canonicalize, the plan and the recipe's function-preserving transforms (shared with calibration).
-    ``raw``: the float model's calibration statistics by module (what the transforms are computed from)."""
+def base_steps(recipe: Recipe, device: torch.device | None = None, kernels: str = "fast") -> list[Step]:
+    """canonicalize, the plan and the data-free rotation: what every statistic is gathered after."""
     steps = [Step("canonicalize", canonicalize),
              Step("plan", lambda gm: make_plan(gm, recipe, device, kernels), requires=("canonicalize",))]
+    if recipe.rotation is not None:
+        steps.append(Step("rotate", lambda gm: rotate(gm, recipe.rotation), requires=("plan",)))
+    return steps
+
+
+def transform_steps(recipe: Recipe, raw: Mapping | None, device: torch.device | None = None,
+                    kernels: str = "fast") -> list[Step]:
+    """The base steps and the recipe's function-preserving transforms (shared with calibration).
+    ``raw``: the float model's calibration statistics by module (what the transforms are computed from)."""
+    steps = base_steps(recipe, device, kernels)
     if not recipe.transforms:
         return steps
     if raw is not None:
@@ -102,6 +113,17 @@ def static_ranges(recipe: Recipe, stats) -> Mapping | None:
     )
 
 
+def check_rotation(recipe: Recipe, stats) -> None:
+    """Statistics are of the rotated model exactly when the recipe rotates (with the same rotation)."""
+    if stats is None:
+        return
+    theirs = stats.info.get("rotation", repr(None))
+    if theirs != repr(recipe.rotation):
+        raise StatsError(f"these statistics were gathered with rotation {theirs}, and recipe {recipe.name!r} has "
+                         f"{recipe.rotation!r}: calibrate with this recipe (qcompiler.calibrate(model, batches, "
+                         "recipe))")
+
+
 def rounded_weights(recipe: Recipe, stats):
     """GPTQ/AWQ weights from the statistics, checked to be for this recipe's rounding and schemes."""
     if not recipe.data_driven_rounding:
@@ -118,6 +140,7 @@ def rounded_weights(recipe: Recipe, stats):
 def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, kernels: str = "fast") -> list[Step]:
     """The steps for one graph: ``stats`` a loaded ``CalibrationStats`` (or None), ``artifact`` a loaded
     ``qcompiler.artifact.Artifact`` whose tensors replace the computed ones (or None)."""
+    check_rotation(recipe, stats)
     steps = transform_steps(recipe, None if stats is None else stats.raw, device, kernels)
     ranges = static_ranges(recipe, stats)
     rounded = rounded_weights(recipe, stats)

@@ -79,11 +79,11 @@ def calibrate(
     start = time.perf_counter()
     if recipe.data_driven_rounding:
         return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins, sample_rows)
-    raw, count, tokens = _observe(model, batches, lambda: pipeline.transform_steps(recipe, None)[:2],
+    raw, count, tokens = _observe(model, batches, lambda: pipeline.base_steps(recipe),
                                   bins, sample_rows, progress, "calibrating", channel_bins)
     info = {
         "batches": count, "tokens": tokens, "recipe": recipe.name, "bins": bins, "channel_bins": channel_bins,
-        "transforms": repr(((), recipe.skip)), "qcompiler_version": __version__,
+        "transforms": repr(((), recipe.skip)), "rotation": repr(recipe.rotation), "qcompiler_version": __version__,
         "weight_fingerprints": integrity.weight_fingerprints(model.named_parameters()),
     }
     transformed = None
@@ -108,11 +108,11 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
     first, and the smoothed weights are rounded on the smoothed inputs."""
     raw = None
     if recipe.transforms:  # the transforms' own statistics, from the float model
-        raw, _, _ = _observe(model, batches, lambda: pipeline.transform_steps(recipe, None)[:2], bins, sample_rows,
+        raw, _, _ = _observe(model, batches, lambda: pipeline.base_steps(recipe), bins, sample_rows,
                              progress, "calibrating", channel_bins)
         steps = pipeline.transform_steps(recipe, raw)  # canonicalize, the plan, the transforms
     else:
-        steps = pipeline.transform_steps(recipe, None)[:2]  # canonicalize and the plan
+        steps = pipeline.base_steps(recipe)  # canonicalize, the plan (and the rotation)
 
     def prepare(gm, example_inputs):
         for step in steps:
@@ -135,7 +135,7 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
         activations, _, _ = _observe(model, batches, lambda: steps, bins, 0, progress, "calibrating", channel_bins)
     info = {
         "batches": len(batches), "tokens": sum(capture.batch_tokens(b) for b in batches), "recipe": recipe.name,
-        "bins": bins, "channel_bins": channel_bins,
+        "bins": bins, "channel_bins": channel_bins, "rotation": repr(recipe.rotation),
         "transforms": repr(((), recipe.skip)),
         "rounding": recipe.rounding_fingerprint(), "qcompiler_version": __version__,
         "seconds": round(time.perf_counter() - start, 2),

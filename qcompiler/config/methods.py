@@ -144,3 +144,25 @@ class HQQ:
 
 
 ROUNDINGS = (GPTQ, AWQ, HQQ)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """Rotate the residual stream by an orthogonal matrix (QuaRot's change of basis, data-free): the norms'
+    weights folded into the linears they feed, the embedding's rows and every residual reader's input
+    columns multiplied by ``Q``, every residual writer's output rows by ``Q^T``, so the float model computes
+    the same function while outlier channels are spread over all channels. ``Q`` is a Hadamard matrix with
+    random signs (``seed``) where one of the stream's width is built (``qcompiler.core.hadamard``), else a
+    random orthogonal matrix. ``online``: the down projections' inputs also go through a Hadamard transform
+    at run time (its Kronecker form, a few small matmuls), the inverse folded into their weights' columns.
+    Llama-style models (RMS norms before the residual readers); other models are refused with the reason."""
+
+    seed: int = 0
+    online: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"Rotation.seed must be a non-negative int, got {self.seed!r}")
+        for name in ("online",):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Rotation.{name} must be True or False, got {getattr(self, name)!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from qcompiler.config.methods import AWQ, GPTQ, HQQ, MixedInt8, OutlierSplit, SmoothQuant
+from qcompiler.config.methods import AWQ, GPTQ, HQQ, MixedInt8, OutlierSplit, Rotation, SmoothQuant
 from qcompiler.config.recipe import Recipe
 from qcompiler.config.schemes import ActivationScheme, LayerOverride, WeightScheme
 from qcompiler.core.errors import ConfigError, ConfigTypeError
@@ -47,6 +47,9 @@ PRESETS.update({
     "w8a8-dynamic-smoothquant-auto": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-smoothquant-auto",
                                              smoothquant=SmoothQuant(alpha="auto")),
 })
+PRESETS.update({  # the residual stream rotated (data-free), then per-token dynamic W8A8: no calibration
+    "w8a8-dynamic-rotated": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-rotated", rotation=Rotation()),
+})
 PRESETS.update({  # llm-compressor's W8A8 recipe: SmoothQuant, then GPTQ rounds the smoothed weights
     "w8a8-smoothquant-gptq": replace(PRESETS["w8a8-smoothquant"], name="w8a8-smoothquant-gptq", rounding=GPTQ()),
     "w8a8-dynamic-smoothquant-gptq": replace(PRESETS["w8a8-dynamic-smoothquant-auto"],
@@ -71,6 +74,8 @@ PRESETS.update({
     "w4a16-gptq": _weight_only("w4a16-gptq", rounding=GPTQ()),
     "w4a16-awq": _weight_only("w4a16-awq", rounding=AWQ()),
     "w4a16-hqq": _weight_only("w4a16-hqq", rounding=HQQ()),
+    # rotation then GPTQ (activation order) on the rotated weights: QuaRot's 4-bit weight recipe
+    "w4a16-rotated-gptq": _weight_only("w4a16-rotated-gptq", rounding=GPTQ(act_order=True), rotation=Rotation()),
 })
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from qcompiler.config.methods import AWQ, GPTQ, HQQ, ROUNDINGS, MixedInt8, OutlierSplit, SmoothQuant
+from qcompiler.config.methods import AWQ, GPTQ, HQQ, ROUNDINGS, MixedInt8, OutlierSplit, Rotation, SmoothQuant
 from qcompiler.config.schemes import ActivationScheme, LayerOverride, LayerScheme, WeightScheme
 from qcompiler.core.errors import ConfigError, ConfigTypeError
 
@@ -23,6 +23,7 @@ class Recipe:
     split_outliers: OutlierSplit | None = None
     mixed_int8: MixedInt8 | None = None
     rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest
+    rotation: Rotation | None = None  # data-free: runs before every statistic is gathered
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, WeightScheme):
@@ -41,6 +42,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ConfigTypeError(f"Recipe.{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+        if self.rotation is not None and not isinstance(self.rotation, Rotation):
+            raise ConfigTypeError(f"Recipe.rotation must be a Rotation or None, got {type(self.rotation).__name__}")
         if self.rounding is not None and not isinstance(self.rounding, ROUNDINGS):
             raise ConfigTypeError(f"Recipe.rounding must be GPTQ(), AWQ(), HQQ() or None (round to nearest), got "
                             f"{type(self.rounding).__name__}")
@@ -98,7 +101,8 @@ class Recipe:
         """Identifies what GPTQ/AWQ results depend on: the method, the weight schemes, the skip list (and the
         transforms before the rounding, when there are any)."""
         key = (self.rounding, self.weight, tuple((o.pattern, o.weight) for o in self.overrides), self.skip)
-        return repr(key + (self.transforms,) if self.transforms else key)
+        key += (self.transforms,) if self.transforms else ()
+        return repr(key + (self.rotation,) if self.rotation is not None else key)
 
     def transform_fingerprint(self) -> str:
         """Identifies the transforms (and the skip list) that statistics after transforms depend on."""

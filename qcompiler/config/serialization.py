@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from qcompiler.config.methods import AWQ, GPTQ, HQQ, MixedInt8, OutlierSplit, SmoothQuant
+from qcompiler.config.methods import AWQ, GPTQ, HQQ, MixedInt8, OutlierSplit, Rotation, SmoothQuant
 from qcompiler.config.recipe import Recipe
 from qcompiler.config.schemes import ActivationScheme, LayerOverride, WeightScheme
 from qcompiler.core.errors import ConfigError, ConfigTypeError
 
 _JSON_TYPES = {cls.__name__: cls for cls in (WeightScheme, ActivationScheme, LayerOverride, SmoothQuant,
-                                              OutlierSplit, MixedInt8, GPTQ, AWQ, HQQ, Recipe)}
+                                              OutlierSplit, MixedInt8, GPTQ, AWQ, HQQ, Rotation, Recipe)}
 
 
 def recipe_to_json(value):

@@ -43,6 +43,7 @@ def refuse_transforms(recipe) -> None:
     """An :class:`ExportError` naming the transform of ``recipe`` no engine format can hold."""
     found = [name for name, on in (("outlier channel splitting (OCS)", recipe.split_outliers),
                                    ("LLM.int8() decomposition", recipe.mixed_int8),
+                                   ("a rotation (its online Hadamard transforms and untied LM head)", recipe.rotation),
                                    ("AWQ(foldable=False) input scales",
                                     isinstance(recipe.rounding, AWQ) and not recipe.rounding.foldable)) if on]
     if found:
