@@ -89,6 +89,8 @@ class AutoPrecision:
     ``skip``: layers kept float whatever the budget (the LM head is not in it: a candidate may quantize it).
     ``rounding``: None (round to nearest) or HQQ() for every quantized layer (then every candidate needs
     asymmetric weights). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
+    ``max_latency_ratio``: also keep the searched layers' summed decode-step time (each layer's kernels on
+    one token, timed on this machine) within this multiple of their float time (None: no latency budget).
     """
 
     target_bpw: float
@@ -99,6 +101,7 @@ class AutoPrecision:
     samples: int = 4
     seq_len: int = 256
     name: str = ""
+    max_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or \
@@ -128,6 +131,10 @@ class AutoPrecision:
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigTypeError("AutoPrecision.skip must be a tuple of module-name patterns, e.g. ('*embed*',)")
         object.__setattr__(self, "skip", tuple(self.skip))
+        r = self.max_latency_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0):
+            raise ConfigError(f"AutoPrecision.max_latency_ratio must be a positive number (e.g. 0.8: the quantized "
+                              f"layers at most 80% of their float time) or None; got {r!r}")
         for field_name, lowest in (("samples", 1), ("seq_len", 2)):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:

@@ -138,3 +138,49 @@ def test_a_cache_of_another_model_or_not_json_is_an_error_naming_the_file(storie
             auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
     finally:
         path.write_text(saved)
+
+
+def test_a_latency_budget_holds_on_the_timed_layers(stories, searched, monkeypatch):
+    """With made-up timings (4-bit layers slow, 8-bit fast) the budget changes the answer and holds; then
+    once with this machine's timings."""
+    from dataclasses import replace
+
+    from qcompiler.tools.autotune import latency
+
+    model, ids = stories
+    result, cache = searched
+    modules = [c.module for c in result.layers]
+    fake = {"float": 1.0, "w8-channel": 0.5, "w4-g64": 2.0, "w3-g64": 2.0}
+    monkeypatch.setattr(latency, "candidate_latencies", lambda gm0, auto, mods, device, progress=True: (
+        {c: {m: t for m in mods} for c, t in fake.items()}, {m: 1.0 for m in mods}))
+    unlimited = sum(fake[c.candidate] for c in result.layers) / len(result.layers)  # the answer without a budget
+    ratio = 0.95 * unlimited
+    auto = replace(result.auto, max_latency_ratio=ratio)
+    limited = auto_recipe(model, auto, [ids], cache=cache, progress=False)
+    lat = limited.latency
+    assert lat["ratio"] <= ratio + 1e-9 and lat["seconds"] == pytest.approx(sum(fake[c.candidate] for c in limited.layers))
+    assert limited.bits <= 11.0 * limited.weights and lat["gap"] >= 0
+    slow = sum(c.candidate.startswith(("w4", "w3")) for c in limited.layers)
+    assert slow < sum(c.candidate.startswith(("w4", "w3")) for c in result.layers)  # the budget bound
+    assert "decode-step time of the searched layers" in str(limited)
+    assert json.loads(json.dumps(limited.to_json()))["max_latency_ratio"] == ratio
+    with pytest.raises(ConfigError, match="the fastest reaches"):
+        auto_recipe(model, replace(result.auto, max_latency_ratio=0.1), [ids], cache=cache, progress=False)
+    monkeypatch.undo()
+
+    times, float_times = latency.candidate_latencies(
+        measure_graph(model, ids), result.auto, modules[:3], torch.device("cpu"), repeats=3, progress=False)
+    assert set(times) == set(CANDIDATE_NAMES) and all(t > 0 for per in times.values() for t in per.values())
+    assert times["float"] == float_times  # a float layer is timed as the float reference
+
+
+def measure_graph(model, ids):
+    from qcompiler import pipeline
+    from qcompiler.config.auto import CANDIDATES, uniform_recipe
+    from qcompiler.core import capture
+    from qcompiler.report import CompileReport
+
+    gm, calls = capture.capture(model, [capture.as_batch(ids)], what="test")
+    capture.bind_parameters(gm, calls[0])
+    steps = pipeline.transform_steps(uniform_recipe(AutoPrecision(11.0), CANDIDATES["float"]), None)
+    return pipeline.run(gm, steps, CompileReport(0, "", ""))

@@ -68,3 +68,40 @@ def test_bad_instances_are_errors_that_say_what_is_wrong():
         solve([[(1, float("nan"))]], 10)
     with pytest.raises(ConfigError, match="integer number of bits"):
         solve([[(1, 0.0)]], 10.0)
+
+
+latencies = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
+
+
+@given(instances, st.integers(0, 400), st.data())
+def test_under_a_latency_budget_both_budgets_hold_and_the_gap_bounds_the_optimum(options, budget, data):
+    from qcompiler.tools.autotune.knapsack import solve_with_latency
+
+    times = [[data.draw(latencies) for _ in layer] for layer in options]
+    limit = data.draw(st.floats(0.0, float(len(options)), allow_nan=False))
+    best = None
+    for choice in itertools.product(*(range(len(layer)) for layer in options)):
+        cost = sum(options[i][k][0] for i, k in enumerate(choice))
+        t = sum(times[i][k] for i, k in enumerate(choice))
+        value = sum(options[i][k][1] for i, k in enumerate(choice))
+        if cost <= budget and t <= limit + 1e-9 * max(1.0, limit) and (best is None or value < best):
+            best = value
+    if best is None:
+        with pytest.raises(ConfigError, match="cheapest option of every layer|meets the latency budget"):
+            solve_with_latency(options, budget, times, limit)
+        return
+    solution = solve_with_latency(options, budget, times, limit)
+    assert solution.cost <= budget and solution.latency <= limit + 1e-9 * max(1.0, limit)
+    assert solution.value >= best - 1e-9  # feasible, so never below the optimum
+    assert solution.bound <= best + 1e-9 and solution.gap >= solution.value - best - 1e-9  # the stated gap holds
+    if solution.multiplier == 0.0:  # the latency budget did not bind: the exact bits optimum
+        assert solution.value == pytest.approx(brute_force(options, budget), abs=1e-9)
+
+
+def test_a_latency_budget_below_the_fastest_assignment_names_it():
+    from qcompiler.tools.autotune.knapsack import solve_with_latency
+
+    with pytest.raises(ConfigError, match="the fastest reaches 1.5"):
+        solve_with_latency([[(8, 0.0), (4, 1.0)], [(8, 0.0), (4, 1.0)]], 16, [[1.0, 0.75], [1.0, 0.75]], 1.2)
+    with pytest.raises(ConfigError, match="one number per option"):
+        solve_with_latency([[(8, 0.0)]], 16, [[1.0, 2.0]], 1.0)

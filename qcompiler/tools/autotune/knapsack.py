@@ -143,3 +143,79 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int) -> Soluti
     total_cost = sum(int(costs[i][k]) for i, k in enumerate(choices))
     total_value = float(sum(values[i][k] for i, k in enumerate(choices)))
     return Solution(tuple(choices), total_cost, total_value, largest)
+
+
+@dataclass(frozen=True)
+class LatencySolution:
+    choices: tuple[int, ...]
+    cost: int  # summed bits
+    value: float  # summed sensitivity
+    latency: float  # summed latency of the chosen options
+    bound: float  # a lower bound of the best value meeting both budgets (Lagrangian dual)
+    multiplier: float  # the latency price the answer was found at (0: the latency budget did not bind)
+
+    @property
+    def gap(self) -> float:
+        """How far ``value`` may be above the optimum (0 when the latency budget did not bind)."""
+        return max(0.0, self.value - self.bound)
+
+
+def solve_with_latency(options: Sequence[Sequence[tuple[int, float]]], budget: int,
+                       latencies: Sequence[Sequence[float]], latency_budget: float,
+                       steps: int = 40) -> LatencySolution:
+    """The assignment of least summed value within ``budget`` bits *and* ``latency_budget`` summed latency.
+
+    The bits constraint is kept exactly (:func:`solve`); the latency constraint is priced in (Lagrangian
+    relaxation: values ``s + mu * t``, ``mu`` found by bisection) and every answer meets it. The
+    answer's distance to the optimum is at most :attr:`LatencySolution.gap` (weak duality: for every
+    ``mu >= 0`` the priced optimum less ``mu * latency_budget`` is a lower bound). A latency budget no
+    assignment within the bits budget meets is a :class:`ConfigError` naming the least reachable latency."""
+    if len(latencies) != len(options) or any(len(t) != len(o) for t, o in zip(latencies, options)):
+        raise ConfigError("knapsack latencies must give one number per option of every layer")
+    if not all(np.isfinite(x) and x >= 0 for t in latencies for x in t):
+        raise ConfigError("knapsack latencies must be finite numbers >= 0")
+
+    def priced(mu: float):
+        return solve([[(c, v + mu * t) for (c, v), t in zip(layer, lat)] for layer, lat in zip(options, latencies)],
+                     budget)
+
+    def measured(sol: Solution):
+        value = float(sum(options[i][k][1] for i, k in enumerate(sol.choices)))
+        latency = float(sum(latencies[i][k] for i, k in enumerate(sol.choices)))
+        return value, latency
+
+    def answer(sol: Solution, mu: float, bound: float) -> LatencySolution:
+        value, latency = measured(sol)
+        return LatencySolution(sol.choices, sol.cost, value, latency, bound, mu)
+
+    free = priced(0.0)
+    value, latency = measured(free)
+    slack = 1e-9 * max(1.0, abs(latency_budget))  # summation order: the same sums may differ in the last bits
+    if latency <= latency_budget + slack:
+        return answer(free, 0.0, value)
+    fastest = solve([[(c, t) for (c, _), t in zip(layer, lat)] for layer, lat in zip(options, latencies)], budget)
+    least = measured(fastest)[1]
+    if least > latency_budget + slack:
+        raise ConfigError(f"no assignment within {budget} bits meets the latency budget {latency_budget:.6g}: the "
+                          f"fastest reaches {least:.6g} (every layer on its fastest option that fits the bits); "
+                          "raise the latency budget or the bits budget")
+    spread = sum(max(v for _, v in layer) - min(v for _, v in layer) for layer in options)
+    lo, hi = 0.0, max(1e-12, spread / max(latency - least, 1e-30))
+    best, bound = None, value - 0.0
+    sol = priced(hi)
+    while measured(sol)[1] > latency_budget + slack:  # the price at which the answer is fast enough
+        lo, hi = hi, hi * 4
+        sol = priced(hi)
+    for mu, s in ((hi, sol),) + tuple((None, None) for _ in range(steps)):
+        if mu is None:
+            mu = (lo + hi) / 2
+            s = priced(mu)
+        v, t = measured(s)
+        bound = max(bound, s.value - mu * latency_budget)
+        if t <= latency_budget + slack:
+            hi = mu
+            if best is None or v < best[1]:
+                best = (s, v, mu)
+        else:
+            lo = mu
+    return answer(best[0], best[2], min(bound, best[1]))

@@ -23,6 +23,7 @@ from qcompiler.config.auto import AutoPrecision, recipe_for
 from qcompiler.core import capture
 from qcompiler.core.errors import ConfigError
 from qcompiler.tools.autotune import knapsack, measure
+from qcompiler.tools.autotune import latency as latency_mod
 from qcompiler.tools.autotune.cache import SearchCache, model_fingerprint
 from qcompiler.tools.compare import main_output
 
@@ -43,7 +44,8 @@ class AutoResult:
     fixed_bits: int  # parameters no choice changes (embeddings, norms, biases, tied weights), at float bits
     weights: int  # floating-point parameter elements of the model
     table: dict[str, dict[str, tuple[int, float]]]  # candidate -> module -> (bits, sensitivity)
-    states: int  # the knapsack's largest frontier
+    states: int  # the knapsack's largest frontier (0 under a latency budget)
+    latency: dict | None = None  # with max_latency_ratio: the layers' decode-step time against float, the gap
 
     @property
     def bits(self) -> int:
@@ -65,7 +67,8 @@ class AutoResult:
                 "layers": [{"module": c.module, "candidate": c.candidate, "bits": c.bits,
                             "sensitivity": c.sensitivity} for c in self.layers],
                 "candidates": {name: {m: {"bits": b, "sensitivity": s} for m, (b, s) in per.items()}
-                               for name, per in self.table.items()}}
+                               for name, per in self.table.items()},
+                "max_latency_ratio": self.auto.max_latency_ratio, "latency": self.latency}
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}
@@ -77,6 +80,11 @@ class AutoResult:
                 f"{self.weights} weights; target {self.auto.target_bpw:g}), summed {self.auto.metric} "
                 f"{self.sensitivity:.4g}")
         lines = [head, f"  {used}"]
+        if self.latency is not None:
+            lat = self.latency
+            lines.append(f"  decode-step time of the searched layers: {lat['ratio']:.3f} x float ({1e3 * lat['seconds']:.3f} "
+                         f"ms against {1e3 * lat['float_seconds']:.3f} ms; budget {self.auto.max_latency_ratio:g} x); "
+                         f"summed {self.auto.metric} within {lat['gap']:.3g} of the optimum")
         for c in self.layers:
             lines.append(f"  {c.module:<{width}}  {c.candidate:<14} {c.bits / 8:>12.0f} bytes  "
                          f"{self.auto.metric} {c.sensitivity:.4g}")
@@ -147,7 +155,18 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
         table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in modules}
     names = [c.name for c in auto.candidates]
     options = [[table[n][m] for n in names] for m in modules]
-    solution = knapsack.solve(options, budget)
+    latency = None
+    if auto.max_latency_ratio is None:
+        solution = knapsack.solve(options, budget)
+    else:
+        times, float_times = latency_mod.candidate_latencies(gm0, auto, modules, device, progress=progress)
+        reference = sum(float_times.values())
+        solution = knapsack.solve_with_latency(options, budget, [[times[n][m] for n in names] for m in modules],
+                                               auto.max_latency_ratio * reference)
+        latency = {"float_seconds": reference, "seconds": solution.latency, "ratio": solution.latency / reference,
+                   "gap": solution.gap, "multiplier": solution.multiplier,
+                   "per_layer": {n: times[n] for n in names}, "float_per_layer": float_times}
     layers = [LayerChoice(m, names[k], *table[names[k]][m]) for m, k in zip(modules, solution.choices)]
     recipe = recipe_for(auto, {c.module: c.candidate for c in layers})
-    return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table, solution.states)
+    return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table,
+                      getattr(solution, "states", 0), latency)
