@@ -90,33 +90,29 @@ def offset_is_fp16(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def minmax_qparams(w_groups: torch.Tensor, scheme: WeightScheme, ratio: torch.Tensor | float = 1.0,
-                   float_zero: bool | str = True):
+                   float_zero: bool = True):
     """Scale and zero point per group of ``w_groups [..., g]`` from its min/max, shrunk by ``ratio``.
 
     ``float_zero=False``: the range widened to include 0 and an integer zero point (GPTQ, whose
     error feedback moves later columns of a group after its grid is fixed: the slack keeps them on it).
-    ``float_zero="round"``: the min-max step, the float zero point rounded to the nearest integer (AWQ's own
-    rule: the grid keeps the range's width and moves by less than half a step).
     ``scheme.fp16_scales``: the parameters put on fp16's grid (:func:`fp16_qparams`; the zero point is
     then a float).
     """
     return scheme_qparams(w_groups.amin(-1) * ratio, w_groups.amax(-1) * ratio, scheme, float_zero)
 
 
-def scheme_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, float_zero: bool | str = True):
+def scheme_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, float_zero: bool = True):
     """Scale and zero point of the weight blocks whose range is ``[lo, hi]`` under ``scheme``: its grid
     (``full_range``: llama.cpp's Q4_0 levels), integer or float zero points (``float_zero``, see
     :func:`minmax_qparams`), then fp16 (``fp16_scales``)."""
     qmin, qmax = scheme.qrange
     if scheme.full_range:
         scale, zero = full_range_scale(lo, hi, qmin), torch.zeros_like(lo, dtype=torch.float32)
-    elif float_zero is False:
+    elif not float_zero:
         scale, zero = primitives.qparams_from_range(lo, hi, qmin, qmax, scheme.symmetric)
         zero = zero.to(torch.float32)
     else:
         scale, zero = weight_qparams(lo, hi, qmin, qmax, scheme.symmetric)
-        if float_zero == "round" and not scheme.symmetric:
-            zero = zero.round().clamp(qmin, qmax)
     if scheme.fp16_scales:
         return fp16_qparams(scale, zero, scheme.symmetric)
     return scale, zero
@@ -136,12 +132,10 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     return primitives.dequantize_math(q, scale[..., None], zero, primitives.per_token(q.dim()), q.dtype)
 
 
-def fake_quant(w: torch.Tensor, scheme: WeightScheme, group: int, ratio=1.0, float_zero: bool | str = True
-               ) -> torch.Tensor:
-    """Min-max round-trip of ``w [N, K]`` per group (RTN), optionally with clipped ranges (``float_zero``:
-    see :func:`minmax_qparams`)."""
+def fake_quant(w: torch.Tensor, scheme: WeightScheme, group: int, ratio=1.0) -> torch.Tensor:
+    """Min-max round-trip of ``w [N, K]`` per group (RTN), optionally with clipped ranges."""
     g = grouped(w, group)
-    scale, zero = minmax_qparams(g, scheme, ratio, float_zero)
+    scale, zero = minmax_qparams(g, scheme, ratio)
     return dequantize_groups(quantize_groups(g, scale, zero, scheme), scale, zero, scheme).reshape(w.shape)
 
 

@@ -96,7 +96,6 @@ class AWQ:
     ``s = mean|X|^alpha`` (``alpha`` searched on ``grid`` points in [0, 1]) applied to the weight
     columns (and ``1/s`` to the layer's input), then a per-group clipping search over ``clip_grid``
     ratios down to ``min_clip``; both minimize the layer's output error on the calibration inputs.
-    Asymmetric weights get integer zero points (as AWQ's own kernels and compressed-tensors store them).
 
     ``foldable`` (default): the scales are found so that ``1/s`` can live in the model's own weights, as the
     AWQ paper applies them: the layers that read one input (q/k/v after a norm, gate/up) share one ``s``
