@@ -3,11 +3,15 @@ into the weights, so the model computes the same function while activation outli
 
 Found in the graph, never from model classes (the canonical graph, before any statistic is gathered):
 
-- the **stream** starts at a token embedding (``embedding(ids, E)`` on a parameter) and runs through the
-  residual adds ``h + y``, where ``y`` is a canonical linear's output (a **writer**: o_proj, down_proj)
-  used nowhere else;
-- every other use of a stream value must be an **RMS norm** (``w * (x * rsqrt(mean(x^2) + eps))``, with
-  casts) whose output reaches only canonical linears (the **readers**: q/k/v, gate/up, the LM head).
+- the **stream** starts at a token embedding (``embedding(ids, E)`` on a parameter, or its sum with a position
+  embedding: GPT-2) and runs through casts, inactive dropouts and the residual adds ``h + y``, where ``y`` is
+  a canonical linear's output (a **writer**: o_proj, down_proj, GPT-2's c_proj) used nowhere else;
+- every other use of a stream value must be a norm whose output reaches only canonical linears (the
+  **readers**: q/k/v, gate/up, c_attn, c_fc, the LM head): an **RMS norm** (``w * (x * rsqrt(mean(x^2) +
+  eps))``, with casts) or a **LayerNorm** before the layer (GPT-2). A LayerNorm is not rotation-invariant
+  (it subtracts the mean): the stream is centered first (the embeddings' rows and the writers' outputs less
+  their mean, which no LayerNorm sees), and on a centered stream each LayerNorm is replaced by the bare RMS
+  norm with its weight and bias folded into the readers (``b <- b + W beta``).
 
 With an orthogonal ``Q`` (``qcompiler.core.hadamard.orthogonal``): ``E <- E Q``; each norm's weight ``g``
 is folded into its readers and set to ones, and the readers read the rotated stream: ``W <- W diag(g) Q``
@@ -19,15 +23,15 @@ goes into the KV cache a graph returns, where its path to the attention is no lo
 graph that shares a cache (and the calibration graph, which has none) must rotate alike.
 
 A tied LM head gets its own rotated copy (its norm's weight differs from the embedding's rows). Anything
-else using the stream (a hidden state returned by the graph, a LayerNorm, a second embedding added to the
-first) makes the pass refuse with the node it found: rotation is then not applied.
+else using the stream (a hidden state returned by the graph, a post-norm residual as in BERT, token type
+embeddings) makes the pass refuse with the node it found: rotation is then not applied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -50,6 +54,8 @@ _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
 _ADD = {operator.add, torch.add, torch.Tensor.add}
 _EMBEDDING = {torch.nn.functional.embedding, torch.embedding}
 _CASTS = {"to", "float", "type"}
+_DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+_LAYER_NORM = {torch.nn.functional.layer_norm, torch.layer_norm}
 
 
 class RotationError(QCompilerError):
@@ -58,10 +64,11 @@ class RotationError(QCompilerError):
 
 @dataclass
 class Norm:
-    mul: fx.Node  # the weight multiply
-    weight_index: int
+    mul: fx.Node  # RMS norm: the weight multiply; LayerNorm: the ``layer_norm`` call
+    weight_index: int | None
     internal: set = field(default_factory=set)  # the norm's own nodes, from its input's casts to ``mul``
     readers: list = field(default_factory=list)
+    kind: str = "rms"  # or "layer"
 
 
 @dataclass
@@ -74,6 +81,16 @@ class Stream:
 
 def _is_cast(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CASTS
+
+
+def _is_identity(node) -> bool:
+    """A cast, or a dropout that does nothing (``training=False``): the stream's value passes through."""
+    if _is_cast(node):
+        return True
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _DROPOUT):
+        return False
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return training is False
 
 
 def _skip_casts_back(node):
@@ -112,10 +129,23 @@ def _rms_input(h: fx.Node, internal: set) -> fx.Node | None:
     return None
 
 
+def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``layer_norm`` over the last dimension whose weight and bias are constants (or None)."""
+    if not (node.op == "call_function" and node.target in _LAYER_NORM and len(node.args) >= 2):
+        return False
+    shape = node.args[1]
+    affine = [node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in ((2, "weight"), (3, "bias"))]
+    return isinstance(shape, (tuple, list)) and len(shape) == 1 and all(
+        a is None or constant_value(gm, a) is not None for a in affine)
+
+
 def _norms(gm: fx.GraphModule) -> dict[fx.Node, list[Norm]]:
-    """RMS norms by the value they normalize."""
+    """RMS norms and LayerNorms by the value they normalize."""
     out: dict[fx.Node, list[Norm]] = {}
     for node in gm.graph.nodes:
+        if _layer_norm(gm, node):
+            out.setdefault(node.args[0], []).append(Norm(node, None, {node}, kind="layer"))
+            continue
         if not (node.op == "call_function" and node.target in _MUL and len(node.args) == 2):
             continue
         for i, arg in enumerate(node.args):
@@ -157,7 +187,8 @@ def _readers(norm: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
 def _writer(add: fx.Node, stream_value: fx.Node, width: int) -> fx.Node | None:
     other = next((a for a in add.args if a is not stream_value), None)
     node = other
-    while isinstance(node, fx.Node) and LINEAR not in node.meta and _keeps_channels(node) and len(node.users) == 1:
+    while isinstance(node, fx.Node) and LINEAR not in node.meta and (_keeps_channels(node) or _is_identity(node)) \
+            and len(node.users) == 1:
         node = node.args[0]
     if isinstance(node, fx.Node) and LINEAR in node.meta and len(node.users) == 1 and \
             node.meta[LINEAR].out_features == width:
@@ -165,17 +196,35 @@ def _writer(add: fx.Node, stream_value: fx.Node, width: int) -> fx.Node | None:
     return None
 
 
-def find_stream(gm: fx.GraphModule) -> Stream:
-    """The residual stream, its norms and writers; :class:`RotationError` naming what does not fit."""
+def _stream_start(gm: fx.GraphModule) -> tuple[list[fx.Node], fx.Node]:
+    """The embeddings on parameters and the stream's first value: one token embedding, or the sum of a token
+    and a position embedding (GPT-2)."""
     embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _EMBEDDING
                   and constant_value(gm, n.args[1]) is not None]
-    if len(embeddings) != 1:
-        raise RotationError(f"rotation needs one token embedding on a parameter starting the residual stream; "
-                            f"found {len(embeddings)}")
+    if len(embeddings) == 1:
+        return embeddings, embeddings[0]
+    if len(embeddings) == 2:
+        ends = []
+        for e in embeddings:
+            node = e
+            while len(node.users) == 1 and _is_identity(next(iter(node.users))):
+                node = next(iter(node.users))
+            ends.append(node)
+        users = [next(iter(n.users)) for n in ends if len(n.users) == 1]
+        if len(users) == 2 and users[0] is users[1] and users[0].op == "call_function" and users[0].target in _ADD \
+                and set(users[0].args) == set(ends):
+            return embeddings, users[0]
+    raise RotationError(f"rotation needs the residual stream to start at a token embedding on a parameter (or its "
+                        f"sum with a position embedding); found {len(embeddings)} embeddings")
+
+
+def find_stream(gm: fx.GraphModule) -> Stream:
+    """The residual stream, its norms and writers; :class:`RotationError` naming what does not fit."""
+    embeddings, start = _stream_start(gm)
     width = constant_value(gm, embeddings[0].args[1]).shape[1]
     norms_at = _norms(gm)
     internal = set().union(*(n.internal for ns in norms_at.values() for n in ns)) if norms_at else set()
-    norms, writers, frontier, seen = [], [], [embeddings[0]], set()
+    norms, writers, frontier, seen = [], [], [start], set()
     while frontier:
         value = frontier.pop()
         if value in seen:
@@ -186,6 +235,9 @@ def find_stream(gm: fx.GraphModule) -> Stream:
         for user in value.users:
             if user in internal and any(user in n.internal for n in found):
                 continue
+            if _is_identity(user):
+                frontier.append(user)  # the same value (a cast, an inactive dropout)
+                continue
             if user.op == "call_function" and user.target in _ADD and len(user.args) == 2 and \
                     (writer := _writer(user, value, width)) is not None:
                 writers.append(writer)
@@ -193,7 +245,10 @@ def find_stream(gm: fx.GraphModule) -> Stream:
                 continue
             raise RotationError(f"the residual stream value {value.name} is also used by {user.name} "
                                 f"({user.op} {getattr(user.target, '__name__', user.target)}): rotation needs every "
-                                "use to be an RMS norm or a residual add of a linear's output")
+                                "use to be a norm (RMS, or LayerNorm before the layer) or a residual add of a "
+                                "linear's output")
+    if len({n.kind for n in norms}) > 1:
+        raise RotationError("the stream's norms are RMS norms and LayerNorms both: rotation takes one kind")
     for norm in norms:
         for node in norm.internal - {norm.mul}:
             if any(u not in norm.internal for u in node.users):
@@ -236,15 +291,63 @@ def _online(gm: fx.GraphModule, writer: fx.Node, n: int) -> None:
     writer.update_arg(0, flat)
 
 
+def _fold_layer_norm(gm: fx.GraphModule, norm: Norm, q: torch.Tensor, tag: tuple) -> None:
+    """On a centered stream a LayerNorm is an RMS norm with its weight and bias: fold both into the readers
+    (``W <- W diag(g) Q``, ``b <- b + W beta``) and replace the LayerNorm by the bare RMS norm."""
+    ln = norm.mul
+    arg = lambda i, name, default: ln.args[i] if len(ln.args) > i else ln.kwargs.get(name, default)  # noqa: E731
+    weight, bias, eps = arg(2, "weight", None), arg(3, "bias", None), arg(4, "eps", 1e-5)
+    g = None if weight is None else constant_value(gm, weight).double()
+    beta = None if bias is None else constant_value(gm, bias).double()
+    for reader in norm.readers:
+        w0 = linear_weight(gm, reader.args[1])[0].detach().double()
+        w = w0 if g is None else w0 * g[None, :]
+        _set_weight(gm, reader, w @ q, tag + ("in", "layer_norm", _digest(g if g is not None else q[0])))
+        if beta is not None and bool(beta.ne(0).any()):
+            _add_bias(gm, reader, w0 @ beta)
+    graph = gm.graph
+    x = ln.args[0]
+    with graph.inserting_before(ln):
+        square = graph.call_function(torch.mul, (x, x))
+        mean = graph.call_method("mean", (square, -1), {"keepdim": True})
+        inv = graph.call_function(torch.rsqrt, (graph.call_function(torch.add, (mean, eps)),))
+        rms = same_tensor_info(graph.call_function(torch.mul, (x, inv)), ln)
+    rms.meta["example_value"] = ln.meta.get("example_value")
+    ln.replace_all_uses_with(rms)
+    graph.erase_node(ln)
+
+
+def _add_bias(gm: fx.GraphModule, linear: fx.Node, extra: torch.Tensor) -> None:
+    """``linear``'s bias plus ``extra`` (a new bias where it had none)."""
+    site = linear.meta[LINEAR]
+    bias = bias_of(linear)
+    dtype = linear_weight(gm, linear.args[1])[0].dtype
+    if isinstance(bias, fx.Node):
+        b = constant_value(gm, bias)
+        replace_arg_with_tensor(gm, linear, 2, (b.double() + extra).to(b.dtype), f"{site.module}_b")
+        return
+    node = add_buffer(gm, f"{site.module}_b", extra.to(dtype).contiguous(), linear)
+    linear.args = (linear.args[0], linear.args[1], node) + tuple(linear.args[3:])
+    linear.meta[LINEAR] = replace(site, has_bias=True)
+
+
 def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
     """Rotate the residual stream of ``gm`` by ``config``'s orthogonal matrix (see the module docstring)."""
     stream = find_stream(gm)
     q, how = hadamard.orthogonal(stream.width, config.seed)
     tag = ("rotate", config.seed, _digest(q))
+    layer = any(n.kind == "layer" for n in stream.norms)  # LayerNorms: the stream is centered first
+
+    def centered(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t - t.mean(dim, keepdim=True) if layer else t
+
     for emb in stream.embeddings:
         e = constant_value(gm, emb.args[1])
-        replace_arg_with_tensor(gm, emb, 1, (e.double() @ q).to(e.dtype), "rotated_embedding")
+        replace_arg_with_tensor(gm, emb, 1, (centered(e.double(), 1) @ q).to(e.dtype), "rotated_embedding")
     for norm in stream.norms:
+        if norm.kind == "layer":
+            _fold_layer_norm(gm, norm, q, tag)
+            continue
         g = constant_value(gm, norm.mul.args[norm.weight_index]).double()
         for reader in norm.readers:
             w = linear_weight(gm, reader.args[1])[0].detach().double()
@@ -253,7 +356,7 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
                                 torch.ones_like(constant_value(gm, norm.mul.args[norm.weight_index])), "folded_norm_w")
     online = []
     for writer in stream.writers:
-        w = q.t() @ linear_weight(gm, writer.args[1])[0].detach().double()
+        w = q.t() @ centered(linear_weight(gm, writer.args[1])[0].detach().double(), 0)
         step = tag + ("out",)
         n = writer.meta[LINEAR].in_features
         if config.online and _reads_attention(writer) is None and hadamard.factors(n) is not None:
@@ -265,11 +368,13 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         bias = bias_of(writer)
         if isinstance(bias, fx.Node):
             b = constant_value(gm, bias)
-            replace_arg_with_tensor(gm, writer, 2, (b.double() @ q).to(b.dtype), f"{writer.meta[LINEAR].module}_b")
+            replace_arg_with_tensor(gm, writer, 2, (centered(b.double(), 0) @ q).to(b.dtype),
+                                    f"{writer.meta[LINEAR].module}_b")
     gm.graph.lint()
     gm.recompile()
     readers = sum(len(n.readers) for n in stream.norms)
-    details = (f"residual stream of width {stream.width}: {how} (seed {config.seed}); {len(stream.norms)} norms "
+    kind = "LayerNorms (stream centered, each made an RMS norm)" if layer else "RMS norms"
+    details = (f"residual stream of width {stream.width}: {how} (seed {config.seed}); {len(stream.norms)} {kind} "
                f"folded into {readers} readers, {len(stream.writers)} writers",
                f"online Hadamard on the inputs of {len(online)} layers" + (f" ({online[0]}, ...)" if online else ""))
     return PassResult(gm, modified=True, counts={"norms": len(stream.norms), "readers": readers,

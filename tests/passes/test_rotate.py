@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from graphs import tiny_gpt2, tiny_llama
+from graphs import tiny_bert, tiny_gpt2, tiny_llama
 
 import qcompiler
 from qcompiler import Recipe, Rotation
@@ -44,14 +44,24 @@ def _rotated_only(**kw):
     return Recipe(name="rotated-float", activation=None, skip=("*",), rotation=Rotation(**kw))
 
 
-@pytest.mark.parametrize("online", [True, False])
-def test_rotation_preserves_the_function_in_float64_with_and_without_a_kv_cache(online):
-    model = tiny_llama().double()
+def _gpt2_with_affine_norms():
+    model = tiny_gpt2()
+    with torch.no_grad():  # fresh LayerNorms are the identity: give them weights and biases to fold
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch, online", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_rotation_preserves_the_function_in_float64_with_and_without_a_kv_cache(arch, online):
+    model = (tiny_llama() if arch == "llama" else _gpt2_with_affine_norms()).double()
     ids = torch.randint(0, 128, (2, 12))
     compiled = torch.compile(model, backend="qcompiler",
                              options={"recipe": _rotated_only(online=online)})
-    # Hugging Face's RMS norm computes in float32 even in a float64 model: float32 rounding is the bound
-    tol = dict(atol=1e-6, rtol=1e-6)
+    # Hugging Face's RMS norm computes in float32 even in a float64 model: float32 rounding is the bound there
+    tol = dict(atol=1e-6, rtol=1e-6) if arch == "llama" else dict(atol=1e-10, rtol=1e-10)
     with torch.inference_mode():
         ref = model(ids, use_cache=False).logits
         out = compiled(ids, use_cache=False).logits
@@ -61,7 +71,10 @@ def test_rotation_preserves_the_function_in_float64_with_and_without_a_kv_cache(
         first = compiled(ids[:, :-1], use_cache=True)
         step = compiled(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits
         assert torch.allclose(step[:, -1], ref[:, -1], **tol)
-    assert counts == {"norms": 5, "readers": 11, "writers": 4, "online": 2 if online else 0}
+    readers = 11 if arch == "llama" else 5  # GPT-2: one c_attn for q/k/v, one c_fc
+    assert counts == {"norms": 5, "readers": readers, "writers": 4, "online": 2 if online else 0}
+    if arch == "gpt2":
+        assert "LayerNorms (stream centered" in qcompiler.last_report().transforms["rotate"][0]
 
 
 def test_the_stream_is_found_from_the_graph_and_other_models_are_refused():
@@ -75,11 +88,18 @@ def test_the_stream_is_found_from_the_graph_and_other_models_are_refused():
     readers = sorted(r.meta["qcompiler.linear"].module for n in stream.norms for r in n.readers)
     assert readers[0] == "lm_head" and sum("q_proj" in r for r in readers) == 2
 
-    gpt2 = tiny_gpt2()
+    gpt2 = tiny_gpt2()  # LayerNorms, a position embedding added to the token one, inactive dropouts
     gm, calls = capture.capture(gpt2, [capture.as_batch(torch.randint(0, 128, (1, 8)))], what="test")
     capture.bind_parameters(gm, calls[0])
     gm = qcompiler.pipeline.run(gm, steps, qcompiler.report.CompileReport(0, "", ""))
-    with pytest.raises(RotationError, match="one token embedding|also used by"):
+    stream = find_stream(gm)
+    assert len(stream.embeddings) == 2 and {n.kind for n in stream.norms} == {"layer"}
+
+    bert = tiny_bert()  # post-norm: a LayerNorm's output is both the stream and the next layer's input
+    gm, calls = capture.capture(bert, [capture.as_batch(torch.randint(0, 128, (1, 8)))], what="test")
+    capture.bind_parameters(gm, calls[0])
+    gm = qcompiler.pipeline.run(gm, steps, qcompiler.report.CompileReport(0, "", ""))
+    with pytest.raises(RotationError, match="also used by|start at a token embedding|feeds"):
         find_stream(gm)
 
 
