@@ -279,14 +279,20 @@ def _online(gm: fx.GraphModule, writer: fx.Node, n: int) -> None:
     x = writer.args[0]
     dtype = x.meta["example_value"].dtype if isinstance(x.meta.get("example_value"), torch.Tensor) else torch.float32
     module = writer.meta[LINEAR].module
-    a_t = add_buffer(gm, f"{module}_hadamard_a", a.t().contiguous().to(dtype), writer)
     b_n = add_buffer(gm, f"{module}_hadamard_b", b.to(dtype), writer)
+    a_n = add_buffer(gm, f"{module}_hadamard_a", a.to(dtype), writer) if a.shape[0] > 1 else None
     graph = gm.graph
+    # x H = A^T X B for X the [m, p] view of x: each product a single GEMM over all rows (a 2-D right factor),
+    # the A one on the transposed blocks (A^T V = (V^T A)^T)
     with graph.inserting_before(writer):
-        blocks = graph.call_method("unflatten", (x, -1, (a.shape[0], b.shape[0])))
-        right = graph.call_function(torch.matmul, (blocks, b_n))
-        left = graph.call_function(torch.matmul, (a_t, right))
-        flat = same_tensor_info(graph.call_method("flatten", (left, -2)), x)
+        if a_n is None:
+            flat = graph.call_function(torch.matmul, (x, b_n))
+        else:
+            blocks = graph.call_method("unflatten", (x, -1, (a.shape[0], b.shape[0])))
+            right = graph.call_function(torch.matmul, (blocks, b_n))
+            left = graph.call_function(torch.matmul, (graph.call_method("transpose", (right, -1, -2)), a_n))
+            flat = graph.call_method("flatten", (graph.call_method("transpose", (left, -1, -2)), -2))
+        same_tensor_info(flat, x)
     flat.meta["example_value"] = x.meta.get("example_value")
     writer.update_arg(0, flat)
 

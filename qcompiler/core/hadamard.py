@@ -76,9 +76,15 @@ def orthogonal(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
 
 
 def kron_parts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``kron(A, B) = hadamard(n) / sqrt(n)``: ``x @ H`` is ``A^T @ x.view(m, p) @ B``."""
+    """``(A, B)`` with ``kron(A, B) = hadamard(n) / sqrt(n)``: ``x @ H`` is ``A^T @ x.view(m, p) @ B``. The
+    Sylvester factor is split (``H_{2^(a+b)} = H_{2^a} kron H_{2^b}``) so that ``B`` is the largest power of two
+    not above ``sqrt(n)``: ``m p^2 + m^2 p`` multiplies per row, near the least."""
     m, p = factors(n)
-    return _small(m) / m**0.5, _sylvester(p) / p**0.5
+    b = 1
+    while b * 2 <= p and (b * 2) ** 2 <= n:
+        b *= 2
+    a = torch.kron(_small(m), _sylvester(p // b))
+    return a / (n // b) ** 0.5, _sylvester(b) / b**0.5
 
 
 def apply_kron(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
