@@ -265,7 +265,13 @@ def find_stream(gm: fx.GraphModule) -> Stream:
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha1(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The constant ``node`` holds, detached (parameters may require grad outside inference mode)."""
+    value = constant_value(gm, node)
+    return None if value is None else value.detach()
 
 
 def _set_weight(gm: fx.GraphModule, linear: fx.Node, new: torch.Tensor, tag: tuple) -> None:
@@ -303,8 +309,8 @@ def _fold_layer_norm(gm: fx.GraphModule, norm: Norm, q: torch.Tensor, tag: tuple
     ln = norm.mul
     arg = lambda i, name, default: ln.args[i] if len(ln.args) > i else ln.kwargs.get(name, default)  # noqa: E731
     weight, bias, eps = arg(2, "weight", None), arg(3, "bias", None), arg(4, "eps", 1e-5)
-    g = None if weight is None else constant_value(gm, weight).double()
-    beta = None if bias is None else constant_value(gm, bias).double()
+    g = None if weight is None else _value(gm, weight).double()
+    beta = None if bias is None else _value(gm, bias).double()
     for reader in norm.readers:
         w0 = linear_weight(gm, reader.args[1])[0].detach().double()
         w = w0 if g is None else w0 * g[None, :]
@@ -329,7 +335,7 @@ def _add_bias(gm: fx.GraphModule, linear: fx.Node, extra: torch.Tensor) -> None:
     bias = bias_of(linear)
     dtype = linear_weight(gm, linear.args[1])[0].dtype
     if isinstance(bias, fx.Node):
-        b = constant_value(gm, bias)
+        b = _value(gm, bias)
         replace_arg_with_tensor(gm, linear, 2, (b.double() + extra).to(b.dtype), f"{site.module}_b")
         return
     node = add_buffer(gm, f"{site.module}_b", extra.to(dtype).contiguous(), linear)
@@ -348,18 +354,18 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         return t - t.mean(dim, keepdim=True) if layer else t
 
     for emb in stream.embeddings:
-        e = constant_value(gm, emb.args[1])
+        e = _value(gm, emb.args[1])
         replace_arg_with_tensor(gm, emb, 1, (centered(e.double(), 1) @ q).to(e.dtype), "rotated_embedding")
     for norm in stream.norms:
         if norm.kind == "layer":
             _fold_layer_norm(gm, norm, q, tag)
             continue
-        g = constant_value(gm, norm.mul.args[norm.weight_index]).double()
+        g = _value(gm, norm.mul.args[norm.weight_index]).double()
         for reader in norm.readers:
             w = linear_weight(gm, reader.args[1])[0].detach().double()
             _set_weight(gm, reader, (w * g[None, :]) @ q, tag + ("in", _digest(g)))
         replace_arg_with_tensor(gm, norm.mul, norm.weight_index,
-                                torch.ones_like(constant_value(gm, norm.mul.args[norm.weight_index])), "folded_norm_w")
+                                torch.ones_like(_value(gm, norm.mul.args[norm.weight_index])), "folded_norm_w")
     online = []
     for writer in stream.writers:
         w = q.t() @ centered(linear_weight(gm, writer.args[1])[0].detach().double(), 0)
@@ -373,7 +379,7 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         _set_weight(gm, writer, w, step)
         bias = bias_of(writer)
         if isinstance(bias, fx.Node):
-            b = constant_value(gm, bias)
+            b = _value(gm, bias)
             replace_arg_with_tensor(gm, writer, 2, (centered(b.double(), 0) @ q).to(b.dtype),
                                     f"{writer.meta[LINEAR].module}_b")
     gm.graph.lint()

@@ -156,3 +156,13 @@ def test_rotated_recipes_round_trip_as_json_and_are_not_exported():
         refuse_transforms(recipe)
     with pytest.raises(ValueError, match="Rotation.seed"):
         Rotation(seed=-1)
+
+
+def test_compare_and_explain_show_the_rotation_pass():
+    """compare runs the passes one by one on parameters that require grad (no inference mode)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    result = qcompiler.compare(model, "w8a8-dynamic-rotated", ids, top=2)
+    rotate = next(p for p in result.passes if p.name == "rotate")
+    assert rotate.sqnr_db > 60 and rotate.top1_agreement == 1.0  # float32 rounding only
+    assert len(result.attribution) == 2
