@@ -48,7 +48,7 @@ from qcompiler.passes.graph_utils import (
     replace_linear_weight,
     same_tensor_info,
 )
-from qcompiler.passes.smoothquant import _keeps_channels, _reads_attention
+from qcompiler.passes.smoothquant import _final_users, _keeps_channels, _reads_attention
 
 _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
 _ADD = {operator.add, torch.add, torch.Tensor.add}
@@ -169,21 +169,6 @@ def _keeps_last(node: fx.Node) -> bool:
         Ellipsis not in index
 
 
-def _readers(norm: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """Linears reading ``norm``'s output as their input through :func:`_keeps_last` nodes, and other users."""
-    linears, others, frontier = [], [], [norm]
-    while frontier:
-        current = frontier.pop()
-        for user in current.users:
-            if LINEAR in user.meta and user.args[0] is current:
-                linears.append(user)
-            elif _keeps_last(user):
-                frontier.append(user)
-            else:
-                others.append(user)
-    return linears, others
-
-
 def _writer(add: fx.Node, stream_value: fx.Node, width: int) -> fx.Node | None:
     other = next((a for a in add.args if a is not stream_value), None)
     node = other
@@ -253,7 +238,7 @@ def find_stream(gm: fx.GraphModule) -> Stream:
         for node in norm.internal - {norm.mul}:
             if any(u not in norm.internal for u in node.users):
                 raise RotationError(f"{node.name}, inside the RMS norm before {norm.mul.name}, is used elsewhere")
-        norm.readers, others = _readers(norm.mul)
+        norm.readers, others = _final_users(norm.mul, _keeps_last)
         if others or not norm.readers:
             raise RotationError(f"the norm {norm.mul.name} feeds {', '.join(o.name for o in others) or 'no linear'}: "
                                 "rotation needs a norm's output to reach linears only")

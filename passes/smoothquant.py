@@ -88,15 +88,17 @@ def _keeps_channels(node: fx.Node) -> bool:
             and before.shape[-1] == after.shape[-1])
 
 
-def _final_users(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """Users of ``node`` reached through channel-keeping views: (linears reading it as x, anything else)."""
+def _final_users(node: fx.Node, passes=None) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Users of ``node`` reached through channel-keeping views (or the nodes ``passes`` accepts): (linears
+    reading it as x, anything else)."""
+    passes = passes or _keeps_channels
     linears, others, frontier = [], [], [node]
     while frontier:
         current = frontier.pop()
         for user in current.users:
             if LINEAR in user.meta and user.args[0] is current:
                 linears.append(user)
-            elif _keeps_channels(user):
+            elif passes(user):
                 frontier.append(user)
             else:
                 others.append(user)
