@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +21,14 @@ from qcompiler.core.ir import (
     linear_weight,
     tensor_info,
 )
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-1 of the tensors' bytes: the part of a derived weight's cache key naming its factors."""
+    digest = hashlib.sha1()
+    for t in tensors:
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def ancestors(nodes: Iterable[fx.Node], limit: int | None = None) -> set[fx.Node]:

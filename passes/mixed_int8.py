@@ -13,7 +13,6 @@ The column sets are fixed at compile time, so every shape is static and the grap
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import operator
 
 import torch
@@ -30,7 +29,7 @@ from qcompiler.core.ir import (
     plan_of,
     set_plan,
 )
-from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
+from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info, tensor_digest
 
 
 def _index_select(gm: fx.GraphModule, x: fx.Node, index: torch.Tensor, stem: str, before: fx.Node) -> fx.Node:
@@ -66,7 +65,7 @@ def mixed_int8(gm: fx.GraphModule, config: MixedInt8) -> PassResult:
         rest = keep.nonzero().flatten()
         weight, _, _ = linear_weight(gm, node.args[1])
         x = node.args[0]
-        tag = hashlib.sha1(outliers.numpy().tobytes()).hexdigest()[:16]
+        tag = tensor_digest(outliers)
         x_rest = _index_select(gm, x, rest, f"{site.module}_int8_cols", node)
         x_out = _index_select(gm, x, outliers, f"{site.module}_float_cols", node)
         w_out = weight.detach()[:, outliers].contiguous()

@@ -29,7 +29,6 @@ embeddings) makes the pass refuse with the node it found: rotation is then not a
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from dataclasses import dataclass, field, replace
 
@@ -47,6 +46,7 @@ from qcompiler.passes.graph_utils import (
     replace_arg_with_tensor,
     replace_linear_weight,
     same_tensor_info,
+    tensor_digest,
 )
 from qcompiler.passes.smoothquant import _final_users, _keeps_channels, _reads_attention
 
@@ -249,10 +249,6 @@ def find_stream(gm: fx.GraphModule) -> Stream:
     return Stream(embeddings, norms, writers, width)
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def _value(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The constant ``node`` holds, detached (parameters may require grad outside inference mode)."""
     value = constant_value(gm, node)
@@ -299,7 +295,7 @@ def _fold_layer_norm(gm: fx.GraphModule, norm: Norm, q: torch.Tensor, tag: tuple
     for reader in norm.readers:
         w0 = linear_weight(gm, reader.args[1])[0].detach().double()
         w = w0 if g is None else w0 * g[None, :]
-        _set_weight(gm, reader, w @ q, tag + ("in", "layer_norm", _digest(g if g is not None else q[0])))
+        _set_weight(gm, reader, w @ q, tag + ("in", "layer_norm", tensor_digest(g if g is not None else q[0])))
         if beta is not None and bool(beta.ne(0).any()):
             _add_bias(gm, reader, w0 @ beta)
     graph = gm.graph
@@ -332,7 +328,7 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
     """Rotate the residual stream of ``gm`` by ``config``'s orthogonal matrix (see the module docstring)."""
     stream = find_stream(gm)
     q, how = hadamard.orthogonal(stream.width, config.seed)
-    tag = ("rotate", config.seed, _digest(q))
+    tag = ("rotate", config.seed, tensor_digest(q))
     layer = any(n.kind == "layer" for n in stream.norms)  # LayerNorms: the stream is centered first
 
     def centered(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -348,7 +344,7 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         g = _value(gm, norm.mul.args[norm.weight_index]).double()
         for reader in norm.readers:
             w = linear_weight(gm, reader.args[1])[0].detach().double()
-            _set_weight(gm, reader, (w * g[None, :]) @ q, tag + ("in", _digest(g)))
+            _set_weight(gm, reader, (w * g[None, :]) @ q, tag + ("in", tensor_digest(g)))
         replace_arg_with_tensor(gm, norm.mul, norm.weight_index,
                                 torch.ones_like(_value(gm, norm.mul.args[norm.weight_index])), "folded_norm_w")
     online = []

@@ -29,7 +29,6 @@ Reads ``meta["qcompiler.channels"]`` (the input's calibrated channel range, and 
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from qcompiler.passes.graph_utils import (
     replace_linear_weight,
     same_tensor_info,
     scale_channels,
+    tensor_digest,
 )
 
 _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
@@ -291,6 +291,16 @@ def search_alpha(samples, cmin, cmax, weights, schemes, grid, fold: ValueFold | 
     return best, errors
 
 
+def divide_norm(gm: fx.GraphModule, group: Group, s: torch.Tensor, stem: str) -> None:
+    """A norm group's producer with its weight (and bias) divided by ``s`` per channel (new buffers named
+    ``stem_w`` / ``stem_b`` that name the parameters they replace)."""
+    producer = group.producer
+    for index, suffix in ((group.weight_index, "w"), (group.bias_index, "b")):
+        if index is not None:
+            t = constant_value(gm, producer.args[index])
+            replace_arg_with_tensor(gm, producer, index, t.detach() / s.to(t.dtype), f"{stem}_{suffix}")
+
+
 def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, tag: tuple) -> None:
     for consumer in group.consumers:
         weight, _, _ = linear_weight(gm, consumer.args[1])
@@ -310,11 +320,7 @@ def _apply(gm: fx.GraphModule, group: Group, s: torch.Tensor, tag: tuple) -> Non
         return
     producer = group.producer
     if group.kind == "norm":
-        w = constant_value(gm, producer.args[group.weight_index])
-        replace_arg_with_tensor(gm, producer, group.weight_index, w.detach() / s.to(w.dtype), f"{group.name}_norm_w")
-        if group.bias_index is not None:
-            b = constant_value(gm, producer.args[group.bias_index])
-            replace_arg_with_tensor(gm, producer, group.bias_index, b.detach() / s.to(b.dtype), f"{group.name}_norm_b")
+        divide_norm(gm, group, s, f"{group.name}_norm")
         return
     weight, _, _ = linear_weight(gm, producer.args[1])
     replace_linear_weight(gm, producer, weight.detach() / s.to(weight.dtype)[:, None], ("smooth_out",) + tag)
@@ -353,7 +359,7 @@ def smoothquant(gm: fx.GraphModule, config: SmoothQuant) -> PassResult:
             alpha = float(config.alpha)
         w_absmax = tie_heads(torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0), group.fold)
         s = smoothing_scales(tie_heads(stats.absmax, group.fold), w_absmax, alpha)
-        _apply(gm, group, s, (group.kind, alpha, hashlib.sha1(s.numpy().tobytes()).hexdigest()[:16]))
+        _apply(gm, group, s, (group.kind, alpha, tensor_digest(s)))
         details.append(f"{group.name}: {group.kind} group, alpha {alpha:g}, s in [{float(s.min()):.3g}, {float(s.max()):.3g}]")
         applied += 1
     if applied:

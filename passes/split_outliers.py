@@ -16,7 +16,6 @@ error. The extra channels are real: they are in the weight bytes and the GEMM's 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import operator
 
@@ -25,7 +24,7 @@ import torch.fx as fx
 
 from qcompiler.config import OutlierSplit
 from qcompiler.core.ir import CHANNELS, LINEAR, ChannelStats, PassResult, linear_weight, plan_of, set_plan
-from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info
+from qcompiler.passes.graph_utils import add_buffer, replace_linear_weight, same_tensor_info, tensor_digest
 
 
 def plan_splits(magnitudes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +88,7 @@ def split_outliers(gm: fx.GraphModule, config: OutlierSplit) -> PassResult:
         if added == 0:
             continue
         x = node.args[0]
-        tag = hashlib.sha1(src.numpy().tobytes() + factor.numpy().tobytes()).hexdigest()[:16]
+        tag = tensor_digest(src, factor)
         src_node = add_buffer(gm, f"{site.module}_split_src", src, node)
         with graph.inserting_before(node):
             x_split = same_tensor_info(graph.call_function(torch.index_select, (x, -1, src_node)), x)

@@ -20,15 +20,20 @@ and each changed entry the checksum of its new float weight.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from qcompiler.core.ir import LINEAR, VALUE_FOLD, PassResult, linear_weight, plan_of, weight_checksum
-from qcompiler.passes.graph_utils import bias_of, constant_value, replace_arg_with_tensor, replace_linear_weight
-from qcompiler.passes.smoothquant import Group, find_groups
+from qcompiler.passes.graph_utils import (
+    bias_of,
+    constant_value,
+    replace_arg_with_tensor,
+    replace_linear_weight,
+    tensor_digest,
+)
+from qcompiler.passes.smoothquant import Group, divide_norm, find_groups
 
 
 def _shared_scale(group: Group, rounded: dict) -> torch.Tensor | None:
@@ -40,10 +45,6 @@ def _shared_scale(group: Group, rounded: dict) -> torch.Tensor | None:
             return None
         scales.append(entry.input_scale)
     return scales[0] if all(torch.equal(s, scales[0]) for s in scales[1:]) else None
-
-
-def _tag(s: torch.Tensor) -> str:
-    return hashlib.sha1(s.to(torch.float32).numpy().tobytes()).hexdigest()[:16]
 
 
 def _rescale(gm: fx.GraphModule, node: fx.Node, rounded: dict, cols: torch.Tensor | None = None,
@@ -63,10 +64,10 @@ def _rescale(gm: fx.GraphModule, node: fx.Node, rounded: dict, cols: torch.Tenso
     step = ("awq_fold",)
     if cols is not None:
         new = new * cols.to(new.dtype)[None, :]
-        step += ("cols", _tag(cols))
+        step += ("cols", tensor_digest(cols))
     if rows is not None:
         new = new / rows.to(new.dtype)[:, None]
-        step += ("rows", _tag(rows))
+        step += ("rows", tensor_digest(rows))
     if entry is not None:
         qw = entry.weight
         if rows is not None:
@@ -98,14 +99,7 @@ def fold_awq_scales(gm: fx.GraphModule, rounded: dict) -> PassResult:
             marked += 1
             continue
         if group.kind == "norm":
-            producer = group.producer
-            w = constant_value(gm, producer.args[group.weight_index])
-            replace_arg_with_tensor(gm, producer, group.weight_index, w.detach() / s.to(w.dtype),
-                                    f"{group.name}_awq_norm_w")
-            if group.bias_index is not None:
-                b = constant_value(gm, producer.args[group.bias_index])
-                replace_arg_with_tensor(gm, producer, group.bias_index, b.detach() / s.to(b.dtype),
-                                        f"{group.name}_awq_norm_b")
+            divide_norm(gm, group, s, f"{group.name}_awq_norm")
         elif not _rescale(gm, group.producer, rounded, rows=s):
             details.append(f"{group.name}: AWQ scales not folded (the producer's weight can not take them)")
             continue
