@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from qcompiler.config import LayerScheme
 from qcompiler.core.ir import DECISION, LOWERED_FROM, QLINEAR, PassResult, QLinearSpec, tensor_info
+from qcompiler.lowering import embedding
 from qcompiler.lowering.key import REFERENCE_OPS, Layer, key_of, key_of_scheme
 from qcompiler.lowering.patterns import LOWERINGS
 
@@ -149,7 +150,8 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: tor
 def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
     """Details per quantized layer: ``(module, kernel, key or why not, decision)``, where ``decision``
     is the layer's :class:`~qcompiler.core.ir.LayerDecision` with the bytes of the kernel's weight format
-    when the lowering repacked the weight (None otherwise). ``device``: the device whose kernels to
+    when the lowering repacked the weight (None otherwise); quantized embedding tables follow the linears
+    (``lowering/embedding.py``). ``device``: the device whose kernels to
     use (default: each layer's weight's)."""
     details, lowered = [], 0
     replaced_buffers: set[str] = set()
@@ -162,6 +164,9 @@ def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
         if kernel != REFERENCE_OPS:
             replaced_buffers.update(n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
             lowered += 1
+    tables = embedding.lower_embeddings(gm)
+    details.extend(tables)
+    lowered += sum(1 for _, _, why, _ in tables if not why)
     if lowered:
         gm.graph.lint()
         drop_unused_buffers(gm, replaced_buffers)

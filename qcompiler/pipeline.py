@@ -13,6 +13,8 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 7. ``fold_awq``        ``AWQ(foldable=True)``'s shared input scales folded into norms and producers' rows
    (``passes/weight_rounding/fold.py``; function-preserving up to float rounding)
 8. ``insert_qdq``      quantize/dequantize per the plan; weights become buffers
+   ``quantize_embeddings`` the embedding tables, weight-only (``Recipe(embedding=...)``:
+   ``passes/quantize_embeddings.py``)
 9. ``load_artifact``   an artifact's saved tensors replace the computed ones (with ``artifact=``)
 10. ``lower``          QDQ patterns -> ``qcompiler::`` integer kernels (skipped with ``kernels="reference"``)
 11. ``fuse_gemv``      decode-step GEMVs that read the same input (q/k/v, gate/up) -> one call on stacked
@@ -43,6 +45,7 @@ from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.gqa_attention import gqa_attention
 from qcompiler.passes.insert_qdq import insert_qdq
 from qcompiler.passes.mixed_int8 import mixed_int8
+from qcompiler.passes.quantize_embeddings import quantize_embeddings
 from qcompiler.passes.rotate import rotate
 from qcompiler.passes.smoothquant import smoothquant
 from qcompiler.passes.split_outliers import split_outliers
@@ -51,7 +54,7 @@ from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
 ORDER = ("canonicalize", "plan", "rotate", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "fold_awq",
-         "insert_qdq", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention")
+         "insert_qdq", "quantize_embeddings", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention")
 
 
 class PassFailed(RuntimeError):
@@ -153,6 +156,8 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
                               ranges=ranges, rounded=rounded),
         requires=("plan",),
     ))
+    if recipe.embedding is not None:
+        steps.append(Step("quantize_embeddings", lambda gm: quantize_embeddings(gm, recipe.embedding)))
     if artifact is not None:
         steps.append(Step("load_artifact", artifact.apply, requires=("insert_qdq",)))
     if kernels == "fast":
@@ -199,7 +204,7 @@ def run(gm: fx.GraphModule, steps: list[Step], report: CompileReport, dumper=Non
         if dumper is not None:
             dumper.after(step.name, gm, seconds, result.modified, dict(result.counts), done)
         report.plan = gm.meta.get(PLAN, report.plan)  # set by the plan step, replaced by width-changing transforms
-        if step.name in ("canonicalize", "insert_qdq"):
+        if step.name in ("canonicalize", "insert_qdq", "quantize_embeddings"):
             report.layers.extend(result.details)  # canonicalize: products on parameters it could not rewrite
         elif step.name == "lower":
             repacked = {}

@@ -20,6 +20,7 @@ from qcompiler.config.schemes import ActivationScheme, LayerOverride, LayerSchem
 from qcompiler.core.errors import ConfigError, ConfigTypeError
 
 METRICS = ("kl", "mse")
+EMBEDDINGS = "(embeddings)"  # the search's name for every embedding table at once (one Recipe.embedding scheme)
 _PATTERN_CHARACTERS = "*?["
 
 
@@ -44,6 +45,11 @@ class Candidate:
         if self.activation is not None and not self.activation.dynamic:
             raise ConfigError(f"Candidate {self.name!r}: static activations need calibration statistics per "
                               "candidate, which the search does not gather; use a dynamic activation scheme")
+
+    @property
+    def weight_only(self) -> bool:
+        """Float or weight-only: what an embedding table may take (a lookup has no input to quantize)."""
+        return self.activation is None
 
     @property
     def scheme(self) -> LayerScheme | None:
@@ -87,6 +93,9 @@ class AutoPrecision:
     (every parameter: embeddings, norms and the LM head included, at their stored bits).
 
     ``skip``: layers kept float whatever the budget (the LM head is not in it: a candidate may quantize it).
+    ``embeddings``: also choose the embedding tables' scheme (one for all of them, ``Recipe.embedding``) among
+    the float and weight-only candidates; a table tied to a searched LM head is priced with it (its float
+    bits are saved only when both are quantized).
     ``rounding``: None (round to nearest) or HQQ() for every quantized layer (then every candidate needs
     asymmetric weights). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
     ``max_latency_ratio``: also keep the searched layers' summed decode-step time (each layer's kernels on
@@ -102,6 +111,7 @@ class AutoPrecision:
     seq_len: int = 256
     name: str = ""
     max_latency_ratio: float | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or \
@@ -131,6 +141,8 @@ class AutoPrecision:
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigTypeError("AutoPrecision.skip must be a tuple of module-name patterns, e.g. ('*embed*',)")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.embeddings, bool):
+            raise ConfigError(f"AutoPrecision.embeddings must be True or False, got {self.embeddings!r}")
         r = self.max_latency_ratio
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0):
             raise ConfigError(f"AutoPrecision.max_latency_ratio must be a positive number (e.g. 0.8: the quantized "
@@ -152,25 +164,30 @@ class AutoPrecision:
 
 
 def uniform_recipe(auto: AutoPrecision, candidate: Candidate) -> Recipe:
-    """Every layer not in ``auto.skip`` on ``candidate`` (what one candidate's bits and errors are measured on)."""
+    """Every layer not in ``auto.skip`` on ``candidate`` (what one candidate's bits and errors are measured on),
+    and the embedding tables too when the search takes them and the candidate is weight-only."""
     if candidate.weight is None:
         return Recipe(name=f"uniform-{candidate.name}", skip=("*",))
+    embedding = candidate.weight if auto.embeddings and candidate.weight_only else None
     return Recipe(name=f"uniform-{candidate.name}", weight=candidate.weight, activation=candidate.activation,
-                  skip=auto.skip, rounding=auto.rounding)
+                  skip=auto.skip, rounding=auto.rounding, embedding=embedding)
 
 
 def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
     """The Recipe giving each module (exact name) the candidate ``assignment`` names: the most common
     quantized candidate is the recipe's own scheme, the others are one :class:`LayerOverride` per layer,
-    float layers are added to ``skip`` by name (after ``auto.skip``)."""
+    float layers are added to ``skip`` by name (after ``auto.skip``); :data:`EMBEDDINGS`' candidate becomes
+    ``Recipe.embedding`` (its weight scheme, or None for float)."""
     chosen = {module: auto.candidate(name) for module, name in assignment.items()}
+    table = chosen.pop(EMBEDDINGS, None)
+    embedding = None if table is None else table.weight
     odd = [m for m in chosen if any(ch in m for ch in _PATTERN_CHARACTERS)]
     if odd:
         raise ConfigError(f"module names {odd[:3]} hold pattern characters ({_PATTERN_CHARACTERS}): a recipe "
                           "could not name them alone")
     counts = Counter(c.name for c in chosen.values() if c.weight is not None)
     if not counts:
-        return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=auto.rounding)
+        return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=auto.rounding, embedding=embedding)
     order = {c.name: i for i, c in enumerate(auto.candidates)}
     base = auto.candidate(min(counts, key=lambda n: (-counts[n], order[n])))
     overrides = []
@@ -183,4 +200,4 @@ def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
             overrides.append(LayerOverride(module, weight=c.weight, activation=c.activation))
     floats = tuple(m for m, c in chosen.items() if c.weight is None)
     return Recipe(name=auto.recipe_name, weight=base.weight, activation=base.activation,
-                  skip=(*auto.skip, *floats), overrides=tuple(overrides), rounding=auto.rounding)
+                  skip=(*auto.skip, *floats), overrides=tuple(overrides), rounding=auto.rounding, embedding=embedding)

@@ -24,6 +24,9 @@ class Recipe:
     mixed_int8: MixedInt8 | None = None
     rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest
     rotation: Rotation | None = None  # data-free: runs before every statistic is gathered
+    # every token/position embedding table on a parameter, weight-only (its rows per channel or in groups
+    # along the hidden size; scales and offsets stored as fp16); None keeps the tables float
+    embedding: WeightScheme | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, WeightScheme):
@@ -54,6 +57,15 @@ class Recipe:
             raise ConfigError(f"Recipe: SmoothQuant combines with GPTQ rounding only (the smoothed weights are rounded "
                              f"by GPTQ on the smoothed inputs), not with {type(self.rounding).__name__}: AWQ scales "
                              "the same channels itself; use SmoothQuant with GPTQ() or round to nearest")
+        if self.embedding is not None:
+            if not isinstance(self.embedding, WeightScheme):
+                raise ConfigTypeError(f"Recipe.embedding must be a WeightScheme or None, got "
+                                      f"{type(self.embedding).__name__}")
+            if self.embedding.granularity == "per_tensor":
+                raise ConfigError("Recipe.embedding: an embedding table is quantized per row (granularity "
+                                  "'per_channel') or in groups along the hidden size ('per_group'), not per tensor")
+            if self.embedding.full_range:
+                raise ConfigError("Recipe.embedding: full_range (the Q4_0 grid) is offered for linear weights only")
         weights = [self.weight] + [o.weight for o in self.overrides if o.weight is not None]
         if isinstance(self.rounding, HQQ) and any(w.symmetric for w in weights):
             raise ConfigError("Recipe: HQQ optimizes the zero point, so it needs asymmetric weights "

@@ -29,6 +29,7 @@ PLAN = "qcompiler.plan"  # LayerPlan, on canonical linears (the plan step); gm.m
 LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that replaced a QDQ linear (lowering)
 REPLACES = "qcompiler.replaces"  # str, on get_attr nodes of a transformed parameter: the parameter's name (export)
 VALUE_FOLD = "qcompiler.value_fold"  # ValueFold, on the get_attr of a 1/s that multiplies an attention's output
+QEMBEDDING = "qcompiler.qembedding"  # QEmbeddingSpec, on embedding lookups of a dequantized table (quantize_embeddings)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,22 @@ class QLinearSpec:
     has_bias: bool
     x_scale: str | None = None  # buffers of a static activation range
     x_zero_point: str | None = None
+
+
+@dataclass(frozen=True)
+class QEmbeddingSpec:
+    """A quantized embedding table in QDQ form: ``embedding(ids, dequantize(w_q, w_scale, w_zero_point))``
+    with ``w_q [rows, dim]`` and one scale (and float zero point, asymmetric) per row or per ``group_size``
+    columns of a row; the scales and offsets are exactly representable in fp16 (what the lowering stores)."""
+
+    module: str
+    param: str
+    weight_bits: int
+    weight_symmetric: bool
+    group_size: int  # columns per scale: the row width for per-row scales
+    w_q: str
+    w_scale: str
+    w_zero_point: str | None
 
 
 @dataclass(frozen=True, eq=False)

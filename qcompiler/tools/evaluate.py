@@ -32,6 +32,7 @@ from qcompiler.config import BackendOptions
 from qcompiler.core.errors import ConfigError
 from qcompiler.core.files import read_text
 from qcompiler.tools.metrics import next_token_divergence, nll
+from qcompiler.tools.model_bits import model_bits, model_bits_per_weight
 from qcompiler.tools.models import LoadedModel
 from qcompiler.tools.timing import time_interleaved
 
@@ -257,14 +258,9 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def quantized_weight_bytes(model: torch.nn.Module, layers) -> int:
-    """Float bytes of the model with each quantized weight counted at its stored size (once)."""
-    total = model_weight_bytes(model)
-    seen = set()
-    for d in layers:
-        if d.quantized and d.param not in seen:
-            seen.add(d.param)
-            total += d.weight_bytes - d.float_weight_bytes
-    return total
+    """Float bytes of the model (buffers included) with the parameters counted as ``model_bits`` counts them."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
+    return model_weight_bytes(model) - params + model_bits(model, layers) // 8
 
 
 def evaluate(loaded: LoadedModel, options: BackendOptions, text: Path, cfg: EvalConfig) -> EvalResult:
@@ -287,6 +283,7 @@ def evaluate(loaded: LoadedModel, options: BackendOptions, text: Path, cfg: Eval
     result.weight_bytes = {
         "float": model_weight_bytes(loaded.model),
         "quantized": quantized_weight_bytes(loaded.model, layers.values()),
+        "bits_per_weight": model_bits_per_weight(loaded.model, layers.values()),
     }
     result.layers = {
         "quantized": sum(d.quantized for d in layers.values()),
@@ -307,6 +304,8 @@ def format_table(result: EvalResult) -> str:
         rows.append((key, "" if f is None else f"{f:.4f}", "" if q is None else f"{q:.4f}"))
     wb = result.weight_bytes
     rows.append(("weight MB", f"{wb['float'] / 1e6:.1f}", f"{wb['quantized'] / 1e6:.1f}"))
+    if "bits_per_weight" in wb:
+        rows.append(("bits per weight", "", f"{wb['bits_per_weight']:.4f}"))
     for name, value in result.speed.items():
         if name == "vs_float_inductor":
             for sub, v in value.items():

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from qcompiler.tools.model_bits import model_bits_per_weight
+
 
 def _figure():
     import matplotlib
@@ -135,26 +137,6 @@ def plot_perplexity_vs_bits(points: list[dict], out: Path):
     return _save(fig, out, "perplexity_vs_bits.png")
 
 
-def model_bits_per_weight(model: torch.nn.Module, report) -> float:
-    """Bits per weight of the whole model as ``report`` (its compile report) stores it, counted as
-    ``qcompiler autotune`` counts them: every floating-point parameter once at its own bits, except that a
-    quantized linear's weight counts at the bytes the backend stores for it (``weight_bytes``: integers,
-    scales, zero points); a weight something else also holds (an LM head tied to the token embedding)
-    keeps its float bits and the quantized copy adds to them. Denominator: every floating-point element."""
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    holders: dict[int, int] = {}  # (module, attribute) places holding each parameter: 2 for a tied head
-    for _, module in model.named_modules(remove_duplicate=False):
-        for _, p in module.named_parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
-    bits = sum(p.numel() * p.element_size() * 8 for p in params)
-    for d in report.quantized:
-        weight = getattr(model.get_submodule(d.module), "weight", None)
-        if weight is not None and holders.get(id(weight)) == 1:
-            bits -= weight.numel() * weight.element_size() * 8
-        bits += 8 * d.weight_bytes
-    return bits / sum(p.numel() for p in params)
-
-
 def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = False) -> list[dict]:
     """fp32 and each recipe (``name -> (recipe, stats)``) on the first ``tokens`` tokens, 512-token windows
     (``other_weights``: the backend option, for statistics gathered on other weights): ``recipe``,
@@ -180,7 +162,7 @@ def perplexity_points(loaded, recipes: dict, tokens: int, other_weights: bool = 
         model = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats,
                                                                         "other_weights": other_weights})
         points.append({"recipe": name, "perplexity": perplexity(model),
-                       "bpw": model_bits_per_weight(loaded.model, report.last_report()),
+                       "bpw": model_bits_per_weight(loaded.model, report.last_report().layers),
                        "kind": "preset" if PRESETS.get(recipe.name) is recipe else "file"})
     front = set(pareto_front(points))
     return [{**p, "pareto": i in front} for i, p in enumerate(points)]

@@ -10,12 +10,13 @@ import torch
 
 import qcompiler
 from qcompiler.config import Recipe, recipe_from_json, recipe_to_json
-from qcompiler.config.auto import CANDIDATES, AutoPrecision
+from qcompiler.config.auto import CANDIDATES, EMBEDDINGS, AutoPrecision
 from qcompiler.core.errors import ConfigError, StatsError
 from qcompiler.tools import models
 from qcompiler.tools.autotune import measure
 from qcompiler.tools.autotune.search import auto_recipe
 from qcompiler.tools.metrics import next_token_divergence
+from qcompiler.tools.model_bits import model_bits, model_bits_per_weight
 
 CANDIDATE_NAMES = ("float", "w8-channel", "w4-g64", "w3-g64")
 
@@ -31,7 +32,7 @@ def stories():
 def searched(stories, tmp_path_factory):
     model, ids = stories
     cache = tmp_path_factory.mktemp("cache")
-    auto = AutoPrecision(11.0, candidates=CANDIDATE_NAMES)
+    auto = AutoPrecision(8.0, candidates=CANDIDATE_NAMES)
     return auto_recipe(model, auto, [ids], cache=cache, progress=False), cache
 
 
@@ -49,22 +50,26 @@ def test_the_recipe_fits_the_budget_and_its_bits_are_the_backends_own(stories, s
     result, _ = searched
     params = [p for p in model.parameters()]
     assert result.weights == sum(p.numel() for p in params)
-    assert result.bits <= 11.0 * result.weights and result.bits_per_weight <= 11.0
+    assert result.bits <= 8.0 * result.weights and result.bits_per_weight <= 8.0
     assert len({c.candidate for c in result.layers}) >= 2  # a real mix at this budget
     logits, report = _compile_and_run(model, result.recipe, ids)
     assert torch.isfinite(logits).all()
     decisions = {d.module: d for d in report.layers}
     for choice in result.layers:
+        if choice.module == EMBEDDINGS:  # stories260K: one table, tied to the LM head
+            d = decisions["model.embed_tokens"]
+            assert d.quantized == (choice.candidate != "float"), choice
+            if d.quantized:
+                assert 8 * d.weight_bytes == choice.bits and d.scheme.endswith("(embedding)")
+            continue
         d = decisions[choice.module]
         assert d.quantized == (choice.candidate != "float"), choice
         if d.quantized:
             assert 8 * d.weight_bytes == choice.bits and d.scheme == CANDIDATES[choice.candidate].describe()
-    # the whole model: every parameter once; stories260K's LM head is tied to the embedding, which stays float
-    float_bits = sum(8 * p.numel() * p.element_size() for p in params)
-    untied = [d for d in decisions.values() if d.quantized and d.module != "lm_head"]
-    head = [8 * d.weight_bytes for d in decisions.values() if d.quantized and d.module == "lm_head"]
-    expected = float_bits - sum(8 * d.float_weight_bytes for d in untied) + sum(8 * d.weight_bytes for d in untied)
-    assert result.bits == expected + sum(head)
+    # the whole model as the report counts it: every parameter once, the tied table's float bits unless
+    # both the embedding and the LM head are quantized
+    assert result.bits == model_bits(model, report.layers)
+    assert result.bits_per_weight == pytest.approx(model_bits_per_weight(model, report.layers), rel=1e-12)
 
 
 def test_a_layers_sensitivity_is_the_kl_of_compiling_that_layer_alone(stories, searched):
@@ -82,6 +87,19 @@ def test_a_layers_sensitivity_is_the_kl_of_compiling_that_layer_alone(stories, s
     # fewer bits, more error: summed over the layers, 3 bits hurt more than 4, and 4 more than 8
     total = {name: sum(s for _, s in result.table[name].values()) for name in CANDIDATE_NAMES}
     assert total["float"] == 0 < total["w8-channel"] < total["w4-g64"] < total["w3-g64"]
+
+
+def test_the_tables_sensitivity_is_the_kl_of_quantizing_the_tables_alone(stories, searched):
+    model, ids = stories
+    result, _ = searched
+    with torch.inference_mode():
+        reference = model(input_ids=ids, use_cache=False).logits
+    alone = Recipe(skip=("*",), embedding=CANDIDATES["w3-g64"].weight)
+    logits, report = _compile_and_run(model, alone, ids, kernels="reference")
+    assert [d.module for d in report.quantized] == ["model.embed_tokens"]
+    kl = next_token_divergence(reference, logits)[0].mean().item()
+    assert result.table["w3-g64"][EMBEDDINGS][1] == pytest.approx(kl, rel=1e-4, abs=1e-9) and kl > 0
+    assert EMBEDDINGS not in result.table.get("w8a8-dynamic", {})  # a lookup has no activation to quantize
 
 
 def test_the_saved_recipe_loads_and_compiles_to_the_same_logits(stories, searched, tmp_path):
@@ -107,18 +125,23 @@ def test_a_rerun_reads_every_number_from_the_cache(stories, searched, monkeypatc
 
     monkeypatch.setattr(measure, "candidate_sensitivity", measured)
     monkeypatch.setattr(measure, "candidate_bits", measured)
-    again = auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+    again = auto_recipe(model, AutoPrecision(8.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
     assert again.layers == result.layers and again.recipe == result.recipe
     # another budget reuses the same measurements and never costs more bits than it is given
-    tighter = auto_recipe(model, AutoPrecision(9.6, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
-    assert tighter.bits_per_weight <= 9.6 and tighter.sensitivity >= result.sensitivity
+    tighter = auto_recipe(model, AutoPrecision(7.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+    assert tighter.bits_per_weight <= 7.0 and tighter.sensitivity >= result.sensitivity
 
 
 def test_a_budget_below_the_cheapest_assignment_names_the_least_bits_per_weight(stories, searched):
     model, ids = stories
     result, cache = searched
-    least = (result.fixed_bits + sum(min(result.table[n][c.module][0] for n in CANDIDATE_NAMES)
-                                     for c in result.layers)) / result.weights
+    table = model.model.embed_tokens.weight  # tied to the LM head: its float bits count unless both are quantized
+    shared = 8 * table.numel() * table.element_size()
+    pair = min(result.table[e][EMBEDDINGS][0] + result.table[h]["lm_head"][0] + shared * ("float" in (e, h))
+               for e in CANDIDATE_NAMES for h in CANDIDATE_NAMES)
+    rest = sum(min(result.table[n][c.module][0] for n in CANDIDATE_NAMES)
+               for c in result.layers if c.module not in (EMBEDDINGS, "lm_head"))
+    least = (result.fixed_bits + pair + rest) / result.weights
     with pytest.raises(ConfigError, match=rf"target_bpw 4 is below .*: {math.ceil(least * 1e4) / 1e4:.4f} bits per weight"):
         auto_recipe(model, AutoPrecision(4.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
 
@@ -132,10 +155,10 @@ def test_a_cache_of_another_model_or_not_json_is_an_error_naming_the_file(storie
         doc = json.loads(saved)
         path.write_text(json.dumps({**doc, "model": "0" * 64}))
         with pytest.raises(StatsError, match="another model"):
-            auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+            auto_recipe(model, AutoPrecision(8.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
         path.write_text("{not json")
         with pytest.raises(StatsError, match=f"{path.name} is not readable JSON.*delete"):
-            auto_recipe(model, AutoPrecision(11.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
+            auto_recipe(model, AutoPrecision(8.0, candidates=CANDIDATE_NAMES), [ids], cache=cache, progress=False)
     finally:
         path.write_text(saved)
 
@@ -149,17 +172,19 @@ def test_a_latency_budget_holds_on_the_timed_layers(stories, searched, monkeypat
 
     model, ids = stories
     result, cache = searched
-    modules = [c.module for c in result.layers]
+    modules = [c.module for c in result.layers if c.module != EMBEDDINGS]
     fake = {"float": 1.0, "w8-channel": 0.5, "w4-g64": 2.0, "w3-g64": 2.0}
     monkeypatch.setattr(latency, "candidate_latencies", lambda gm0, auto, mods, device, progress=True: (
         {c: {m: t for m in mods} for c, t in fake.items()}, {m: 1.0 for m in mods}))
-    unlimited = sum(fake[c.candidate] for c in result.layers) / len(result.layers)  # the answer without a budget
+    linears = [c for c in result.layers if c.module != EMBEDDINGS]  # a table lookup is not timed: 0 seconds
+    unlimited = sum(fake[c.candidate] for c in linears) / len(linears)  # the answer without a budget
     ratio = 0.95 * unlimited
     auto = replace(result.auto, max_latency_ratio=ratio)
     limited = auto_recipe(model, auto, [ids], cache=cache, progress=False)
     lat = limited.latency
-    assert lat["ratio"] <= ratio + 1e-9 and lat["seconds"] == pytest.approx(sum(fake[c.candidate] for c in limited.layers))
-    assert limited.bits <= 11.0 * limited.weights and lat["gap"] >= 0
+    assert lat["ratio"] <= ratio + 1e-9 and lat["seconds"] == pytest.approx(
+        sum(fake[c.candidate] for c in limited.layers if c.module != EMBEDDINGS))
+    assert limited.bits <= 8.0 * limited.weights and lat["gap"] >= 0
     slow = sum(c.candidate.startswith(("w4", "w3")) for c in limited.layers)
     assert slow < sum(c.candidate.startswith(("w4", "w3")) for c in result.layers)  # the budget bound
     assert "decode-step time of the searched layers" in str(limited)
@@ -182,5 +207,5 @@ def measure_graph(model, ids):
 
     gm, calls = capture.capture(model, [capture.as_batch(ids)], what="test")
     capture.bind_parameters(gm, calls[0])
-    steps = pipeline.transform_steps(uniform_recipe(AutoPrecision(11.0), CANDIDATES["float"]), None)
+    steps = pipeline.transform_steps(uniform_recipe(AutoPrecision(8.0), CANDIDATES["float"]), None)
     return pipeline.run(gm, steps, CompileReport(0, "", ""))

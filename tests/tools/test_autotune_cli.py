@@ -48,5 +48,9 @@ def test_autotune_writes_a_recipe_that_loads_and_a_rerun_reads_the_cache(capsys,
     assert "measuring" not in err  # every number came from the cache
     again = json.loads((tmp_path / "b" / "autotune.json").read_text())
     assert again["layers"] == result["layers"]
-    assert cli.main([*args[:4], "9", *args[5:], "--out", str(tmp_path / "c")]) == 2
+    assert {layer["module"] for layer in result["layers"]} >= {"(embeddings)", "lm_head"}
+    assert cli.main([*args[:4], "4", *args[5:], "--out", str(tmp_path / "c")]) == 2
+    assert "is below the least this model can take" in capsys.readouterr().err
+    # without the embedding table (tied to the LM head, so its float bits stay) 9 bits are below the least
+    assert cli.main([*args[:4], "9", *args[5:], "--no-embeddings", "--out", str(tmp_path / "c")]) == 2
     assert "is below the least this model can take" in capsys.readouterr().err

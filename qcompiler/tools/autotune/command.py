@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--max-latency-ratio", type=float, default=None,
                    help="also keep the searched layers' decode-step time (timed per layer on this machine) within "
                         "this multiple of their float time, e.g. 0.8 (default: no latency budget)")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="keep the embedding tables float (default: the search also picks their weight-only scheme)")
     p.add_argument("--calib-text", default=None, help="calibration text (default: <data>/wikitext-2/valid.txt)")
     p.add_argument("--samples", type=int, default=4, help="calibration samples (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
@@ -50,7 +52,8 @@ def _search(args) -> AutoPrecision:
     """The search the arguments ask for, validated (before the model is loaded)."""
     return AutoPrecision(target_bpw=args.target_bpw, candidates=tuple(args.candidates), metric=args.metric or "kl",
                          rounding=HQQ() if args.rounding == "hqq" else None, samples=args.samples,
-                         seq_len=args.seq_len, max_latency_ratio=args.max_latency_ratio)
+                         seq_len=args.seq_len, max_latency_ratio=args.max_latency_ratio,
+                         embeddings=not args.no_embeddings)
 
 
 def _metric_for(auto: AutoPrecision, asked: str | None, kind: str) -> AutoPrecision:

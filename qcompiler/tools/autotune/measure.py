@@ -1,11 +1,13 @@
-"""What the search measures per linear layer and candidate: its exact bits, and its sensitivity.
+"""What the search measures per layer (linear, or the embedding tables) and candidate: its exact bits, and its sensitivity.
 
 **Bits.** Every floating-point parameter of the model counts once (embeddings, norms, biases, the LM head).
 A linear layer's weight counts at the bytes the backend stores for it on this device (``LayerDecision.
 weight_bytes`` after ``lower``: integers, scales and zero points at the kernel's widths, what
-``qcompiler.last_report()`` and ``qcompiler eval`` report), or at its float bits when it stays float. A
-weight that something else also reads (an LM head tied to the token embedding) keeps its float bits in
-the fixed part, and quantizing that layer adds its quantized copy.
+``qcompiler.last_report()`` and ``qcompiler eval`` report), or at its float bits when it stays float; the
+embedding tables (searched together, :data:`EMBEDDINGS`) likewise at their stored tables' bytes. A weight
+that two searched layers read (an LM head tied to the token embedding) is a tied group: its float bits count
+unless both are quantized, and each quantized one adds its own copy. A weight that something outside the
+search also reads keeps its float bits in the fixed part, and quantizing the searched layer adds a copy.
 
 **Sensitivity.** The model is captured once on the calibration batch; per candidate the pipeline runs to
 ``insert_qdq`` with every searched layer on that candidate (the quantize/dequantize graph that
@@ -26,8 +28,10 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qcompiler import pipeline
-from qcompiler.config.auto import AutoPrecision, Candidate, uniform_recipe
-from qcompiler.core.ir import LINEAR, PARAM_META, QLINEAR, linear_weight
+from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, Candidate, uniform_recipe
+from qcompiler.core.ir import FLOAT_WEIGHT, LINEAR, PARAM_META, QEMBEDDING, QLINEAR, linear_weight
+from qcompiler.passes.graph_utils import constant_value
+from qcompiler.passes.quantize_embeddings import embedding_lookups
 from qcompiler.report import CompileReport
 from qcompiler.tools.compare import float_args, fresh_graph, main_output
 from qcompiler.tools.metrics import next_token_divergence
@@ -35,17 +39,25 @@ from qcompiler.tools.metrics import next_token_divergence
 
 @dataclass(frozen=True)
 class Layer:
-    module: str
+    module: str  # a linear layer's module, or config.auto.EMBEDDINGS for every embedding table at once
     numel: int
-    float_bits: int  # the bits the layer costs when it stays float (0 when its weight counts in the fixed part)
+    float_bits: int  # the bits the layer costs when it stays float (0 when its weight counts elsewhere)
 
 
 @dataclass
 class Accounting:
-    layers: list[Layer]  # the searched linear layers, in graph order
+    layers: list[Layer]  # the searched layers, in graph order (the embedding tables first, when searched)
     fixed_bits: int  # every parameter bit that no searched layer's choice changes
     weights: int  # floating-point parameter elements of the model (the bits-per-weight denominator)
     bits: dict[str, dict[str, int]] = field(default_factory=dict)  # candidate -> module -> bits
+    # searched layers that read one float parameter (an LM head tied to the token embedding) and its bits:
+    # they are saved only when every one of them is quantized
+    tied: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
+    tables: dict[str, int] = field(default_factory=dict)  # embedding table parameter -> float bits when float
+
+    def applies(self, candidate: Candidate, module: str) -> bool:
+        """An embedding table takes float and weight-only candidates; a linear layer every candidate."""
+        return module != EMBEDDINGS or candidate.weight_only
 
 
 def _float_bits(t: torch.Tensor) -> int:
@@ -61,44 +73,77 @@ def _owners(model: torch.nn.Module) -> dict[int, int]:
     return count
 
 
-def _sites(gm: fx.GraphModule, auto: AutoPrecision) -> dict[str, torch.Tensor]:
-    """The searched linear layers of a canonicalized graph: module -> its weight parameter (graph order)."""
-    out: dict[str, torch.Tensor] = {}
+def _sites(gm: fx.GraphModule, auto: AutoPrecision) -> dict[str, list[torch.Tensor]]:
+    """The searched layers of a canonicalized graph: module -> the parameters it reads (graph order); the
+    embedding tables, when searched, under :data:`EMBEDDINGS`."""
+    out: dict[str, list[torch.Tensor]] = {}
+    if auto.embeddings:
+        tables = [constant_value(gm, node.args[1]) for node, _ in embedding_lookups(gm)]
+        if tables:
+            out[EMBEDDINGS] = tables
     for node in gm.graph.nodes:
         site = node.meta.get(LINEAR)
         if site is None or any(fnmatch.fnmatchcase(site.module, p) for p in auto.skip):
             continue
         _, owner, _ = linear_weight(gm, node.args[1])
-        out.setdefault(site.module, owner)
+        out.setdefault(site.module, [owner])
     return out
 
 
 def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPrecision) -> Accounting:
-    """The searched layers, the fixed bits and the number of weights (no candidate's bits yet)."""
+    """The searched layers, the fixed bits and the number of weights (no candidate's bits yet). A parameter
+    counts on the one searched layer that reads it when nothing else holds it; one that several searched
+    layers read and nothing else holds (a tied LM head and embedding) is a tied group's; the rest is fixed."""
     first = auto.candidates[0]
     steps = pipeline.transform_steps(uniform_recipe(auto, first), None)
     gm = pipeline.run(fresh_graph(gm0, inputs), steps, CompileReport(0, "", ""))
     sites = _sites(gm, auto)
-    owners, users = _owners(model), {}
-    for weight in sites.values():
-        users[id(weight)] = users.get(id(weight), 0) + 1
-    separable = {id(w) for w in sites.values() if owners.get(id(w), 0) == 1 and users[id(w)] == 1}
+    owners, readers = _owners(model), {}
+    tensors = {}
+    for module, params in sites.items():
+        for p in params:
+            readers.setdefault(id(p), []).append(module)
+            tensors[id(p)] = p
+    float_bits = {m: 0 for m in sites}
+    tied, grouped, kept = [], set(), set()
+    for key, mods in readers.items():
+        if owners.get(key, 0) != len(mods) or len(set(mods)) != len(mods):
+            continue  # something outside the search holds it too (or one layer reads it twice): fixed
+        if len(mods) == 1:
+            float_bits[mods[0]] += _float_bits(tensors[key])
+        elif grouped.isdisjoint(mods):
+            tied.append((tuple(mods), _float_bits(tensors[key])))
+            grouped.update(mods)
+        else:
+            continue
+        kept.add(key)
     params = [p for p in model.parameters() if p.is_floating_point()]
-    fixed = sum(_float_bits(p) for p in params if id(p) not in separable)
-    layers = [Layer(m, w.numel(), _float_bits(w) if id(w) in separable else 0) for m, w in sites.items()]
-    return Accounting(layers, fixed, sum(p.numel() for p in params))
+    fixed = sum(_float_bits(p) for p in params if id(p) not in kept)
+    layers = [Layer(m, sum(p.numel() for p in ps), float_bits[m]) for m, ps in sites.items()]
+    tables = {}
+    if EMBEDDINGS in sites:
+        for node, name in embedding_lookups(gm):
+            tables[name] = _float_bits(constant_value(gm, node.args[1]))
+    return Accounting(layers, fixed, sum(p.numel() for p in params), tied=tied, tables=tables)
 
 
 def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: Candidate, layers: list[Layer],
                    device: torch.device) -> dict[str, int]:
-    """Bits of each searched layer on ``candidate``: what the backend stores on ``device`` (after lowering)."""
+    """Bits of each searched layer on ``candidate``: what the backend stores on ``device`` (after lowering).
+    The embedding tables' bits are their stored tables' sum (a table the scheme leaves float at its float
+    bits)."""
+    applicable = [layer for layer in layers if candidate.weight_only or layer.module != EMBEDDINGS]
     if candidate.weight is None:
-        return {layer.module: layer.float_bits for layer in layers}
+        return {layer.module: layer.float_bits for layer in applicable}
     report = CompileReport(0, candidate.name, "fast")
     pipeline.run(fresh_graph(gm0, inputs), pipeline.build(uniform_recipe(auto, candidate), device), report)
     stored = {d.module: d for d in report.layers}
     out = {}
-    for layer in layers:
+    for layer in applicable:
+        if layer.module == EMBEDDINGS:
+            tables = [d for d in report.layers if d.scheme.endswith("(embedding)")]
+            out[EMBEDDINGS] = sum(8 * d.weight_bytes for d in tables)
+            continue
         d = stored.get(layer.module)
         out[layer.module] = 8 * d.weight_bytes if d is not None and d.quantized else layer.float_bits
     return out
@@ -113,12 +158,16 @@ def output_error(reference: torch.Tensor, output: torch.Tensor, metric: str) -> 
 
 
 def _toggles(gm: fx.GraphModule) -> dict[str, list[tuple[fx.Node, tuple, tuple]]]:
-    """Per module, its QDQ linears with their quantized and float arguments."""
+    """Per module, its QDQ linears with their quantized and float arguments; every quantized embedding
+    lookup under :data:`EMBEDDINGS`."""
     out: dict[str, list] = {}
     for node in gm.graph.nodes:
         spec = node.meta.get(QLINEAR)
         if spec is not None:
             out.setdefault(spec.module, []).append((node, node.args, float_args(node)))
+        elif QEMBEDDING in node.meta:
+            floats = (node.args[0], node.meta[FLOAT_WEIGHT], *node.args[2:])
+            out.setdefault(EMBEDDINGS, []).append((node, node.args, floats))
     return out
 
 
@@ -132,10 +181,12 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     """Each module's error at the output when it alone is on ``candidate``, averaged over the calls (the
     graph's inputs per batch; ``references``: the float outputs). 0.0 for float, or a layer the candidate
     leaves float."""
+    modules = [m for m in modules if candidate.weight_only or m != EMBEDDINGS]
     if candidate.weight is None:
         return {m: 0.0 for m in modules}
     steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), kernels="reference")
-    steps = steps[: next(i for i, s in enumerate(steps) if s.name == "insert_qdq") + 1]
+    qdq = ("insert_qdq", "quantize_embeddings")
+    steps = steps[: max(i for i, s in enumerate(steps) if s.name in qdq) + 1]
     gm = pipeline.run(fresh_graph(gm0, calls[0]), steps, CompileReport(0, candidate.name, "reference"))
     toggles = _toggles(gm)
     for entries in toggles.values():
@@ -168,5 +219,5 @@ def candidate_key(auto: AutoPrecision, candidate: Candidate, data: str, device: 
     """What a candidate's cached numbers depend on: its schemes, the rounding, the skip list, the metric,
     the calibration data and the device whose kernels store the weights."""
     what = json.dumps([repr(candidate.weight), repr(candidate.activation), repr(auto.rounding), list(auto.skip),
-                       auto.metric, data, device.type])
+                       auto.metric, data, device.type] + (["embeddings"] if auto.embeddings else []))
     return hashlib.sha256(what.encode()).hexdigest()[:20]

@@ -12,6 +12,7 @@ candidate's per-layer sensitivity (or read it from the cache); solve the multipl
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompiler.config import Recipe
-from qcompiler.config.auto import AutoPrecision, recipe_for
+from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, recipe_for
 from qcompiler.core import capture
 from qcompiler.core.errors import ConfigError
 from qcompiler.tools.autotune import knapsack, measure
@@ -101,23 +102,70 @@ def _captured(model, batches):
                            what="the automatic precision search")
 
 
-def least_bits_per_weight(acc: measure.Accounting) -> float:
-    cheapest = sum(min(acc.bits[c][layer.module] for c in acc.bits) for layer in acc.layers)
+@dataclass(frozen=True)
+class Item:
+    """One choice of the knapsack: a searched layer alone, or the layers of a tied group (their float
+    parameter's ``shared`` bits count when any of them stays float); ``options``: per combination of the
+    layers' candidates, ``(bits, sensitivity, candidate names)``."""
+
+    modules: tuple[str, ...]
+    options: list[tuple[int, float, tuple[str, ...]]]
+
+
+def items(acc: measure.Accounting, auto: AutoPrecision, table: dict[str, dict[str, tuple[int, float]]]) -> list[Item]:
+    """The knapsack's items, in the order of ``acc.layers`` (a tied group where its first layer is).
+    ``table``: candidate -> module -> (bits, sensitivity), for the candidates that apply to the module."""
+    tied = {m: group for group in acc.tied for m in group[0]}
+    out, done = [], set()
+    for layer in acc.layers:
+        if layer.module in done:
+            continue
+        mods, shared = tied.get(layer.module, ((layer.module,), 0))
+        done.update(mods)
+        choices = [[c.name for c in auto.candidates if c.name in table and mod in table[c.name]] for mod in mods]
+        options = []
+        for combo in itertools.product(*choices):
+            bits = sum(table[n][mod][0] for n, mod in zip(combo, mods))
+            bits += shared if any(auto.candidate(n).weight is None for n in combo) else 0
+            options.append((bits, sum(table[n][mod][1] for n, mod in zip(combo, mods)), combo))
+        out.append(Item(mods, options))
+    return out
+
+
+def least_bits_per_weight(acc: measure.Accounting, auto: AutoPrecision) -> float:
+    table = {c: {m: (b, 0.0) for m, b in per.items()} for c, per in acc.bits.items()}
+    cheapest = sum(min(o[0] for o in item.options) for item in items(acc, auto, table))
     return (acc.fixed_bits + cheapest) / acc.weights
 
 
 def _check_budget(auto: AutoPrecision, acc: measure.Accounting) -> int:
     """The knapsack's budget in bits (the target's bits less the fixed part); an error below the cheapest."""
-    least = least_bits_per_weight(acc)
+    least = least_bits_per_weight(acc, auto)
     total = math.floor(auto.target_bpw * acc.weights)
     if round(least * acc.weights) > total:
         fixed = acc.fixed_bits / acc.weights
         raise ConfigError(f"target_bpw {auto.target_bpw:g} is below the least this model can take with candidates "
                           f"{[c.name for c in auto.candidates]}: {math.ceil(least * 1e4) / 1e4:.4f} bits per weight "
                           f"(every layer on its cheapest candidate; {fixed:.4f} of them are the parameters kept "
-                          "float: embeddings, norms, biases, tied weights); give at least that, or a cheaper "
+                          "float: norms, biases, weights something outside the search reads); give at least that, or a cheaper "
                           "candidate")
     return total - acc.fixed_bits
+
+
+def _choices(knapsack_items: list[Item], chosen: tuple[int, ...], table, acc: measure.Accounting,
+             auto: AutoPrecision) -> list[LayerChoice]:
+    """Per searched layer its candidate, bits and sensitivity (graph order); a tied group's float bits are
+    counted on its first layer that stays float (nowhere when all are quantized)."""
+    by_module = {}
+    shared = dict(acc.tied)
+    for item, k in zip(knapsack_items, chosen):
+        extra = shared.get(item.modules, 0)
+        for name, module in zip(item.options[k][2], item.modules):
+            bits, value = table[name][module]
+            if extra and auto.candidate(name).weight is None:
+                bits, extra = bits + extra, 0
+            by_module[module] = LayerChoice(module, name, bits, value)
+    return [by_module[layer.module] for layer in acc.layers]
 
 
 def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=None,  # long: the steps in order
@@ -136,7 +184,8 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
         raise ConfigError("the model has no linear layer outside AutoPrecision.skip to search over")
     modules = [layer.module for layer in acc.layers]
     keys = {c.name: measure.candidate_key(auto, c, data, device) for c in auto.candidates}
-    found = {c.name: cached.get(keys[c.name], modules) for c in auto.candidates}
+    applies = {c.name: [m for m in modules if acc.applies(c, m)] for c in auto.candidates}
+    found = {c.name: cached.get(keys[c.name], applies[c.name]) for c in auto.candidates}
     for c in auto.candidates:
         hit = found[c.name]
         acc.bits[c.name] = hit[0] if hit else measure.candidate_bits(gm0, calls[0], auto, c, acc.layers, device)
@@ -149,24 +198,29 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
             sensitivity = found[c.name][1]
         else:
             if progress:
-                print(f"measuring {c.name} ({c.describe()}) on {len(modules)} layers ...", file=sys.stderr)
-            sensitivity = measure.candidate_sensitivity(gm0, calls, references, auto, c, modules, progress)
+                print(f"measuring {c.name} ({c.describe()}) on {len(applies[c.name])} layers ...", file=sys.stderr)
+            sensitivity = measure.candidate_sensitivity(gm0, calls, references, auto, c, applies[c.name], progress)
             cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity)
-        table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in modules}
+        table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in applies[c.name]}
     names = [c.name for c in auto.candidates]
-    options = [[table[n][m] for n in names] for m in modules]
+    knapsack_items = items(acc, auto, table)
+    options = [[(bits, value) for bits, value, _ in item.options] for item in knapsack_items]
     latency = None
     if auto.max_latency_ratio is None:
         solution = knapsack.solve(options, budget)
     else:
-        times, float_times = latency_mod.candidate_latencies(gm0, auto, modules, device, progress=progress)
+        linears = [m for m in modules if m != EMBEDDINGS]  # a table lookup's time is not searched: 0 for all
+        times, float_times = latency_mod.candidate_latencies(gm0, auto, linears, device, progress=progress)
+        for per in (*times.values(), float_times):
+            per.setdefault(EMBEDDINGS, 0.0)
         reference = sum(float_times.values())
-        solution = knapsack.solve_with_latency(options, budget, [[times[n][m] for n in names] for m in modules],
-                                               auto.max_latency_ratio * reference)
+        costs = [[sum(times[n][m] for n, m in zip(combo, item.modules)) for _, _, combo in item.options]
+                 for item in knapsack_items]
+        solution = knapsack.solve_with_latency(options, budget, costs, auto.max_latency_ratio * reference)
         latency = {"float_seconds": reference, "seconds": solution.latency, "ratio": solution.latency / reference,
                    "gap": solution.gap, "multiplier": solution.multiplier,
                    "per_layer": {n: times[n] for n in names}, "float_per_layer": float_times}
-    layers = [LayerChoice(m, names[k], *table[names[k]][m]) for m, k in zip(modules, solution.choices)]
+    layers = _choices(knapsack_items, solution.choices, table, acc, auto)
     recipe = recipe_for(auto, {c.module: c.candidate for c in layers})
     return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table,
                       getattr(solution, "states", 0), latency)

@@ -44,6 +44,8 @@ def refuse_transforms(recipe) -> None:
     found = [name for name, on in (("outlier channel splitting (OCS)", recipe.split_outliers),
                                    ("LLM.int8() decomposition", recipe.mixed_int8),
                                    ("a rotation (its online Hadamard transforms and untied LM head)", recipe.rotation),
+                                   ("quantized embedding tables (Recipe.embedding; GGUF's --gguf-embeddings rounds the "
+                                    "token embedding itself)", recipe.embedding),
                                    ("AWQ(foldable=False) input scales",
                                     isinstance(recipe.rounding, AWQ) and not recipe.rounding.foldable)) if on]
     if found:
