@@ -77,16 +77,20 @@ def test_a_layers_sensitivity_is_the_kl_of_compiling_that_layer_alone(stories, s
     result, _ = searched
     module = "model.layers.2.mlp.up_proj"
     others = tuple(c.module for c in result.layers if c.module != module)
-    alone = Recipe(weight=CANDIDATES["w3-g64"].weight, activation=None, skip=("*embed*", *others))
+    alone = Recipe(weight=CANDIDATES["w4-g64"].weight, activation=None, skip=("*embed*", *others))
     with torch.inference_mode():
         reference = model(input_ids=ids, use_cache=False).logits
     logits, report = _compile_and_run(model, alone, ids, kernels="reference")
     assert [d.module for d in report.quantized] == [module]
     kl = next_token_divergence(reference, logits)[0].mean().item()
-    assert result.table["w3-g64"][module][1] == pytest.approx(kl, rel=1e-4, abs=1e-9)
-    # fewer bits, more error: summed over the layers, 3 bits hurt more than 4, and 4 more than 8
-    total = {name: sum(s for _, s in result.table[name].values()) for name in CANDIDATE_NAMES}
-    assert total["float"] == 0 < total["w8-channel"] < total["w4-g64"] < total["w3-g64"]
+    assert result.table["w4-g64"][module][1] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+    # fewer bits, more error: summed over the layers, 4 bits hurt more than 8
+    total = {name: sum(s for _, s in result.table[name].values()) for name in CANDIDATE_NAMES[:3]}
+    assert total["float"] == 0 < total["w8-channel"] < total["w4-g64"]
+    # on CPU 3-bit groups are stored like 4-bit ones (nibbles, the same scales): never measured nor offered
+    assert set(result.pruned) == {"w3-g64"} and "w3-g64" not in result.table
+    assert "w4-g64 has more levels in the same format" in result.pruned["w3-g64"]
+    assert "not offered: w3-g64" in str(result)
 
 
 def test_the_tables_sensitivity_is_the_kl_of_quantizing_the_tables_alone(stories, searched):
@@ -94,12 +98,43 @@ def test_the_tables_sensitivity_is_the_kl_of_quantizing_the_tables_alone(stories
     result, _ = searched
     with torch.inference_mode():
         reference = model(input_ids=ids, use_cache=False).logits
-    alone = Recipe(skip=("*",), embedding=CANDIDATES["w3-g64"].weight)
+    alone = Recipe(skip=("*",), embedding=CANDIDATES["w4-g64"].weight)
     logits, report = _compile_and_run(model, alone, ids, kernels="reference")
     assert [d.module for d in report.quantized] == ["model.embed_tokens"]
     kl = next_token_divergence(reference, logits)[0].mean().item()
-    assert result.table["w3-g64"][EMBEDDINGS][1] == pytest.approx(kl, rel=1e-4, abs=1e-9) and kl > 0
+    assert result.table["w4-g64"][EMBEDDINGS][1] == pytest.approx(kl, rel=1e-4, abs=1e-9) and kl > 0
     assert EMBEDDINGS not in result.table.get("w8a8-dynamic", {})  # a lookup has no activation to quantize
+
+
+def test_the_searchs_kl_is_next_token_divergence_to_float64_rounding():
+    gen = torch.Generator().manual_seed(0)
+    reference = 3 * torch.randn(2, 7, 300, generator=gen)
+    error = measure.OutputError(reference, "kl")
+    for scale in (1e-4, 1e-2, 1.0):
+        output = reference + scale * torch.randn(reference.shape, generator=gen)
+        expected = next_token_divergence(reference, output)[0].mean().item()
+        assert error(output) == pytest.approx(expected, rel=1e-9, abs=1e-14)
+    mse = measure.OutputError(reference, "mse")(reference + 0.1)
+    assert mse == pytest.approx(0.01 / reference.double().var().item(), rel=1e-5)  # + 0.1 rounded in float32
+
+
+def test_a_candidate_that_fits_a_layer_to_a_measured_scheme_is_not_measured_again(stories, tmp_path, monkeypatch):
+    """stories260K's layers are 64 wide (down_proj 172 = 4 x 43): w4-g128 fits them to groups of 64, which
+    w4-g64 measured already; down_proj (172 wide) is asked again (neither group divides it: float either way)."""
+    model, ids = stories
+    asked = {}
+    real = measure.candidate_sensitivity
+
+    def counting(gm0, calls, references, auto, candidate, modules, progress=True):
+        asked[candidate.name] = list(modules)
+        return real(gm0, calls, references, auto, candidate, modules, progress)
+
+    monkeypatch.setattr(measure, "candidate_sensitivity", counting)
+    auto = AutoPrecision(12.0, candidates=("float", "w4-g64", "w4-g128"))
+    result = auto_recipe(model, auto, [ids], cache=tmp_path, progress=False)
+    assert len(asked["w4-g64"]) == len(result.layers)
+    assert asked["w4-g128"] == [c.module for c in result.layers if c.module.endswith("down_proj")]
+    assert result.table["w4-g128"] == result.table["w4-g64"]
 
 
 def test_the_saved_recipe_loads_and_compiles_to_the_same_logits(stories, searched, tmp_path):
@@ -137,9 +172,10 @@ def test_a_budget_below_the_cheapest_assignment_names_the_least_bits_per_weight(
     result, cache = searched
     table = model.model.embed_tokens.weight  # tied to the LM head: its float bits count unless both are quantized
     shared = 8 * table.numel() * table.element_size()
+    offered = [n for n in CANDIDATE_NAMES if n in result.table]
     pair = min(result.table[e][EMBEDDINGS][0] + result.table[h]["lm_head"][0] + shared * ("float" in (e, h))
-               for e in CANDIDATE_NAMES for h in CANDIDATE_NAMES)
-    rest = sum(min(result.table[n][c.module][0] for n in CANDIDATE_NAMES)
+               for e in offered for h in offered)
+    rest = sum(min(result.table[n][c.module][0] for n in offered)
                for c in result.layers if c.module not in (EMBEDDINGS, "lm_head"))
     least = (result.fixed_bits + pair + rest) / result.weights
     with pytest.raises(ConfigError, match=rf"target_bpw 4 is below .*: {math.ceil(least * 1e4) / 1e4:.4f} bits per weight"):

@@ -56,6 +56,14 @@ class SearchCache:
             return None
         return {m: bits[m] for m in modules}, {m: sensitivity[m] for m in modules}
 
+    def get_bits(self, key: str, modules: list[str]) -> dict[str, int] | None:
+        """The cached bits of ``modules`` for ``key`` (a candidate whose sensitivity was not measured), or None."""
+        entry = self.doc["candidates"].get(key)
+        bits = entry.get("bits", {}) if isinstance(entry, dict) else {}
+        if not all(isinstance(bits.get(m), int) for m in modules):
+            return None
+        return {m: bits[m] for m in modules}
+
     def put(self, key: str, what: str, bits: dict[str, int], sensitivity: dict[str, float]) -> None:
         self.doc["candidates"][key] = {"candidate": what, "bits": bits, "sensitivity": sensitivity}
         if self.path is not None:

@@ -31,10 +31,10 @@ from qcompiler import pipeline
 from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, Candidate, uniform_recipe
 from qcompiler.core.ir import FLOAT_WEIGHT, LINEAR, PARAM_META, QEMBEDDING, QLINEAR, linear_weight
 from qcompiler.passes.graph_utils import constant_value
-from qcompiler.passes.quantize_embeddings import embedding_lookups
+from qcompiler.passes.quantize_embeddings import embedding_lookups, fitted_scheme
 from qcompiler.report import CompileReport
+from qcompiler.tools.autotune.replay import Replay
 from qcompiler.tools.compare import float_args, fresh_graph, main_output
-from qcompiler.tools.metrics import next_token_divergence
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Layer:
     module: str  # a linear layer's module, or config.auto.EMBEDDINGS for every embedding table at once
     numel: int
     float_bits: int  # the bits the layer costs when it stays float (0 when its weight counts elsewhere)
+    widths: tuple[int, ...] = ()  # in_features (a linear), or each table's row width (the embeddings)
 
 
 @dataclass
@@ -73,21 +74,34 @@ def _owners(model: torch.nn.Module) -> dict[int, int]:
     return count
 
 
-def _sites(gm: fx.GraphModule, auto: AutoPrecision) -> dict[str, list[torch.Tensor]]:
-    """The searched layers of a canonicalized graph: module -> the parameters it reads (graph order); the
-    embedding tables, when searched, under :data:`EMBEDDINGS`."""
-    out: dict[str, list[torch.Tensor]] = {}
+def _sites(gm: fx.GraphModule, auto: AutoPrecision) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """The searched layers of a canonicalized graph: module -> the parameters it reads with their input
+    width (graph order); the embedding tables, when searched, under :data:`EMBEDDINGS`."""
+    out: dict[str, list[tuple[torch.Tensor, int]]] = {}
     if auto.embeddings:
         tables = [constant_value(gm, node.args[1]) for node, _ in embedding_lookups(gm)]
         if tables:
-            out[EMBEDDINGS] = tables
+            out[EMBEDDINGS] = [(t, t.shape[-1]) for t in tables]
     for node in gm.graph.nodes:
         site = node.meta.get(LINEAR)
         if site is None or any(fnmatch.fnmatchcase(site.module, p) for p in auto.skip):
             continue
         _, owner, _ = linear_weight(gm, node.args[1])
-        out.setdefault(site.module, [owner])
+        out.setdefault(site.module, [(owner, site.in_features)])
     return out
+
+
+def scheme_key(candidate: Candidate, layer: Layer) -> tuple:
+    """What the layer computes on ``candidate``: its scheme fitted to the layer's widths (w4-g128 on a
+    576-wide layer is w4-g64 there). Two candidates with one key give the layer the same numbers."""
+    if candidate.weight is None:
+        return ("float",)
+    if layer.module == EMBEDDINGS:
+        fitted = tuple(fitted_scheme(candidate.weight, w) for w in layer.widths)
+    else:
+        fitted = tuple(candidate.weight.fitted(w) if candidate.weight.granularity == "per_group" else candidate.weight
+                       for w in layer.widths)
+    return (fitted, candidate.activation)
 
 
 def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPrecision) -> Accounting:
@@ -101,7 +115,7 @@ def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPr
     owners, readers = _owners(model), {}
     tensors = {}
     for module, params in sites.items():
-        for p in params:
+        for p, _ in params:
             readers.setdefault(id(p), []).append(module)
             tensors[id(p)] = p
     float_bits = {m: 0 for m in sites}
@@ -119,7 +133,8 @@ def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPr
         kept.add(key)
     params = [p for p in model.parameters() if p.is_floating_point()]
     fixed = sum(_float_bits(p) for p in params if id(p) not in kept)
-    layers = [Layer(m, sum(p.numel() for p in ps), float_bits[m]) for m, ps in sites.items()]
+    layers = [Layer(m, sum(p.numel() for p, _ in ps), float_bits[m], tuple(w for _, w in ps))
+              for m, ps in sites.items()]
     tables = {}
     if EMBEDDINGS in sites:
         for node, name in embedding_lookups(gm):
@@ -149,12 +164,29 @@ def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: 
     return out
 
 
-def output_error(reference: torch.Tensor, output: torch.Tensor, metric: str) -> float:
-    """``kl``: mean next-token KL(reference || output) over positions; ``mse``: mean squared error / variance."""
-    if metric == "kl":
-        return next_token_divergence(reference, output)[0].mean().item()
-    ref = reference.double()
-    return ((output.double() - ref).pow(2).mean() / ref.var().clamp_min(1e-30)).item()
+class OutputError:
+    """The metric between a fixed reference output and others (``kl``: mean next-token KL(reference ||
+    output) over positions; ``mse``: mean squared error over the reference's variance). For ``kl`` the
+    reference's probabilities and negative entropy are computed once (float64), so each output costs one
+    dot product and one log-sum-exp per position: ``KL = sum p log p - sum p z + logsumexp(z)``, equal to
+    ``metrics.next_token_divergence`` to float64 rounding (tested)."""
+
+    def __init__(self, reference: torch.Tensor, metric: str) -> None:
+        self.metric = metric
+        if metric == "kl":
+            z = reference.double().reshape(-1, reference.shape[-1])
+            logp = torch.log_softmax(z, -1)
+            self.p = logp.exp()
+            self.neg_entropy = (self.p * logp).sum(-1)
+        else:
+            self.reference = reference.double()
+            self.variance = self.reference.var().clamp_min(1e-30)
+
+    def __call__(self, output: torch.Tensor) -> float:
+        if self.metric == "kl":
+            z = output.double().reshape(-1, output.shape[-1])
+            return (self.neg_entropy - (self.p * z).sum(-1) + torch.logsumexp(z, -1)).mean().item()
+        return ((output.double() - self.reference).pow(2).mean() / self.variance).item()
 
 
 def _toggles(gm: fx.GraphModule) -> dict[str, list[tuple[fx.Node, tuple, tuple]]]:
@@ -182,7 +214,7 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     graph's inputs per batch; ``references``: the float outputs). 0.0 for float, or a layer the candidate
     leaves float."""
     modules = [m for m in modules if candidate.weight_only or m != EMBEDDINGS]
-    if candidate.weight is None:
+    if candidate.weight is None or not modules:
         return {m: 0.0 for m in modules}
     steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), kernels="reference")
     qdq = ("insert_qdq", "quantize_embeddings")
@@ -191,18 +223,17 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     toggles = _toggles(gm)
     for entries in toggles.values():
         _set(entries, quantized=False)
-    out = {}
-    with torch.inference_mode():
-        for module in tqdm(modules, desc=f"sensitivity {candidate.name}", disable=not progress, leave=False):
-            if module not in toggles:
-                out[module] = 0.0
-                continue
-            _set(toggles[module], quantized=True)
-            gm.recompile()
-            errors = [output_error(ref, main_output(gm(*inputs)), auto.metric) for inputs, ref in zip(calls, references)]
-            out[module] = sum(errors) / len(errors)
-            _set(toggles[module], quantized=False)
-    return out
+    errors: dict[str, list[float]] = {m: [] for m in modules}
+    bar = tqdm(total=len(modules) * len(calls), desc=f"sensitivity {candidate.name}", disable=not progress, leave=False)
+    for inputs, ref in zip(calls, references):
+        error = OutputError(ref, auto.metric)
+
+        def record(module, output, error=error):
+            errors[module].append(error(main_output(output)))
+            bar.update()
+        Replay(gm, inputs).run_each(toggles, modules, _set, record)
+    bar.close()
+    return {m: sum(e) / len(e) if e else 0.0 for m, e in errors.items()}
 
 
 def data_digest(gm0: fx.GraphModule, inputs) -> str:

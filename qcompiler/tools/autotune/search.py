@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,6 +47,7 @@ class AutoResult:
     table: dict[str, dict[str, tuple[int, float]]]  # candidate -> module -> (bits, sensitivity)
     states: int  # the knapsack's largest frontier (0 under a latency budget)
     latency: dict | None = None  # with max_latency_ratio: the layers' decode-step time against float, the gap
+    pruned: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not measured nor offered
 
     @property
     def bits(self) -> int:
@@ -69,7 +70,7 @@ class AutoResult:
                             "sensitivity": c.sensitivity} for c in self.layers],
                 "candidates": {name: {m: {"bits": b, "sensitivity": s} for m, (b, s) in per.items()}
                                for name, per in self.table.items()},
-                "max_latency_ratio": self.auto.max_latency_ratio, "latency": self.latency}
+                "max_latency_ratio": self.auto.max_latency_ratio, "latency": self.latency, "pruned": self.pruned}
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}
@@ -80,7 +81,7 @@ class AutoResult:
         head = (f"recipe {self.recipe.name}: {self.bits_per_weight:.4f} bits per weight ({self.bits} bits over "
                 f"{self.weights} weights; target {self.auto.target_bpw:g}), summed {self.auto.metric} "
                 f"{self.sensitivity:.4g}")
-        lines = [head, f"  {used}"]
+        lines = [head, f"  {used}"] + [f"  not offered: {name} ({why})" for name, why in self.pruned.items()]
         if self.latency is not None:
             lat = self.latency
             lines.append(f"  decode-step time of the searched layers: {lat['ratio']:.3f} x float ({1e3 * lat['seconds']:.3f} "
@@ -152,6 +153,22 @@ def _check_budget(auto: AutoPrecision, acc: measure.Accounting) -> int:
     return total - acc.fixed_bits
 
 
+def dominated(auto: AutoPrecision, acc: measure.Accounting) -> dict[str, str]:
+    """Candidates that are another's scheme with fewer bits per integer and cost no fewer bits at any layer
+    on this device (3-bit groups on CPU, stored in 4-bit nibbles with the same scales, cost what 4-bit ones
+    cost): never measured nor offered, with the reason."""
+    out = {}
+    for c in auto.candidates:
+        for d in auto.candidates:
+            if c.weight is None or d.weight is None or d.activation != c.activation or c.name in out:
+                continue
+            if d.weight.bits > c.weight.bits and replace(c.weight, bits=d.weight.bits) == d.weight and \
+                    all(acc.bits[d.name][m] <= acc.bits[c.name][m] for m in acc.bits[c.name]):
+                out[c.name] = (f"{d.name} has more levels in the same format and costs no more bits at any layer "
+                               "on this device")
+    return out
+
+
 def _choices(knapsack_items: list[Item], chosen: tuple[int, ...], table, acc: measure.Accounting,
              auto: AutoPrecision) -> list[LayerChoice]:
     """Per searched layer its candidate, bits and sensitivity (graph order); a tied group's float bits are
@@ -187,20 +204,36 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
     applies = {c.name: [m for m in modules if acc.applies(c, m)] for c in auto.candidates}
     found = {c.name: cached.get(keys[c.name], applies[c.name]) for c in auto.candidates}
     for c in auto.candidates:
-        hit = found[c.name]
-        acc.bits[c.name] = hit[0] if hit else measure.candidate_bits(gm0, calls[0], auto, c, acc.layers, device)
+        hit = found[c.name][0] if found[c.name] else cached.get_bits(keys[c.name], applies[c.name])
+        acc.bits[c.name] = hit or measure.candidate_bits(gm0, calls[0], auto, c, acc.layers, device)
     budget = _check_budget(auto, acc)
+    pruned = dominated(auto, acc)
+    for name, why in pruned.items():
+        if progress:
+            print(f"not measuring {name}: {why}", file=sys.stderr)
+        if found[name] is None:
+            cached.put(keys[name], auto.candidate(name).describe(), acc.bits[name], {})
     with torch.inference_mode():
         references = [main_output(gm0(*inputs)) for inputs in calls]
     table: dict[str, dict[str, tuple[int, float]]] = {}
+    known: dict[tuple, float] = {}  # (module, the scheme fitted to it) -> sensitivity measured already
+    layer_of = {layer.module: layer for layer in acc.layers}
     for c in auto.candidates:
+        if c.name in pruned:
+            continue
         if found[c.name] is not None:
             sensitivity = found[c.name][1]
         else:
+            same = {m: known[(m, measure.scheme_key(c, layer_of[m]))] for m in applies[c.name]
+                    if (m, measure.scheme_key(c, layer_of[m])) in known}
+            todo = [m for m in applies[c.name] if m not in same]
             if progress:
-                print(f"measuring {c.name} ({c.describe()}) on {len(applies[c.name])} layers ...", file=sys.stderr)
-            sensitivity = measure.candidate_sensitivity(gm0, calls, references, auto, c, applies[c.name], progress)
+                print(f"measuring {c.name} ({c.describe()}) on {len(todo)} layers ({len(same)} the same scheme as "
+                      "a candidate measured already) ...", file=sys.stderr)
+            sensitivity = {**same, **measure.candidate_sensitivity(gm0, calls, references, auto, c, todo, progress)}
             cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity)
+        for m in applies[c.name]:
+            known.setdefault((m, measure.scheme_key(c, layer_of[m])), sensitivity[m])
         table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in applies[c.name]}
     names = [c.name for c in auto.candidates]
     knapsack_items = items(acc, auto, table)
@@ -223,4 +256,4 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
     layers = _choices(knapsack_items, solution.choices, table, acc, auto)
     recipe = recipe_for(auto, {c.module: c.candidate for c in layers})
     return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table,
-                      getattr(solution, "states", 0), latency)
+                      getattr(solution, "states", 0), latency, pruned)
