@@ -245,3 +245,21 @@ def measure_graph(model, ids):
     capture.bind_parameters(gm, calls[0])
     steps = pipeline.transform_steps(uniform_recipe(AutoPrecision(8.0), CANDIDATES["float"]), None)
     return pipeline.run(gm, steps, CompileReport(0, "", ""))
+
+
+def test_the_replay_runs_from_each_layers_cut_and_refuses_graphs_that_write_in_place():
+    import operator
+
+    from torch import fx
+
+    from qcompiler.tools.autotune.replay import Replay, _in_place
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {"and": graph.call_function(operator.and_, (x, x)), "iadd": graph.call_function(operator.iadd, (x, x)),
+             "add_": graph.call_method("add_", (x, 1)), "setitem": graph.call_function(operator.setitem, (x, 0, 1)),
+             "relu": graph.call_function(torch.relu, (x,)), "dunder": graph.call_method("__add__", (x, 1))}
+    assert {k for k, n in nodes.items() if _in_place(n)} == {"iadd", "add_", "setitem"}
+    model, ids = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), torch.randn(4, 8)
+    gm = fx.symbolic_trace(model)
+    assert not Replay(gm, [ids]).whole

@@ -5,8 +5,8 @@ idle quantize/dequantize nodes are skipped). On SmolLM2 this costs on average ha
 instead of a whole one; the outputs equal a full run of the same graph (tested through the search's
 sensitivities against compiling each layer alone).
 
-A graph holding an in-place op (a method or function whose name ends in ``_``) could change a value the
-float run still holds, so such a graph is run whole for every layer instead.
+A graph holding an in-place op (a method or torch function whose name ends in ``_``, ``+=``, ``x[i] = v``)
+could change a value the float run still holds, so such a graph is run whole for every layer instead.
 """
 
 from __future__ import annotations
@@ -18,10 +18,23 @@ import torch
 from torch import fx
 
 
+_OPERATOR_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul, operator.setitem}
+
+
 def _in_place(node: fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
-        and not name.endswith("__")
+    """A tensor method or torch function named ``*_`` (``add_``), an in-place operator (``+=``), or ``x[i] = v``."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _OPERATOR_IN_PLACE:
+        return True
+    if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        return False  # operator.and_ is a plain bitwise and
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
 
 
 class Replay:
