@@ -136,7 +136,7 @@ def _check_stats_cover(gm: fx.GraphModule, recipe_name: str, stats: Mapping | No
 
 def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_name: str, rounded, cache, limit):
     """``(QuantizedWeight, AWQ input scale or None, note)`` by the rounding method."""
-    if isinstance(rounding, HQQ):
+    if isinstance(rounding, HQQ) and not scheme.weight.symmetric:  # symmetric layers: no zero point to fit
         qw = cache.get(owner, ("hqq", scheme.weight, rounding) + weight_key,
                        lambda: hqq_quantize(weight.detach(), scheme.weight, rounding))
         return qw, None, "HQQ zero points"

@@ -96,8 +96,8 @@ class AutoPrecision:
     ``embeddings``: also choose the embedding tables' scheme (one for all of them, ``Recipe.embedding``) among
     the float and weight-only candidates; a table tied to a searched LM head is priced with it (its float
     bits are saved only when both are quantized).
-    ``rounding``: None (round to nearest) or HQQ() for every quantized layer (then every candidate needs
-    asymmetric weights). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
+    ``rounding``: None (round to nearest) or HQQ() for the layers on asymmetric candidates (the symmetric
+    ones round to nearest). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
     ``max_latency_ratio``: also keep the searched layers' summed decode-step time (each layer's kernels on
     one token, timed on this machine) within this multiple of their float time (None: no latency budget).
     """
@@ -107,7 +107,7 @@ class AutoPrecision:
     metric: str = "kl"
     rounding: HQQ | None = None
     skip: tuple[str, ...] = ("*embed*",)
-    samples: int = 4
+    samples: int = 3  # x seq_len: SmolLM2's search stays under 15 minutes on 2 cores
     seq_len: int = 256
     name: str = ""
     max_latency_ratio: float | None = None
@@ -134,10 +134,9 @@ class AutoPrecision:
         if self.rounding is not None and not isinstance(self.rounding, HQQ):
             raise ConfigTypeError("AutoPrecision.rounding must be None (round to nearest) or HQQ(); GPTQ/AWQ need "
                                   f"calibration per candidate, got {type(self.rounding).__name__}")
-        symmetric = [c.name for c in resolved if c.weight is not None and c.weight.symmetric]
-        if self.rounding is not None and symmetric:
-            raise ConfigError(f"AutoPrecision: HQQ rounding needs asymmetric weights, and candidates {symmetric} are "
-                              "symmetric; drop them or use round to nearest (rounding=None)")
+        if self.rounding is not None and not any(c.weight is not None and not c.weight.symmetric for c in resolved):
+            raise ConfigError("AutoPrecision: HQQ rounding fits zero points, and no candidate has asymmetric weights; "
+                              "add one (w4-g128, w4-g64, w3-g64) or use round to nearest (rounding=None)")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise ConfigTypeError("AutoPrecision.skip must be a tuple of module-name patterns, e.g. ('*embed*',)")
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -169,8 +168,9 @@ def uniform_recipe(auto: AutoPrecision, candidate: Candidate) -> Recipe:
     if candidate.weight is None:
         return Recipe(name=f"uniform-{candidate.name}", skip=("*",))
     embedding = candidate.weight if auto.embeddings and candidate.weight_only else None
+    rounding = None if candidate.weight.symmetric else auto.rounding  # HQQ fits zero points: asymmetric only
     return Recipe(name=f"uniform-{candidate.name}", weight=candidate.weight, activation=candidate.activation,
-                  skip=auto.skip, rounding=auto.rounding, embedding=embedding)
+                  skip=auto.skip, rounding=rounding, embedding=embedding)
 
 
 def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
@@ -186,8 +186,10 @@ def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
         raise ConfigError(f"module names {odd[:3]} hold pattern characters ({_PATTERN_CHARACTERS}): a recipe "
                           "could not name them alone")
     counts = Counter(c.name for c in chosen.values() if c.weight is not None)
+    asymmetric = any(c.weight is not None and not c.weight.symmetric for c in chosen.values())
+    rounding = auto.rounding if asymmetric else None  # HQQ fits zero points: a recipe without any has none
     if not counts:
-        return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=auto.rounding, embedding=embedding)
+        return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=rounding, embedding=embedding)
     order = {c.name: i for i, c in enumerate(auto.candidates)}
     base = auto.candidate(min(counts, key=lambda n: (-counts[n], order[n])))
     overrides = []
@@ -200,4 +202,4 @@ def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
             overrides.append(LayerOverride(module, weight=c.weight, activation=c.activation))
     floats = tuple(m for m, c in chosen.items() if c.weight is None)
     return Recipe(name=auto.recipe_name, weight=base.weight, activation=base.activation,
-                  skip=(*auto.skip, *floats), overrides=tuple(overrides), rounding=auto.rounding, embedding=embedding)
+                  skip=(*auto.skip, *floats), overrides=tuple(overrides), rounding=rounding, embedding=embedding)

@@ -22,7 +22,7 @@ class Recipe:
     smoothquant: SmoothQuant | None = None
     split_outliers: OutlierSplit | None = None
     mixed_int8: MixedInt8 | None = None
-    rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest
+    rounding: GPTQ | AWQ | HQQ | None = None  # None: round to nearest; HQQ: asymmetric layers (symmetric: nearest)
     rotation: Rotation | None = None  # data-free: runs before every statistic is gathered
     # every token/position embedding table on a parameter, weight-only (its rows per channel or in groups
     # along the hidden size; scales and offsets stored as fp16); None keeps the tables float
@@ -67,9 +67,10 @@ class Recipe:
             if self.embedding.full_range:
                 raise ConfigError("Recipe.embedding: full_range (the Q4_0 grid) is offered for linear weights only")
         weights = [self.weight] + [o.weight for o in self.overrides if o.weight is not None]
-        if isinstance(self.rounding, HQQ) and any(w.symmetric for w in weights):
+        if isinstance(self.rounding, HQQ) and all(w.symmetric for w in weights):
             raise ConfigError("Recipe: HQQ optimizes the zero point, so it needs asymmetric weights "
-                             "(WeightScheme(symmetric=False)), in the recipe and in every override")
+                             "(WeightScheme(symmetric=False)) in the recipe or an override; layers with symmetric "
+                             "weights round to nearest")
 
     def scheme_for(self, module_name: str) -> LayerScheme | None:
         """The layer's scheme, or None when a skip pattern matches it."""

@@ -53,7 +53,8 @@ def test_candidates_are_names_or_candidates_and_resolve_when_built():
     ({"target_bpw": 5.0, "candidates": ("w5-g7",)}, "unknown candidate 'w5-g7'; the named candidates are: float"),
     ({"target_bpw": 5.0, "candidates": ("float", "float")}, r"\['float'\] more than once"),
     ({"target_bpw": 5.0, "metric": "ppl"}, "metric must be one of kl, mse"),
-    ({"target_bpw": 5.0, "rounding": HQQ()}, r"candidates \['w8a8-dynamic', 'w8-channel'\] are symmetric"),
+    ({"target_bpw": 5.0, "rounding": HQQ(), "candidates": ("float", "w8-channel")},
+     r"HQQ rounding fits zero points, and no candidate has asymmetric weights"),
     ({"target_bpw": 5.0, "samples": 0}, "samples must be an integer of at least 1"),
 ])
 def test_bad_searches_are_errors_that_say_what_to_give(kwargs, match):

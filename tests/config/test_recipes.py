@@ -163,8 +163,6 @@ def test_a_compiled_model_with_overrides_reports_each_layers_scheme():
     (lambda: Recipe(rounding="gptq"), TypeError, r"Recipe.rounding must be GPTQ\(\), AWQ\(\), HQQ\(\) or None"),
     (lambda: Recipe(rounding=AWQ(), smoothquant=SmoothQuant()), ValueError,
      r"SmoothQuant combines with GPTQ rounding only"),
-    (lambda: Recipe(weight=W4G32, rounding=HQQ(), overrides=(LayerOverride("x", weight=W8),)), ValueError,
-     r"HQQ optimizes the zero point, so it needs asymmetric weights"),
     (lambda: Recipe(rounding=HQQ()), ValueError, r"HQQ optimizes the zero point, so it needs asymmetric weights"),
     # the methods' own parameters
     (lambda: SmoothQuant(alpha=1.5), ValueError, r"SmoothQuant.alpha must be in \[0, 1\] or 'auto'"),

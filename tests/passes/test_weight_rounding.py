@@ -237,3 +237,26 @@ def test_every_rounding_method_chooses_its_integers_for_fp16_scales(method, symm
             "hqq": lambda: hqq_quantize(w, replace(scheme, fp16_scales=False), HQQ())}[method]()
     # fp16 parameters cost almost nothing: the output error within 2% of the float32-scale result
     assert _out_err(qw, w, x) <= 1.02 * _out_err(fp32, w, x)
+
+
+def test_hqq_fits_the_asymmetric_layers_and_rounds_the_symmetric_ones_to_nearest():
+    """A recipe mixing 4-bit asymmetric groups and int8 symmetric channels (what autotune writes) with HQQ:
+    HQQ's zero points on the 4-bit layers, round to nearest on the int8 ones."""
+    import qcompiler
+    from qcompiler.config import HQQ, LayerOverride, Recipe, WeightScheme
+    from tests.graphs import tiny_llama
+
+    w4 = WeightScheme(bits=4, granularity="per_group", group_size=32, symmetric=False)
+    recipe = Recipe(weight=w4, activation=None, rounding=HQQ(),
+                    overrides=(LayerOverride("*.mlp.*", weight=WeightScheme(bits=8), weight_only=True),))
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    compiled = torch.compile(tiny_llama(), backend="qcompiler", options={"recipe": recipe, "kernels": "reference"})
+    with torch.inference_mode():
+        compiled(torch.tensor([[1, 2, 3, 4]]))
+    decisions = qcompiler.last_report().quantized
+    mlp = [d for d in decisions if ".mlp." in d.module]
+    attn = [d for d in decisions if ".self_attn." in d.module]
+    assert mlp and attn
+    assert all("HQQ" not in d.reason and d.scheme.startswith("W: int8") for d in mlp)
+    assert all("HQQ zero points" in d.reason and d.scheme.startswith("W: int4") for d in attn)

@@ -263,3 +263,30 @@ def test_the_replay_runs_from_each_layers_cut_and_refuses_graphs_that_write_in_p
     model, ids = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), torch.randn(4, 8)
     gm = fx.symbolic_trace(model)
     assert not Replay(gm, [ids]).whole
+
+
+def test_an_encoders_tables_are_one_choice_and_its_bits_are_the_compiled_models(tmp_path):
+    """BERT-style: word, position and token-type tables (none tied) searched as one item, metric mse."""
+    from tests.graphs import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    least = auto_recipe(model, AutoPrecision(60.0, candidates=("float", "w8-channel", "w4-g64"), metric="mse"),
+                        [ids], cache=tmp_path, progress=False)
+    table_elements = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert least.layers[0].module == EMBEDDINGS and least.layers[0].candidate == "float"  # room for everything
+    tight = auto_recipe(model, AutoPrecision(9.0, candidates=("float", "w8-channel", "w4-g64"), metric="mse"),
+                        [ids], cache=tmp_path, progress=False)
+    tables = tight.layers[0]
+    assert tables.module == EMBEDDINGS and tables.candidate != "float" and tables.sensitivity > 0
+    assert tight.recipe.embedding == CANDIDATES[tables.candidate].weight
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    compiled = torch.compile(model, backend="qcompiler", options={"recipe": tight.recipe})
+    with torch.inference_mode():
+        compiled(ids)
+    report = qcompiler.last_report()
+    quantized_tables = [d for d in report.quantized if d.scheme.endswith("(embedding)")]
+    assert len(quantized_tables) == 3 and sum(8 * d.weight_bytes for d in quantized_tables) == tables.bits
+    assert tight.bits == model_bits(model, report.layers) and tight.bits_per_weight <= 9.0
+    assert tables.bits < 32 * table_elements

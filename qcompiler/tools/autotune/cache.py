@@ -14,7 +14,7 @@ from qcompiler.core.errors import StatsError
 from qcompiler.core.files import check_output, write_text_atomic
 
 FORMAT = "qcompiler-autotune-cache"
-VERSION = 1
+VERSION = 2  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows)
 
 
 def model_fingerprint(model) -> str:

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--no-embeddings", action="store_true",
                    help="keep the embedding tables float (default: the search also picks their weight-only scheme)")
     p.add_argument("--calib-text", default=None, help="calibration text (default: <data>/wikitext-2/valid.txt)")
-    p.add_argument("--samples", type=int, default=4, help="calibration samples (default 4)")
+    p.add_argument("--samples", type=int, default=AutoPrecision.samples,
+                   help=f"calibration samples (default {AutoPrecision.samples})")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
     p.add_argument("--cache", default="qcompiler-stats",
                    help="folder of the per-layer results, reused by a rerun (default ./qcompiler-stats)")

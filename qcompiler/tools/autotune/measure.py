@@ -249,6 +249,7 @@ def data_digest(gm0: fx.GraphModule, inputs) -> str:
 def candidate_key(auto: AutoPrecision, candidate: Candidate, data: str, device: torch.device) -> str:
     """What a candidate's cached numbers depend on: its schemes, the rounding, the skip list, the metric,
     the calibration data and the device whose kernels store the weights."""
-    what = json.dumps([repr(candidate.weight), repr(candidate.activation), repr(auto.rounding), list(auto.skip),
+    rounding = None if candidate.weight is None or candidate.weight.symmetric else auto.rounding  # as uniform_recipe
+    what = json.dumps([repr(candidate.weight), repr(candidate.activation), repr(rounding), list(auto.skip),
                        auto.metric, data, device.type] + (["embeddings"] if auto.embeddings else []))
     return hashlib.sha256(what.encode()).hexdigest()[:20]

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-
 _OPERATOR_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
                       operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
                       operator.imatmul, operator.setitem}
