@@ -19,13 +19,14 @@ def model_bits(model: torch.nn.Module, decisions: Iterable) -> int:
     for d in decisions:
         if d.quantized:
             quantized.setdefault(d.module, d)
-    replaced = {d.param for d in quantized.values()}  # the weights the backend stores quantized, by name
-    names: dict[int, list[str]] = {}  # every name of each parameter: 2 for a tied head
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    holders: dict[int, list[tuple[str, str]]] = {}  # (module, attribute) places holding each parameter
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((name, attr))
     bits = 0
     for p in model.parameters():
-        if p.is_floating_point() and not all(n in replaced for n in names.get(id(p), [""])):
+        stored_quantized = all(attr == "weight" and name in quantized for name, attr in holders.get(id(p), [("", "")]))
+        if p.is_floating_point() and not stored_quantized:
             bits += p.numel() * p.element_size() * 8
     return bits + sum(8 * d.weight_bytes for d in quantized.values())
 

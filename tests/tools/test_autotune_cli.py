@@ -13,7 +13,7 @@ QUICK = ["--samples", "1", "--seq-len", "32", "--candidates", "float", "w8-chann
 @pytest.mark.parametrize("extra, message", [
     (["--target-bpw", "0"], "target_bpw must be a positive number"),
     (["--target-bpw", "5", "--candidates", "w5"], "unknown candidate 'w5'"),
-    (["--target-bpw", "5", "--rounding", "hqq", "--candidates", "float", "w8-channel"], "HQQ rounding needs asym"),
+    (["--target-bpw", "5", "--rounding", "hqq", "--candidates", "float", "w8-channel"], "no candidate has asymmetric"),
     (["--target-bpw", "5", "--samples", "0"], "--samples must be at least 1"),
     (["--target-bpw", "5", "--max-latency-ratio", "0"], "max_latency_ratio must be a positive number"),
     (["--target-bpw", "5", "--calib-text", "/nonexistent/valid.txt"], "calibration text /nonexistent/valid.txt"),
