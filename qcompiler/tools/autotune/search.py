@@ -42,8 +42,8 @@ class LayerChoice:
 class AutoResult:
     recipe: Recipe
     auto: AutoPrecision
-    layers: list[LayerChoice]  # the searched linear layers, graph order
-    fixed_bits: int  # parameters no choice changes (embeddings, norms, biases, tied weights), at float bits
+    layers: list[LayerChoice]  # the searched layers (the embedding tables as one, first), graph order
+    fixed_bits: int  # parameters no choice changes (norms, biases, weights read outside the search), float bits
     weights: int  # floating-point parameter elements of the model
     table: dict[str, dict[str, tuple[int, float]]]  # candidate -> module -> (bits, sensitivity)
     states: int  # the knapsack's largest frontier (0 under a latency budget)
