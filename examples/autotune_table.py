@@ -14,6 +14,8 @@ corners of the search's space). A budget below the least the model can take is r
 
     python examples/autotune_table.py --model smollm2-135m --budgets 4.5 5 6 8 --json smol.json
     python examples/autotune_table.py --model minilm-l6 --budgets 4.5 5 6 8 --json minilm.json
+    python examples/autotune_table.py --model smollm2-135m --budgets 5.5 6 8 --rounding hqq --presets \
+        --uniform w4-g128 w4-g64 --json smol-hqq.json
 """
 
 import argparse
@@ -25,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qcompiler import report
+from qcompiler import HQQ, report
 from qcompiler.calibration.calibrate import text_batches
 from qcompiler.config import resolve_recipe
 from qcompiler.config.auto import CANDIDATES, AutoPrecision, uniform_recipe
@@ -51,6 +53,8 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     parser.add_argument("--presets", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"])
     parser.add_argument("--uniform", nargs="*", default=["w8a8-dynamic", "w8-channel", "w4-g128", "w4-g64"],
                         help="candidates to put every layer and table on")
+    parser.add_argument("--rounding", choices=["rtn", "hqq"], default="rtn",
+                        help="the search's rounding (hqq: HQQ zero points on the asymmetric candidates)")
     parser.add_argument("--tokens", type=int, default=20480)
     parser.add_argument("--cache", default="qcompiler-stats")
     parser.add_argument("--json", dest="json_out")
@@ -60,7 +64,9 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     torch._dynamo.config.accumulated_recompile_limit = 1024
     loaded = models.load_model(args.model)
     encoder = loaded.kind == "encoder"
-    base = AutoPrecision(target_bpw=8.0, metric="mse" if encoder else "kl")
+    rounding = HQQ() if args.rounding == "hqq" else None
+    suffix = "-hqq" if rounding is not None else ""
+    base = AutoPrecision(target_bpw=8.0, metric="mse" if encoder else "kl", rounding=rounding)
     ids = torch.cat(text_batches(loaded.tokenizer, models.default_calibration_text(), base.samples, base.seq_len,
                                  add_bos=loaded.add_bos))
     # compile each variant on the shape it is evaluated on (one graph each)
@@ -75,12 +81,12 @@ def main(argv=None) -> int:  # long: the steps of one table in order
         example = {"input_ids": windows[0], "use_cache": False}
     recipes, infeasible, searched = {}, {}, {}
     for budget in args.budgets:
-        auto = AutoPrecision(target_bpw=budget, metric=base.metric)
+        auto = AutoPrecision(target_bpw=budget, metric=base.metric, rounding=rounding, name=f"auto-{budget:g}bpw{suffix}")
         start = time.perf_counter()
         try:
             result = auto_recipe(loaded.model, auto, [{"input_ids": ids}], cache=args.cache)
         except ConfigError as exc:
-            infeasible[f"auto-{budget:g}bpw"] = str(exc)
+            infeasible[auto.recipe_name] = str(exc)
             print(f"budget {budget:g}: {exc}", file=sys.stderr)
             continue
         recipes[result.recipe.name] = result.recipe
@@ -89,7 +95,7 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     for name in args.presets:
         recipes[name] = resolve_recipe(name)
     for name in args.uniform:
-        recipes[f"uniform-{name}"] = uniform_recipe(base, CANDIDATES[name])
+        recipes[f"uniform-{name}{suffix}"] = uniform_recipe(base, CANDIDATES[name])
 
     variants, results = {}, {}
     for name, recipe in recipes.items():
