@@ -17,6 +17,7 @@ from qcompiler.core.ir import (
     TENSOR_INFO,
     ChannelStats,
     DerivedWeight,
+    PassResult,
     fresh_name,
     linear_weight,
     tensor_info,
@@ -115,3 +116,14 @@ def same_tensor_info(new: fx.Node, like: fx.Node) -> fx.Node:
     if info is not None:
         new.meta[TENSOR_INFO] = info
     return new
+
+
+def decisions_result(gm: fx.GraphModule, decisions: list) -> PassResult:
+    """The result of a pass that quantized some of its sites, one ``LayerDecision`` each (the graph linted
+    and recompiled when it changed)."""
+    quantized = sum(1 for d in decisions if d.quantized)
+    if quantized:
+        gm.graph.lint()
+        gm.recompile()
+    counts = {"quantized": quantized, "float": len(decisions) - quantized}
+    return PassResult(gm, modified=quantized > 0, counts=counts, details=tuple(decisions))

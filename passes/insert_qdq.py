@@ -48,7 +48,7 @@ from qcompiler.core.ir import (
     tensor_info,
 )
 from qcompiler.core.weight_cache import WEIGHTS, WeightCache
-from qcompiler.passes.graph_utils import same_tensor_info
+from qcompiler.passes.graph_utils import decisions_result, same_tensor_info
 from qcompiler.passes.weight_rounding import round_to_nearest
 from qcompiler.passes.weight_rounding.hqq import hqq_quantize
 from qcompiler.passes.weight_rounding.sequential import check_rounded
@@ -219,7 +219,6 @@ def insert_qdq(
     required for static layers. ``rounded``: GPTQ/AWQ weights by module (``CalibrationStats.weights``)."""
     _check_stats_cover(gm, recipe_name, ranges)
     decisions = []
-    quantized = 0
     for node in list(gm.graph.nodes):
         site: LinearSite | None = node.meta.get(LINEAR)
         if site is None or QLINEAR in node.meta:
@@ -244,11 +243,6 @@ def insert_qdq(
             decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
                                      bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes + float_side,
                                      float_weight_bytes=float_bytes)
-            quantized += 1
         node.meta[DECISION] = decision
         decisions.append(decision)
-    if quantized:
-        gm.graph.lint()
-        gm.recompile()
-    counts = {"quantized": quantized, "float": len(decisions) - quantized}
-    return PassResult(gm, modified=quantized > 0, counts=counts, details=tuple(decisions))
+    return decisions_result(gm, decisions)

@@ -35,7 +35,7 @@ from qcompiler.core.ir import (
     QEmbeddingSpec,
     fresh_name,
 )
-from qcompiler.passes.graph_utils import constant_value
+from qcompiler.passes.graph_utils import constant_value, decisions_result
 from qcompiler.passes.weight_rounding import round_to_nearest
 
 EMBEDDING_OPS = (torch.nn.functional.embedding,)
@@ -93,7 +93,7 @@ def why_not(node: fx.Node, table: torch.Tensor, scheme: WeightScheme) -> str | N
 def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme) -> PassResult:
     """Every embedding lookup on a parameter reads its table through quantize/dequantize (see the module
     docstring); details: one :class:`LayerDecision` per table."""
-    decisions, quantized = [], 0
+    decisions = []
     for node, param in embedding_lookups(gm):
         table = constant_value(gm, node.args[1])
         module = module_of(param)
@@ -123,11 +123,6 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme) -> PassResult:
             decision = LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
                                      bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes,
                                      float_weight_bytes=float_bytes)
-            quantized += 1
         node.meta[DECISION] = decision
         decisions.append(decision)
-    if quantized:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified=quantized > 0, counts={"quantized": quantized, "float": len(decisions) - quantized},
-                      details=tuple(decisions))
+    return decisions_result(gm, decisions)
