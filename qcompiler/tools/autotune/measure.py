@@ -54,7 +54,6 @@ class Accounting:
     # searched layers that read one float parameter (an LM head tied to the token embedding) and its bits:
     # they are saved only when every one of them is quantized
     tied: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
-    tables: dict[str, int] = field(default_factory=dict)  # embedding table parameter -> float bits when float
 
     def applies(self, candidate: Candidate, module: str) -> bool:
         """An embedding table takes float and weight-only candidates; a linear layer every candidate."""
@@ -96,12 +95,8 @@ def scheme_key(candidate: Candidate, layer: Layer) -> tuple:
     576-wide layer is w4-g64 there). Two candidates with one key give the layer the same numbers."""
     if candidate.weight is None:
         return ("float",)
-    if layer.module == EMBEDDINGS:
-        fitted = tuple(fitted_scheme(candidate.weight, w) for w in layer.widths)
-    else:
-        fitted = tuple(candidate.weight.fitted(w) if candidate.weight.granularity == "per_group" else candidate.weight
-                       for w in layer.widths)
-    return (fitted, candidate.activation)
+    fit = (lambda w: fitted_scheme(candidate.weight, w)) if layer.module == EMBEDDINGS else candidate.weight.fitted
+    return (tuple(fit(w) for w in layer.widths), candidate.activation)
 
 
 def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPrecision) -> Accounting:
@@ -135,11 +130,7 @@ def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPr
     fixed = sum(_float_bits(p) for p in params if id(p) not in kept)
     layers = [Layer(m, sum(p.numel() for p, _ in ps), float_bits[m], tuple(w for _, w in ps))
               for m, ps in sites.items()]
-    tables = {}
-    if EMBEDDINGS in sites:
-        for node, name in embedding_lookups(gm):
-            tables[name] = _float_bits(constant_value(gm, node.args[1]))
-    return Accounting(layers, fixed, sum(p.numel() for p in params), tied=tied, tables=tables)
+    return Accounting(layers, fixed, sum(p.numel() for p in params), tied=tied)
 
 
 def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: Candidate, layers: list[Layer],

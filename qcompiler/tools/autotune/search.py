@@ -245,8 +245,8 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
         if found[c.name] is not None:
             sensitivity = found[c.name][1]
         else:
-            same = {m: known[(m, measure.scheme_key(c, layer_of[m]))] for m in applies[c.name]
-                    if (m, measure.scheme_key(c, layer_of[m])) in known}
+            keyed = {m: (m, measure.scheme_key(c, layer_of[m])) for m in applies[c.name]}
+            same = {m: known[k] for m, k in keyed.items() if k in known}
             todo = [m for m in applies[c.name] if m not in same]
             if progress:
                 print(f"measuring {c.name} ({c.describe()}) on {len(todo)} layers ({len(same)} the same scheme as "
