@@ -12,6 +12,21 @@ ops that Inductor fuses into one loop (no custom op, no Python at run time):
 
 The stored bytes (integers, scales, offsets) are the table's ``weight_bytes`` in the report, which the
 whole-model bit counts (``qcompiler autotune``, ``qcompiler report``) read.
+
+A table that reads a tied LM head's quantized weight (``LayerDecision.shared_with``, set by the pass) stores
+nothing of its own: its rows are gathered from the head's storage, dequantized as the head's kernel holds them:
+
+- ATen's CPU int4 layout (``[N / tile][K][tile / 2]`` bytes, scales and offsets ``[groups, N, 2]`` in bf16):
+  :func:`rows_from_int4pack`, with the tile found by reading every row back at lowering time (it depends on
+  the CPU and on N; a layout it does not read leaves the table its own copy);
+- rows of nibbles with ``[N, groups]`` scales and zeros (the C++ decode GEMV, Triton, reference layouts):
+  :func:`rows_from_nibbles`;
+- the int8 kernels' integers (they keep the QDQ ``w_q`` beside any prepacked copy) and float32 scales, or a
+  head left in QDQ form: :func:`rows_from_qdq`.
+
+A layout none of these reads (an int4 tile layout of a CPU the gather does not know) leaves the table its own
+copy (float32 scales, the head's), its decision says so, and its ``weight_bytes`` are counted; a shared
+table's ``weight_bytes`` are what its own copy would take (the search prices the table alone with them).
 """
 
 from __future__ import annotations
@@ -30,23 +45,31 @@ _DEQUANTIZE = torch.ops.qcompiler.dequantize.default
 _EMBED = torch.ops.aten.embedding.default
 
 
-def stored_tables(gm: fx.GraphModule, spec: QEmbeddingSpec) -> dict[str, torch.Tensor]:
-    """The compact form: ``codes`` (packed or one byte each), ``scale`` and, asymmetric, ``offset`` [rows, groups]."""
+def stored_tables(gm: fx.GraphModule, spec: QEmbeddingSpec, fp16: bool = True) -> dict[str, torch.Tensor]:
+    """The compact form: ``codes`` (packed or one byte each), ``scale`` and, asymmetric, ``offset`` [rows, groups]
+    in fp16 (exact for the pass's own tables) or, ``fp16=False`` (a table that read a linear's weight), float32."""
     q = gm.get_buffer(spec.w_q)
     rows, dim = q.shape
     scale = gm.get_buffer(spec.w_scale).reshape(rows, dim // spec.group_size).to(torch.float32)
-    out = {"scale": scale.to(torch.float16)}
+    width = torch.float16 if fp16 else torch.float32
+    out = {"scale": scale.to(width)}
     if spec.weight_symmetric:
         codes = q.to(torch.int16) + (8 if spec.weight_bits <= 4 else 0)
     else:
         codes = q.to(torch.int16)
         zero = gm.get_buffer(spec.w_zero_point).reshape(rows, dim // spec.group_size).to(torch.float32)
-        out["offset"] = (-zero * scale).to(torch.float16)
+        out["offset"] = (-zero * scale).to(width)
     if spec.weight_bits <= 4:
         out["codes"] = reference.pack_int4(codes)
     else:
         out["codes"] = codes.to(torch.int8 if spec.weight_symmetric else torch.uint8)
     return out
+
+
+def own_bytes(spec: QEmbeddingSpec, rows: int, dim: int) -> int:
+    """The bytes of the table's own compact form (:func:`stored_tables` with fp16 scales and offsets)."""
+    codes = rows * dim // 2 if spec.weight_bits <= 4 else rows * dim
+    return codes + 2 * (rows * dim // spec.group_size) * (1 if spec.weight_symmetric else 2)
 
 
 def dequantized_rows(ids, codes, scale, offset, *, bits: int, symmetric: bool, group: int, dim: int, dtype):
@@ -65,50 +88,153 @@ def dequantized_rows(ids, codes, scale, offset, *, bits: int, symmetric: bool, g
     return out.flatten(-2).to(dtype)
 
 
-def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QEmbeddingSpec):
+def rows_from_qdq(ids, w_q, scale, zero, *, group: int, dim: int, rows: int, dtype):
+    """The rows ``ids`` of a linear layer's QDQ weight (integers one per byte, ``(q - zero) * scale``)."""
+    values = torch.nn.functional.embedding(ids, w_q).to(torch.float32).unflatten(-1, (dim // group, group))
+    if zero is not None:
+        values = values - torch.nn.functional.embedding(ids, zero.reshape(rows, -1)).to(torch.float32).unsqueeze(-1)
+    s = torch.nn.functional.embedding(ids, scale.reshape(rows, -1)).to(torch.float32).unsqueeze(-1)
+    return (values * s).flatten(-2).to(dtype)
+
+
+def rows_from_nibbles(ids, w_packed, scale, zero, *, group: int, dim: int, dtype):
+    """The rows ``ids`` of a 4-bit layer packed two per byte in rows (``kernels/reference.pack_int4``; the
+    C++ GEMV, Triton and reference layouts) with ``[N, groups]`` scales and zeros: ``(q - zero) * scale``."""
+    packed = torch.nn.functional.embedding(ids, w_packed)
+    values = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).to(torch.float32)
+    values = values.unflatten(-1, (dim // group, group))
+    values = values - torch.nn.functional.embedding(ids, zero).to(torch.float32).unsqueeze(-1)
+    return (values * torch.nn.functional.embedding(ids, scale).to(torch.float32).unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def int4pack_codes(ids, packed, columns, *, block: int, dim: int):
+    """The 4-bit codes ``[..., dim]`` of rows ``ids`` in ATen's CPU int4 layout with ``block`` rows per tile:
+    ``[N / block][dim][block / 2]`` bytes, byte ``j`` of a tile holding row ``j`` (low nibble) and row
+    ``j + block / 2`` (high nibble). ``columns``: ``arange(dim)``."""
+    half = block // 2
+    tile, row = ids // block, ids % block
+    index = (tile * (block * dim // 2) + row % half).unsqueeze(-1) + columns * half
+    shift = (row // half * 4).unsqueeze(-1)
+    return (packed.reshape(-1)[index].to(torch.int32) >> shift) & 0xF
+
+
+def rows_from_int4pack(ids, packed, scale_zeros, columns, *, block: int, group: int, dim: int, dtype):
+    """The rows ``ids`` of a layer in ATen's CPU int4 layout, as its kernel computes them:
+    ``(q - 8) * scale + offset`` with its ``[groups, N, 2]`` scales and offsets."""
+    codes = int4pack_codes(ids, packed, columns, block=block, dim=dim).to(torch.float32) - 8.0
+    sz = scale_zeros[:, ids].movedim(0, -2).to(torch.float32)  # [..., groups, 2]
+    values = codes.unflatten(-1, (dim // group, group)) * sz[..., 0:1] + sz[..., 1:2]
+    return values.flatten(-2).to(dtype)
+
+
+def int4pack_block(codes: torch.Tensor, packed: torch.Tensor) -> int | None:
+    """Rows per tile of ``packed`` (ATen's CPU int4 layout of ``codes [N, K]`` in [0, 15]; the tile depends
+    on the CPU and on N) such that :func:`int4pack_codes` reads every row exactly, or None."""
+    rows, dim = codes.shape
+    columns = torch.arange(dim)
+    for block in (64, 32, 16, 128):
+        if rows % block or packed.numel() * 2 != rows * dim:
+            continue
+        if all(torch.equal(int4pack_codes(torch.arange(i, min(i + 2048, rows)), packed, columns, block=block, dim=dim),
+                           codes[i:i + 2048].to(torch.int32)) for i in range(0, rows, 2048)):
+            return block
+    return None
+
+
+def _shared_rows(gm, spec: QEmbeddingSpec, ids, entry, dtype, rows: int, dim: int):
+    """Trace the rows ``ids`` read from the storage of the linear layer the table shares (``entry``:
+    ``(its spec, its Prepared)`` when lowered, None when it kept its QDQ form); None where that storage
+    holds no layout the gathers read (a CPU int4 tile layout they do not know)."""
+    graph = gm.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+
+    def buf(name):
+        return fx.Proxy(graph.get_attr(name), tracer)
+
+    ids = fx.Proxy(ids, tracer)
+    if entry is None:
+        zero = buf(spec.w_zero_point) if spec.w_zero_point else None
+        return rows_from_qdq(ids, buf(spec.w_q), buf(spec.w_scale), zero, group=spec.group_size, dim=dim, rows=rows,
+                             dtype=dtype).node
+    linear, prepared = entry
+    layout, b = prepared.constants.get("layout"), prepared.buffers
+    if b.get("w_q") == linear.w_q and linear.w_zero_point is None:  # the int8 kernels keep the integers as they are
+        return rows_from_qdq(ids, buf(b["w_q"]), buf(b["w_scale"]), None, group=spec.group_size, dim=dim, rows=rows,
+                             dtype=dtype).node
+    if layout in ("gemv", "triton", "reference"):
+        return rows_from_nibbles(ids, buf(b["w_packed"]), buf(b["scale"]), buf(b["zero"]),
+                                 group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
+    if layout == "cpu":
+        codes = gm.get_buffer(linear.w_q).to(torch.int32) + (8 if linear.weight_symmetric else 0)
+        block = int4pack_block(codes, gm.get_buffer(b["packed"]))
+        if block is None:
+            return None
+        columns = fx.Proxy(graph.call_function(torch.arange, (dim,), {"dtype": torch.int64}), tracer)
+        return rows_from_int4pack(ids, buf(b["packed"]), buf(b["scale_zeros"]), columns, block=block,
+                                  group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
+    return None
+
+
+def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QEmbeddingSpec, storage: dict):
     table_dq = node.args[1]
     if not (isinstance(table_dq, fx.Node) and table_dq.op == "call_function" and table_dq.target is _DEQUANTIZE
             and table_dq.args[0].op == "get_attr" and table_dq.args[0].target == spec.w_q):
         return "the table is not dequantize(E_q) of its own buffer", None
     q = gm.get_buffer(spec.w_q)
-    if spec.weight_bits <= 4 and q.shape[1] % 2:
-        return f"width {q.shape[1]} is odd: two 4-bit values are packed per byte", None
+    rows, dim = q.shape
     dtype = table_dq.args[-1]
-    stored = stored_tables(gm, spec)
-    base = spec.w_q.removesuffix("_w_q")
-    names = {k: register(gm, f"{base}_emb_{k}", v) for k, v in stored.items()}
-    graph = gm.graph
-    tracer = fx.proxy.GraphAppendingTracer(graph)
-    with graph.inserting_before(node):
-        proxies = {k: fx.Proxy(graph.get_attr(n), tracer) for k, n in names.items()}
-        out = dequantized_rows(fx.Proxy(node.args[0], tracer), proxies["codes"], proxies["scale"],
-                               proxies.get("offset"), bits=spec.weight_bits, symmetric=spec.weight_symmetric,
-                               group=spec.group_size, dim=q.shape[1], dtype=dtype).node
+    decision = node.meta.get(DECISION)
+    out = None
+    own_scales = decision is None or not decision.shared_with
+    if not own_scales:
+        with gm.graph.inserting_before(node):
+            out = _shared_rows(gm, spec, node.args[0], storage.get(spec.w_q), dtype, rows, dim)
+        if out is None:
+            decision = dataclasses.replace(decision, shared_with="", reason=(
+                f"{decision.shared_with}'s kernel stores its weight in a layout the row gather does not read: "
+                "the table keeps its own copy"))
+        else:
+            nbytes = own_bytes(spec, rows, dim)
+            decision = dataclasses.replace(decision, weight_bytes=nbytes, bits_per_weight=8.0 * nbytes / q.numel())
+    if out is None:
+        if spec.weight_bits <= 4 and dim % 2:
+            return f"width {dim} is odd: two 4-bit values are packed per byte", None
+        stored = stored_tables(gm, spec, fp16=own_scales)
+        base = spec.w_q.removesuffix("_w_q")
+        names = {k: register(gm, f"{base}_emb_{k}", v) for k, v in stored.items()}
+        graph = gm.graph
+        tracer = fx.proxy.GraphAppendingTracer(graph)
+        with graph.inserting_before(node):
+            proxies = {k: fx.Proxy(graph.get_attr(n), tracer) for k, n in names.items()}
+            out = dequantized_rows(fx.Proxy(node.args[0], tracer), proxies["codes"], proxies["scale"],
+                                   proxies.get("offset"), bits=spec.weight_bits, symmetric=spec.weight_symmetric,
+                                   group=spec.group_size, dim=dim, dtype=dtype).node
+        if decision is not None:
+            nbytes = sum(t.numel() * t.element_size() for t in stored.values())
+            decision = dataclasses.replace(decision, weight_bytes=nbytes, bits_per_weight=8.0 * nbytes / q.numel())
     info = tensor_info(node)
     if info is not None:
         out.meta[TENSOR_INFO] = TensorInfo(info.ndim, info.dtype)
-    decision = node.meta.get(DECISION)
     if decision is not None:
-        nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-        decision = dataclasses.replace(decision, weight_bytes=nbytes, bits_per_weight=8.0 * nbytes / q.numel())
         out.meta[DECISION] = decision
     node.replace_all_uses_with(out)
-    graph.erase_node(node)
+    gm.graph.erase_node(node)
     for n in (table_dq, *[a for a in table_dq.args if isinstance(a, fx.Node)]):
         if not n.users and not n._erased:
-            graph.erase_node(n)
+            gm.graph.erase_node(n)
     return "", decision
 
 
-def lower_embeddings(gm: fx.GraphModule) -> list[tuple[str, str, str, object]]:
+def lower_embeddings(gm: fx.GraphModule, storage: dict | None = None) -> list[tuple[str, str, str, object]]:
     """Details per quantized table: ``(module, kernel, why not lowered or "", decision with the stored bytes)``.
-    A table whose QDQ form is not the expected one keeps it (reported, not hidden)."""
+    A table whose QDQ form is not the expected one keeps it (reported, not hidden). ``storage``: per lowered
+    linear's ``w_q`` buffer, ``(its spec, its Prepared)`` (``fuse.lower``), for the tables that share one."""
     details, dropped = [], set()
     for node in list(gm.graph.nodes):
         spec = node.meta.get(QEMBEDDING)
         if spec is None or node.op != "call_function":
             continue
-        why, decision = _lower_one(gm, node, spec)
+        why, decision = _lower_one(gm, node, spec, storage or {})
         if why:
             details.append((spec.module, "reference quantize/dequantize ops", why, None))
         else:

@@ -114,9 +114,10 @@ def _replace(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, x: fx.Node, l
     return out
 
 
-def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: torch.device | None):
+def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: torch.device | None, storage: dict):
     """``(kernel, key or why not, decision)`` for one QDQ linear, replaced by its kernel where one applies
-    (``kernel`` is :data:`REFERENCE_OPS` exactly when it is not)."""
+    (``kernel`` is :data:`REFERENCE_OPS` exactly when it is not); ``storage[spec.w_q]`` is set to
+    ``(spec, prepared)`` when it is."""
     key = key_of(spec)
     lowering = LOWERINGS.get(key)
     if lowering is None:
@@ -142,6 +143,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: tor
     else:
         decision = None
     out = _replace(gm, node, spec, x, lowering, prepared)
+    storage[spec.w_q] = (spec, prepared)
     if decision is not None:
         out.meta[DECISION] = decision
     return prepared.kernel, key.describe(), decision
@@ -155,16 +157,17 @@ def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
     use (default: each layer's weight's)."""
     details, lowered = [], 0
     replaced_buffers: set[str] = set()
+    storage: dict = {}
     for node in list(gm.graph.nodes):
         spec: QLinearSpec | None = node.meta.get(QLINEAR)
         if spec is None:
             continue
-        kernel, why, decision = _lower_one(gm, node, spec, device)
+        kernel, why, decision = _lower_one(gm, node, spec, device, storage)
         details.append((spec.module, kernel, why, decision))
         if kernel != REFERENCE_OPS:
             replaced_buffers.update(n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
             lowered += 1
-    tables = embedding.lower_embeddings(gm)
+    tables = embedding.lower_embeddings(gm, storage)
     details.extend(tables)
     lowered += sum(1 for _, _, why, _ in tables if not why)
     if lowered:

@@ -11,7 +11,13 @@ scales (and the offsets ``-zero * scale``) are rounded to fp16 before the intege
 (``WeightScheme.fp16_scales``), so the lowering (``qcompiler/lowering/embedding.py``) stores them in fp16
 and gathers and dequantizes only the rows a batch reads, exactly. A table the scheme does not fit (a group
 that does not divide its width, a ``max_norm`` lookup that renormalizes rows in place, a non-float table)
-stays float and its decision says why. Each table gets a :class:`~qcompiler.core.ir.LayerDecision` (the
+stays float and its decision says why.
+
+A table that a quantized linear layer also reads as its weight, untransformed (an LM head tied to the token
+embedding), with the same bits, symmetry and group, reads that layer's quantized weight instead of a copy
+of its own (its decision's ``shared_with`` names the layer): one quantized tensor, rounded as the layer's
+recipe rounds it (HQQ, GPTQ), stored once (the lowering gathers the rows from the layer's kernel format
+where it can; ``qcompiler/lowering/embedding.py``). Each table gets a :class:`~qcompiler.core.ir.LayerDecision` (the
 report, ``qcompiler explain`` and the whole-model bit counts read it) and a
 :class:`~qcompiler.core.ir.QEmbeddingSpec` on the lookup node.
 """
@@ -29,6 +35,7 @@ from qcompiler.core.ir import (
     FLOAT_WEIGHT,
     PARAM_META,
     QEMBEDDING,
+    QLINEAR,
     REPLACES,
     LayerDecision,
     PassResult,
@@ -90,9 +97,62 @@ def why_not(node: fx.Node, table: torch.Tensor, scheme: WeightScheme) -> str | N
     return None
 
 
-def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme) -> PassResult:
+_DEQUANTIZE = torch.ops.qcompiler.dequantize.default
+
+
+def tied_linear(gm: fx.GraphModule, table_node: fx.Node, table: torch.Tensor, scheme: WeightScheme):
+    """The QDQ linear that reads ``table_node`` itself as its float weight with ``scheme``'s bits, symmetry and
+    group, its weight dequantized within two steps of the table (so not scaled by AWQ or otherwise moved):
+    ``(linear node, its weight's dequantize node)``, or None."""
+    group = table.shape[1] if scheme.granularity == "per_channel" else scheme.group_size
+    for node in gm.graph.nodes:
+        spec = node.meta.get(QLINEAR)
+        if spec is None or node.meta.get(FLOAT_WEIGHT) is not table_node:
+            continue
+        spec_group = spec.group_size if spec.weight_granularity == "per_group" else table.shape[1]
+        if spec.weight_granularity == "per_tensor" or (spec.weight_bits, spec.weight_symmetric, spec_group) != \
+                (scheme.bits, scheme.symmetric, group):
+            continue
+        dq = node.args[1]
+        if not (isinstance(dq, fx.Node) and dq.target is _DEQUANTIZE and dq.args[0].op == "get_attr"):
+            continue
+        scale = gm.get_buffer(spec.w_scale).reshape(table.shape[0], -1, 1).float()
+        w = _dequantized(gm, spec, dq).reshape(table.shape[0], -1, group).float()
+        if bool(((w - table.detach().float().reshape(w.shape)).abs() <= 2 * scale + 1e-6).all()):
+            return node, dq
+    return None
+
+
+def _dequantized(gm: fx.GraphModule, spec, dq: fx.Node) -> torch.Tensor:
+    zero = gm.get_buffer(spec.w_zero_point) if spec.w_zero_point else None
+    return _DEQUANTIZE(gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale), zero, *dq.args[3:])
+
+
+def _share(gm: fx.GraphModule, node: fx.Node, linear: fx.Node, dq: fx.Node, table: torch.Tensor, fitted,
+           param: str) -> LayerDecision:
+    """Make the lookup ``node`` read ``linear``'s quantized weight; the table's decision."""
+    spec = linear.meta[QLINEAR]
+    with gm.graph.inserting_before(node):
+        args = [gm.graph.get_attr(n.target) if isinstance(n, fx.Node) else n for n in dq.args[:3]]
+        table_dq = gm.graph.call_function(_DEQUANTIZE, (*args, *dq.args[3:-1], table.dtype))
+    node.meta[FLOAT_WEIGHT] = node.args[1]
+    node.update_arg(1, table_dq)
+    group = spec.group_size if spec.weight_granularity == "per_group" else table.shape[1]
+    module = module_of(param)
+    node.meta[QEMBEDDING] = QEmbeddingSpec(module, param, spec.weight_bits, spec.weight_symmetric, group,
+                                           spec.w_q, spec.w_scale, spec.w_zero_point)
+    nbytes = sum(gm.get_buffer(n).numel() * gm.get_buffer(n).element_size()
+                 for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n)
+    return LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
+                         reason=f"reads {spec.module}'s quantized weight (the same tensor, stored once)",
+                         bits_per_weight=8.0 * nbytes / table.numel(), weight_bytes=nbytes,
+                         float_weight_bytes=table.numel() * table.element_size(), shared_with=spec.module)
+
+
+def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = True) -> PassResult:
     """Every embedding lookup on a parameter reads its table through quantize/dequantize (see the module
-    docstring); details: one :class:`LayerDecision` per table."""
+    docstring); details: one :class:`LayerDecision` per table. ``share=False``: every table gets its own
+    copy (the search measures a table alone so)."""
     decisions = []
     for node, param in embedding_lookups(gm):
         table = constant_value(gm, node.args[1])
@@ -100,7 +160,10 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme) -> PassResult:
         float_bytes = table.numel() * table.element_size()
         fitted = fitted_scheme(scheme, table.shape[1])
         why = why_not(node, table, fitted)
-        if why is not None:
+        tied = tied_linear(gm, node.args[1], table, fitted) if why is None and share else None
+        if tied is not None:
+            decision = _share(gm, node, *tied, table, fitted, param)
+        elif why is not None:
             decision = LayerDecision(module, False, param, fitted.describe(), reason=why,
                                      bits_per_weight=8.0 * table.element_size(), weight_bytes=float_bytes,
                                      float_weight_bytes=float_bytes)

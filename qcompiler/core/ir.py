@@ -97,6 +97,9 @@ class LayerDecision:
     bits_per_weight: float = 32.0
     weight_bytes: int = 0
     float_weight_bytes: int = 0
+    # an embedding table that reads the quantized weight of the LM head tied to it: that module's name (its
+    # bytes count there, once; ``weight_bytes`` is what the table would take alone)
+    shared_with: str = ""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 weight or embedding table counts at the bytes the backend stores for it (``LayerDecision.weight_bytes``:
 integers, scales, zero points at the kernel's widths); a parameter several modules hold (an LM head tied to
 the token embedding) keeps its float bits unless every one of them is quantized, and each quantized one
-adds its own copy. The denominator of bits per weight is every floating-point parameter element."""
+adds its own copy, except a table that reads its tied LM head's quantized weight (``LayerDecision.shared_with``):
+that tensor counts once, on the head. The denominator of bits per weight is every floating-point parameter element."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def model_bits(model: torch.nn.Module, decisions: Iterable) -> int:
         stored_quantized = all(attr == "weight" and name in quantized for name, attr in holders.get(id(p), [("", "")]))
         if p.is_floating_point() and not stored_quantized:
             bits += p.numel() * p.element_size() * 8
-    return bits + sum(8 * d.weight_bytes for d in quantized.values())
+    return bits + sum(8 * d.weight_bytes for d in quantized.values() if not d.shared_with)
 
 
 def model_weights(model: torch.nn.Module) -> int:

@@ -98,7 +98,8 @@ def test_recipe_embedding_validation_and_json():
 
 def test_a_tied_table_is_saved_only_when_the_embedding_and_the_head_are_both_quantized():
     """stories260K's LM head is tied to its token embedding: quantizing one of them adds a copy beside the
-    float table; quantizing both drops the float table."""
+    float table; quantizing both drops the float table, and the table reads the head's quantized weight
+    (the same scheme: stored once)."""
     model = models.load_model("stories260k").model
     ids = {"input_ids": torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0)), "use_cache": False}
     table = model.model.embed_tokens.weight
@@ -110,10 +111,12 @@ def test_a_tied_table_is_saved_only_when_the_embedding_and_the_head_are_both_qua
     _, only_head = _run(model, head_int8, ids, "fast")
     _, both = _run(model, replace(head_int8, embedding=emb), ids, "fast")
     def copies(report):
-        return sum(8 * d.weight_bytes for d in report.quantized)
+        return sum(8 * d.weight_bytes for d in report.quantized if not d.shared_with)
 
     table_bits = 8 * table.numel() * table.element_size()
     assert model_bits(model, only_table.layers) == float_bits + copies(only_table)
     assert model_bits(model, only_head.layers) == float_bits + copies(only_head)
     assert model_bits(model, both.layers) == float_bits - table_bits + copies(both)
     assert sorted(d.module for d in both.quantized) == ["lm_head", "model.embed_tokens"]
+    assert [d.shared_with for d in both.quantized if d.module == "model.embed_tokens"] == ["lm_head"]
+    assert copies(both) == copies(only_head)

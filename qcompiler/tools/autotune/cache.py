@@ -14,7 +14,9 @@ from qcompiler.core.errors import StatsError
 from qcompiler.core.files import check_output, write_text_atomic
 
 FORMAT = "qcompiler-autotune-cache"
-VERSION = 2  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows)
+VERSION = 3  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows); 3: tables
+# that read a tied head's weight (``shared``). A version 2 file's sensitivities are read; its bits are counted again.
+READS = (2, 3)
 
 
 def model_fingerprint(model) -> str:
@@ -40,7 +42,7 @@ class SearchCache:
             doc = json.loads(self.path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StatsError(f"the search cache {self.path} is not readable JSON ({exc}); {hint}") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in READS:
             raise StatsError(f"{self.path} is not a version {VERSION} qcompiler search cache; {hint}")
         if doc.get("model") != fingerprint or not isinstance(doc.get("candidates"), dict):
             raise StatsError(f"{self.path} holds results of another model (its weight fingerprint differs); {hint}")
@@ -56,15 +58,20 @@ class SearchCache:
             return None
         return {m: bits[m] for m in modules}, {m: sensitivity[m] for m in modules}
 
-    def get_bits(self, key: str, modules: list[str]) -> dict[str, int] | None:
-        """The cached bits of ``modules`` for ``key`` (a candidate whose sensitivity was not measured), or None."""
+    def get_bits(self, key: str, modules: list[str]) -> tuple[dict[str, int], dict[str, int]] | None:
+        """The cached bits of ``modules`` for ``key`` and the tables' bits a shared head saves
+        (``measure.candidate_bits``), or None (not there, or written by version 2, which did not share)."""
         entry = self.doc["candidates"].get(key)
         bits = entry.get("bits", {}) if isinstance(entry, dict) else {}
-        if not all(isinstance(bits.get(m), int) for m in modules):
+        shared = entry.get("shared") if isinstance(entry, dict) else None
+        if not isinstance(shared, dict) or not all(isinstance(bits.get(m), int) for m in modules):
             return None
-        return {m: bits[m] for m in modules}
+        return {m: bits[m] for m in modules}, {m: int(v) for m, v in shared.items()}
 
-    def put(self, key: str, what: str, bits: dict[str, int], sensitivity: dict[str, float]) -> None:
-        self.doc["candidates"][key] = {"candidate": what, "bits": bits, "sensitivity": sensitivity}
+    def put(self, key: str, what: str, bits: dict[str, int], sensitivity: dict[str, float],
+            shared: dict[str, int] | None = None) -> None:
+        self.doc["version"] = VERSION
+        self.doc["candidates"][key] = {"candidate": what, "bits": bits, "shared": shared or {},
+                                       "sensitivity": sensitivity}
         if self.path is not None:
             write_text_atomic(self.path, json.dumps(self.doc, indent=1))

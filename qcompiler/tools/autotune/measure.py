@@ -6,7 +6,9 @@ weight_bytes`` after ``lower``: integers, scales and zero points at the kernel's
 ``qcompiler.last_report()`` and ``qcompiler eval`` report), or at its float bits when it stays float; the
 embedding tables (searched together, :data:`EMBEDDINGS`) likewise at their stored tables' bytes. A weight
 that two searched layers read (an LM head tied to the token embedding) is a tied group: its float bits count
-unless both are quantized, and each quantized one adds its own copy. A weight that something outside the
+unless both are quantized, and each quantized one adds its own copy, except where the table reads the head's
+quantized weight (the same candidate, a layout its rows can be gathered from; ``LayerDecision.shared_with``):
+then the table's copy is not stored (``Accounting.shared``). A weight that something outside the
 search also reads keeps its float bits in the fixed part, and quantizing the searched layer adds a copy.
 
 **Sensitivity.** The model is captured once on the calibration batch; per candidate the pipeline runs to
@@ -21,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -31,7 +33,7 @@ from qcompiler import pipeline
 from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, Candidate, uniform_recipe
 from qcompiler.core.ir import FLOAT_WEIGHT, LINEAR, PARAM_META, QEMBEDDING, QLINEAR, linear_weight
 from qcompiler.passes.graph_utils import constant_value
-from qcompiler.passes.quantize_embeddings import embedding_lookups, fitted_scheme
+from qcompiler.passes.quantize_embeddings import embedding_lookups, fitted_scheme, quantize_embeddings
 from qcompiler.report import CompileReport
 from qcompiler.tools.autotune.replay import Replay
 from qcompiler.tools.compare import float_args, fresh_graph, main_output
@@ -54,6 +56,9 @@ class Accounting:
     # searched layers that read one float parameter (an LM head tied to the token embedding) and its bits:
     # they are saved only when every one of them is quantized
     tied: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
+    # candidate -> the linear layer whose quantized weight the tables read when both are on that candidate ->
+    # the tables' bits that are then not stored
+    shared: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def applies(self, candidate: Candidate, module: str) -> bool:
         """An embedding table takes float and weight-only candidates; a linear layer every candidate."""
@@ -134,17 +139,21 @@ def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPr
 
 
 def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: Candidate, layers: list[Layer],
-                   device: torch.device) -> dict[str, int]:
+                   device: torch.device) -> tuple[dict[str, int], dict[str, int]]:
     """Bits of each searched layer on ``candidate``: what the backend stores on ``device`` (after lowering).
     The embedding tables' bits are their stored tables' sum (a table the scheme leaves float at its float
-    bits)."""
+    bits; a table that reads a tied head's weight at what its own copy would take). Second: per linear layer
+    whose weight a table reads on this candidate, that table's bits (not stored when both are on it)."""
     applicable = [layer for layer in layers if candidate.weight_only or layer.module != EMBEDDINGS]
     if candidate.weight is None:
-        return {layer.module: layer.float_bits for layer in applicable}
+        return {layer.module: layer.float_bits for layer in applicable}, {}
     report = CompileReport(0, candidate.name, "fast")
     pipeline.run(fresh_graph(gm0, inputs), pipeline.build(uniform_recipe(auto, candidate), device), report)
     stored = {d.module: d for d in report.layers}
-    out = {}
+    out, shared = {}, {}
+    for d in report.layers:
+        if d.shared_with:
+            shared[d.shared_with] = shared.get(d.shared_with, 0) + 8 * d.weight_bytes
     for layer in applicable:
         if layer.module == EMBEDDINGS:
             tables = [d for d in report.layers if d.scheme.endswith("(embedding)")]
@@ -152,7 +161,7 @@ def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: 
             continue
         d = stored.get(layer.module)
         out[layer.module] = 8 * d.weight_bytes if d is not None and d.quantized else layer.float_bits
-    return out
+    return out, shared
 
 
 class OutputError:
@@ -210,6 +219,11 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), kernels="reference")
     qdq = ("insert_qdq", "quantize_embeddings")
     steps = steps[: max(i for i, s in enumerate(steps) if s.name in qdq) + 1]
+    # each table on its own copy: its sensitivity alone (one that reads a tied head's weight on the same
+    # candidate differs only in that weight's rounding: the head's fp32 scales for the table's fp16 ones)
+    table_scheme = uniform_recipe(auto, candidate).embedding
+    steps = [replace(s, run=lambda gm: quantize_embeddings(gm, table_scheme, share=False))
+             if s.name == "quantize_embeddings" else s for s in steps]
     gm = pipeline.run(fresh_graph(gm0, calls[0]), steps, CompileReport(0, candidate.name, "reference"))
     toggles = _toggles(gm)
     for entries in toggles.values():

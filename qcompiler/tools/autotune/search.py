@@ -49,6 +49,8 @@ class AutoResult:
     states: int  # the knapsack's largest frontier (0 under a latency budget)
     latency: dict | None = None  # with max_latency_ratio: the layers' decode-step time against float, the gap
     pruned: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not measured nor offered
+    # candidate -> the layer whose quantized weight the tables read when both are on it -> table bits not stored
+    shared: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def bits(self) -> int:
@@ -71,7 +73,8 @@ class AutoResult:
                             "sensitivity": c.sensitivity} for c in self.layers],
                 "candidates": {name: {m: {"bits": b, "sensitivity": s} for m, (b, s) in per.items()}
                                for name, per in self.table.items()},
-                "max_latency_ratio": self.auto.max_latency_ratio, "latency": self.latency, "pruned": self.pruned}
+                "max_latency_ratio": self.auto.max_latency_ratio, "latency": self.latency, "pruned": self.pruned,
+                "shared": self.shared}
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}
@@ -129,9 +132,20 @@ def items(acc: measure.Accounting, auto: AutoPrecision, table: dict[str, dict[st
         for combo in itertools.product(*choices):
             bits = sum(table[n][mod][0] for n, mod in zip(combo, mods))
             bits += shared if any(auto.candidate(n).weight is None for n in combo) else 0
+            bits -= table_saving(acc, mods, combo)
             options.append((bits, sum(table[n][mod][1] for n, mod in zip(combo, mods)), combo))
         out.append(Item(mods, options))
     return out
+
+
+def table_saving(acc: measure.Accounting, mods: tuple[str, ...], combo: tuple[str, ...]) -> int:
+    """The tables' bits not stored when the tables and a linear layer of the tied group ``mods`` are both on
+    one candidate whose tables read that layer's quantized weight (``Accounting.shared``)."""
+    if EMBEDDINGS not in mods:
+        return 0
+    on = dict(zip(mods, combo))
+    name = on[EMBEDDINGS]
+    return sum(bits for layer, bits in acc.shared.get(name, {}).items() if on.get(layer) == name)
 
 
 def _batch_rows(batches, rows: int):
@@ -188,15 +202,20 @@ def dominated(auto: AutoPrecision, acc: measure.Accounting) -> dict[str, str]:
 def _choices(knapsack_items: list[Item], chosen: tuple[int, ...], table, acc: measure.Accounting,
              auto: AutoPrecision) -> list[LayerChoice]:
     """Per searched layer its candidate, bits and sensitivity (graph order); a tied group's float bits are
-    counted on its first layer that stays float (nowhere when all are quantized)."""
+    counted on its first layer that stays float (nowhere when all are quantized); tables that read a tied
+    head's quantized weight count without the copy they do not store."""
     by_module = {}
     shared = dict(acc.tied)
     for item, k in zip(knapsack_items, chosen):
         extra = shared.get(item.modules, 0)
-        for name, module in zip(item.options[k][2], item.modules):
+        combo = item.options[k][2]
+        saving = table_saving(acc, item.modules, combo)
+        for name, module in zip(combo, item.modules):
             bits, value = table[name][module]
             if extra and auto.candidate(name).weight is None:
                 bits, extra = bits + extra, 0
+            if module == EMBEDDINGS:
+                bits -= saving
             by_module[module] = LayerChoice(module, name, bits, value)
     return [by_module[layer.module] for layer in acc.layers]
 
@@ -221,19 +240,21 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
     found = {c.name: cached.get(keys[c.name], applies[c.name]) for c in auto.candidates}
     bits_graph = None
     for c in auto.candidates:
-        hit = found[c.name][0] if found[c.name] else cached.get_bits(keys[c.name], applies[c.name])
+        hit = cached.get_bits(keys[c.name], applies[c.name])
         if hit is None and bits_graph is None:
             bits_graph = _captured(model, [_batch_rows(batches, GEMV_MAX_ROWS + 1)])
         if hit is None:
             hit = measure.candidate_bits(bits_graph[0], bits_graph[1][0], auto, c, acc.layers, device)
-        acc.bits[c.name] = hit
+            if found[c.name] is not None:  # sensitivities from an older cache: kept, with the bits counted now
+                cached.put(keys[c.name], c.describe(), hit[0], found[c.name][1], hit[1])
+        acc.bits[c.name], acc.shared[c.name] = hit
     budget = _check_budget(auto, acc)
     pruned = dominated(auto, acc)
     for name, why in pruned.items():
         if progress:
             print(f"not measuring {name}: {why}", file=sys.stderr)
         if found[name] is None:
-            cached.put(keys[name], auto.candidate(name).describe(), acc.bits[name], {})
+            cached.put(keys[name], auto.candidate(name).describe(), acc.bits[name], {}, acc.shared[name])
     with torch.inference_mode():
         references = [main_output(gm0(*inputs)) for inputs in calls]
     table: dict[str, dict[str, tuple[int, float]]] = {}
@@ -252,7 +273,7 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
                 print(f"measuring {c.name} ({c.describe()}) on {len(todo)} layers ({len(same)} the same scheme as "
                       "a candidate measured already) ...", file=sys.stderr)
             sensitivity = {**same, **measure.candidate_sensitivity(gm0, calls, references, auto, c, todo, progress)}
-            cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity)
+            cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity, acc.shared[c.name])
         for m in applies[c.name]:
             known.setdefault((m, measure.scheme_key(c, layer_of[m])), sensitivity[m])
         table[c.name] = {m: (acc.bits[c.name][m], sensitivity[m]) for m in applies[c.name]}
@@ -277,4 +298,4 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
     layers = _choices(knapsack_items, solution.choices, table, acc, auto)
     recipe = recipe_for(auto, {c.module: c.candidate for c in layers})
     return AutoResult(recipe, auto, layers, acc.fixed_bits, acc.weights, table,
-                      getattr(solution, "states", 0), latency, pruned)
+                      getattr(solution, "states", 0), latency, pruned, acc.shared)
