@@ -1,7 +1,7 @@
 """Automatic mixed precision against uniform recipes, in one run: bits per weight of the whole model (every
 parameter, counted as ``qcompiler autotune`` counts them) and accuracy on the evaluation text.
 
-For each budget the search (``qcompiler.tools.autotune.search.auto_recipe``, the CLI's defaults: 4 x 256
+For each budget the search (``qcompiler.tools.autotune.search.auto_recipe``, the CLI's defaults: 3 x 256
 calibration tokens of wikitext-2/valid.txt, every default candidate, the embedding tables searched; its
 per-layer results are read from ``--cache`` when ``qcompiler autotune`` filled it) gives a recipe; it and the
 uniform recipes are compiled side by side and evaluated as ``qcompiler eval`` does: causal LMs on the first
@@ -16,19 +16,20 @@ corners of the search's space). A budget below the least the model can take is r
     python examples/autotune_table.py --model minilm-l6 --budgets 4.5 5 6 8 --json minilm.json
     python examples/autotune_table.py --model smollm2-135m --budgets 5.5 6 8 --rounding hqq --presets \
         --uniform w4-g128 w4-g64 --json smol-hqq.json
+
+With ``--rounding gptq`` or ``awq`` every recipe that needs statistics (the automatic ones, the uniform ones,
+GPTQ/AWQ presets) is calibrated on the search's batches before it is compiled (as ``qcompiler autotune`` does).
 """
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from qcompiler import HQQ, report
-from qcompiler.calibration.calibrate import text_batches
+from qcompiler import AWQ, GPTQ, HQQ, report
+from qcompiler.calibration.calibrate import calibrate, text_batches
 from qcompiler.config import resolve_recipe
 from qcompiler.config.auto import CANDIDATES, AutoPrecision, uniform_recipe
 from qcompiler.core.errors import ConfigError
@@ -37,10 +38,10 @@ from qcompiler.tools.autotune.search import auto_recipe
 from qcompiler.tools.model_bits import model_bits, model_bits_per_weight
 
 
-def compiled_variant(loaded, recipe, example):
+def compiled_variant(loaded, recipe, example, stats=None):
     torch._dynamo.reset()
     report.clear_reports()
-    compiled = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe})
+    compiled = torch.compile(loaded.model, backend="qcompiler", options={"recipe": recipe, "stats": stats})
     with torch.inference_mode():  # compile now, to read the report
         compiled(**example)
     return compiled, report.last_report()
@@ -53,8 +54,9 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     parser.add_argument("--presets", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"])
     parser.add_argument("--uniform", nargs="*", default=["w8a8-dynamic", "w8-channel", "w4-g128", "w4-g64"],
                         help="candidates to put every layer and table on")
-    parser.add_argument("--rounding", choices=["rtn", "hqq"], default="rtn",
-                        help="the search's rounding (hqq: HQQ zero points on the asymmetric candidates)")
+    parser.add_argument("--rounding", choices=["rtn", "hqq", "gptq", "awq"], default="rtn",
+                        help="the search's rounding (hqq: HQQ zero points on the asymmetric candidates; gptq, awq: "
+                             "every quantized layer, calibrated on the search's batches)")
     parser.add_argument("--tokens", type=int, default=20480)
     parser.add_argument("--cache", default="qcompiler-stats")
     parser.add_argument("--json", dest="json_out")
@@ -64,17 +66,15 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     torch._dynamo.config.accumulated_recompile_limit = 1024
     loaded = models.load_model(args.model)
     encoder = loaded.kind == "encoder"
-    rounding = HQQ() if args.rounding == "hqq" else None
-    suffix = "-hqq" if rounding is not None else ""
+    rounding = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ()}[args.rounding]
+    suffix = "" if rounding is None else f"-{args.rounding}"
     base = AutoPrecision(target_bpw=8.0, metric="mse" if encoder else "kl", rounding=rounding)
     ids = torch.cat(text_batches(loaded.tokenizer, models.default_calibration_text(), base.samples, base.seq_len,
                                  add_bos=loaded.add_bos))
     # compile each variant on the shape it is evaluated on (one graph each)
     if encoder:
-        passages = evaluate._passages(models.default_text(), 256)
-        batches = [loaded.tokenizer(passages[i:i + 16], padding="max_length", truncation=True, max_length=128,
-                                    return_tensors="pt") for i in range(0, len(passages), 16)]
-        example = dict(batches[0])
+        batches = evaluate.encoder_batches(loaded.tokenizer, evaluate._passages(models.default_text(), 256))
+        example = batches[0]
     else:
         tokens = evaluate.read_tokens(models.default_text(), loaded.tokenizer, args.tokens)
         windows = evaluate.windows(tokens, 512, loaded.tokenizer.bos_token_id if loaded.add_bos else None)
@@ -99,7 +99,8 @@ def main(argv=None) -> int:  # long: the steps of one table in order
 
     variants, results = {}, {}
     for name, recipe in recipes.items():
-        compiled, rep = compiled_variant(loaded, recipe, example)
+        stats = calibrate(loaded.model, [{"input_ids": ids}], recipe) if recipe.needs_calibration else None
+        compiled, rep = compiled_variant(loaded, recipe, example, stats)
         variants[name] = compiled
         bits = model_bits(loaded.model, rep.layers)
         results[name] = {"bpw": model_bits_per_weight(loaded.model, rep.layers), "bits": bits,
@@ -112,26 +113,11 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     floats = {}
     with torch.inference_mode():
         if encoder:
-            sims = {name: [] for name in variants}
-            for batch in batches:
-                e_f = evaluate._mean_pooled(loaded.model, batch)
-                for name, model in variants.items():
-                    sims[name].append(F.cosine_similarity(e_f, evaluate._mean_pooled(model, batch), dim=-1))
-            for name in variants:
-                s = torch.cat(sims[name])
-                results[name].update(cosine_similarity=s.mean().item(), cosine_similarity_min=s.min().item())
+            metrics = evaluate.encoder_metrics(loaded.model, variants, batches)
         else:
-            accs = {name: evaluate._Accumulator() for name in variants}
-            for j, w in enumerate(windows):
-                logits_f = evaluate.logits(loaded.model, w)
-                for name, model in variants.items():
-                    accs[name].add(logits_f[:-1], evaluate.logits(model, w)[:-1], w[0, 1:])
-                print(f"window {j + 1}/{len(windows)}", file=sys.stderr, end="\r")
-            any_acc = next(iter(accs.values()))
-            floats = {"perplexity": math.exp(any_acc.nll_float / any_acc.count)}
-            for name, acc in accs.items():
-                results[name].update(perplexity=math.exp(acc.nll_quant / acc.count), kl=acc.kl / acc.count,
-                                     top1_agreement=acc.agree / acc.count)
+            floats, metrics = evaluate.causal_lm_metrics(loaded.model, variants, windows)
+    for name, m in metrics.items():
+        results[name].update(m)
 
     metric = "cosine_similarity" if encoder else "perplexity"
     print(f"\n{args.model}: float {floats.get('perplexity', 1.0):.4g}")

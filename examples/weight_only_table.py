@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import qcompiler
 from qcompiler import AWQ, GPTQ, HQQ, Recipe, WeightScheme, report
@@ -131,34 +130,18 @@ def main(argv=None) -> int:
         variants.update(torchao_variants(loaded.model, args.group, bf16_linears=not args.torchao_fp32))
 
     results = {name: {k: v for k, v in info.items() if k != "model"} for name, info in variants.items()}
+    models_ = {name: info["model"] for name, info in variants.items()}
+    floats = {}
     with torch.inference_mode():
         if encoder:
-            passages = evaluate._passages(models.default_text(), 256)
-            sims = {name: [] for name in variants}
-            for i in range(0, len(passages), 16):
-                batch = loaded.tokenizer(passages[i:i + 16], padding="max_length", truncation=True, max_length=128,
-                                         return_tensors="pt")
-                e_f = evaluate._mean_pooled(loaded.model, batch)
-                for name, info in variants.items():
-                    sims[name].append(F.cosine_similarity(e_f, evaluate._mean_pooled(info["model"], batch), dim=-1))
-            for name in variants:
-                s = torch.cat(sims[name])
-                results[name].update(cosine_similarity=s.mean().item(), cosine_similarity_min=s.min().item())
-            floats = {}
+            batches = evaluate.encoder_batches(loaded.tokenizer, evaluate._passages(models.default_text(), 256))
+            metrics = evaluate.encoder_metrics(loaded.model, models_, batches)
         else:
             ids = evaluate.read_tokens(models.default_text(), loaded.tokenizer, args.tokens)
             windows = evaluate.windows(ids, 512, loaded.tokenizer.bos_token_id if loaded.add_bos else None)
-            accs = {name: evaluate._Accumulator() for name in variants}
-            for j, w in enumerate(windows):
-                logits_f = evaluate.logits(loaded.model, w)
-                for name, info in variants.items():
-                    accs[name].add(logits_f[:-1], evaluate.logits(info["model"], w)[:-1], w[0, 1:])
-                print(f"window {j + 1}/{len(windows)}", file=sys.stderr, end="\r")
-            any_acc = next(iter(accs.values()))
-            floats = {"perplexity": math.exp(any_acc.nll_float / any_acc.count)}
-            for name, acc in accs.items():
-                results[name].update(perplexity=math.exp(acc.nll_quant / acc.count), kl=acc.kl / acc.count,
-                                     top1_agreement=acc.agree / acc.count)
+            floats, metrics = evaluate.causal_lm_metrics(loaded.model, models_, windows)
+    for name, m in metrics.items():
+        results[name].update(m)
 
     metric = "cosine_similarity" if encoder else "perplexity"
     print(f"\n{args.model}: float {floats.get('perplexity', 1.0) if not encoder else 1.0:.4g}")

@@ -16,7 +16,8 @@ stays float and its decision says why.
 A table that a quantized linear layer also reads as its weight, untransformed (an LM head tied to the token
 embedding), with the same bits, symmetry and group, reads that layer's quantized weight instead of a copy
 of its own (its decision's ``shared_with`` names the layer): one quantized tensor, rounded as the layer's
-recipe rounds it (HQQ, GPTQ), stored once (the lowering gathers the rows from the layer's kernel format
+recipe rounds it (nearest, HQQ; the pipeline does not share GPTQ/AWQ-rounded integers, fitted to the head's
+inputs rather than to the lookups), stored once (the lowering gathers the rows from the layer's kernel format
 where it can; ``qcompiler/lowering/embedding.py``). Each table gets a :class:`~qcompiler.core.ir.LayerDecision` (the
 report, ``qcompiler explain`` and the whole-model bit counts read it) and a
 :class:`~qcompiler.core.ir.QEmbeddingSpec` on the lookup node.

@@ -157,7 +157,10 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
         requires=("plan",),
     ))
     if recipe.embedding is not None:
-        steps.append(Step("quantize_embeddings", lambda gm: quantize_embeddings(gm, recipe.embedding)))
+        # a table shares a tied head's integers only when they are the table's own rounding (nearest, HQQ):
+        # GPTQ/AWQ move them to fit the head's inputs, not the lookups
+        share = not recipe.data_driven_rounding
+        steps.append(Step("quantize_embeddings", lambda gm: quantize_embeddings(gm, recipe.embedding, share=share)))
     if artifact is not None:
         steps.append(Step("load_artifact", artifact.apply, requires=("insert_qdq",)))
     if kernels == "fast":

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qcompiler.config.methods import HQQ
+from qcompiler.config.methods import AWQ, GPTQ, HQQ
 from qcompiler.config.recipe import Recipe
 from qcompiler.config.schemes import ActivationScheme, LayerOverride, LayerScheme, WeightScheme
 from qcompiler.core.errors import ConfigError, ConfigTypeError
@@ -96,8 +96,10 @@ class AutoPrecision:
     ``embeddings``: also choose the embedding tables' scheme (one for all of them, ``Recipe.embedding``) among
     the float and weight-only candidates; a table tied to a searched LM head is priced with it (its float
     bits are saved only when both are quantized).
-    ``rounding``: None (round to nearest) or HQQ() for the layers on asymmetric candidates (the symmetric
-    ones round to nearest). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
+    ``rounding``: None (round to nearest), HQQ() for the layers on asymmetric candidates (the symmetric
+    ones round to nearest), or GPTQ()/AWQ() for every quantized layer (data-driven: each candidate is
+    calibrated on the search's batches, and the recipe found needs ``qcompiler.calibrate`` before it
+    compiles, as any GPTQ/AWQ recipe; ``qcompiler autotune`` does it and saves the statistics beside it). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
     ``max_latency_ratio``: also keep the searched layers' summed decode-step time (each layer's kernels on
     one token, timed on this machine) within this multiple of their float time (None: no latency budget).
     """
@@ -105,7 +107,7 @@ class AutoPrecision:
     target_bpw: float
     candidates: tuple = DEFAULT_CANDIDATES
     metric: str = "kl"
-    rounding: HQQ | None = None
+    rounding: GPTQ | AWQ | HQQ | None = None
     skip: tuple[str, ...] = ("*embed*",)
     samples: int = 3  # x seq_len: SmolLM2's search stays under 15 minutes on 2 cores
     seq_len: int = 256
@@ -131,10 +133,10 @@ class AutoPrecision:
             raise ConfigError(f"AutoPrecision.metric must be one of {', '.join(METRICS)}; got {self.metric!r} "
                               "(kl: next-token KL of a language model's logits; mse: relative squared error of the "
                               "output, for encoders)")
-        if self.rounding is not None and not isinstance(self.rounding, HQQ):
-            raise ConfigTypeError("AutoPrecision.rounding must be None (round to nearest) or HQQ(); GPTQ/AWQ need "
-                                  f"calibration per candidate, got {type(self.rounding).__name__}")
-        if self.rounding is not None and not any(c.weight is not None and not c.weight.symmetric for c in resolved):
+        if self.rounding is not None and not isinstance(self.rounding, (GPTQ, AWQ, HQQ)):
+            raise ConfigTypeError("AutoPrecision.rounding must be None (round to nearest), HQQ(), GPTQ() or AWQ(), "
+                                  f"got {type(self.rounding).__name__}")
+        if isinstance(self.rounding, HQQ) and not any(c.weight is not None and not c.weight.symmetric for c in resolved):
             raise ConfigError("AutoPrecision: HQQ rounding fits zero points, and no candidate has asymmetric weights; "
                               "add one (w4-g128, w4-g64, w3-g64) or use round to nearest (rounding=None)")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
@@ -168,9 +170,16 @@ def uniform_recipe(auto: AutoPrecision, candidate: Candidate) -> Recipe:
     if candidate.weight is None:
         return Recipe(name=f"uniform-{candidate.name}", skip=("*",))
     embedding = candidate.weight if auto.embeddings and candidate.weight_only else None
-    rounding = None if candidate.weight.symmetric else auto.rounding  # HQQ fits zero points: asymmetric only
     return Recipe(name=f"uniform-{candidate.name}", weight=candidate.weight, activation=candidate.activation,
-                  skip=auto.skip, rounding=rounding, embedding=embedding)
+                  skip=auto.skip, rounding=candidate_rounding(auto, candidate), embedding=embedding)
+
+
+def candidate_rounding(auto: AutoPrecision, candidate: Candidate):
+    """How ``candidate``'s weights are rounded: HQQ fits zero points (asymmetric candidates only, the others
+    round to nearest); GPTQ and AWQ round every quantized weight."""
+    if candidate.weight is None or isinstance(auto.rounding, HQQ) and candidate.weight.symmetric:
+        return None
+    return auto.rounding
 
 
 def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
@@ -186,8 +195,8 @@ def recipe_for(auto: AutoPrecision, assignment: Mapping[str, str]) -> Recipe:
         raise ConfigError(f"module names {odd[:3]} hold pattern characters ({_PATTERN_CHARACTERS}): a recipe "
                           "could not name them alone")
     counts = Counter(c.name for c in chosen.values() if c.weight is not None)
-    asymmetric = any(c.weight is not None and not c.weight.symmetric for c in chosen.values())
-    rounding = auto.rounding if asymmetric else None  # HQQ fits zero points: a recipe without any has none
+    roundings = [candidate_rounding(auto, c) for c in chosen.values()]
+    rounding = auto.rounding if any(r is not None for r in roundings) else None  # HQQ: only with an asymmetric layer
     if not counts:
         return Recipe(name=auto.recipe_name, skip=(*auto.skip, *chosen), rounding=rounding, embedding=embedding)
     order = {c.name: i for i, c in enumerate(auto.candidates)}

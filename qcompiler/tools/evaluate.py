@@ -140,28 +140,33 @@ def logits(model, ids):
     return model(input_ids=ids, use_cache=False).logits[0].float()
 
 
+def causal_lm_metrics(float_model, variants: dict, chunks: list[torch.Tensor], progress: bool = True):
+    """``(float metrics, {name: metrics})`` of several quantized models scored side by side on the windows
+    ``chunks`` against ``float_model`` (perplexity, KL to float, top-1 agreement), the float logits computed
+    once per window."""
+    accs = {name: _Accumulator() for name in variants}
+    for w in tqdm(chunks, desc="perplexity windows", disable=not progress):
+        logits_f = logits(float_model, w)
+        for name, model in variants.items():
+            accs[name].add(logits_f[:-1], logits(model, w)[:-1], w[0, 1:])
+    any_acc = next(iter(accs.values()))
+    return {"perplexity": math.exp(any_acc.nll_float / any_acc.count)}, {
+        name: {"perplexity": math.exp(acc.nll_quant / acc.count), "kl": acc.kl / acc.count,
+               "top1_agreement": acc.agree / acc.count} for name, acc in accs.items()}
+
+
 def evaluate_causal_lm(loaded: LoadedModel, quantized_model, text: Path, cfg: EvalConfig):
     tok = loaded.tokenizer
     bos = tok.bos_token_id if loaded.add_bos else None
     ids = read_tokens(text, tok, cfg.tokens)
-    acc = _Accumulator()
     chunks = windows(ids, cfg.window, bos)
-    for w in tqdm(chunks, desc="perplexity windows", disable=not cfg.progress):
-        logits_f = logits(loaded.model, w)
-        logits_q = logits(quantized_model, w)
-        acc.add(logits_f[:-1], logits_q[:-1], w[0, 1:])
+    float_metrics, quant = causal_lm_metrics(loaded.model, {"q": quantized_model}, chunks, cfg.progress)
     convention = (
         f"first {cfg.tokens} tokens of {Path(text).name} read as one string, {len(chunks)} non-overlapping "
         f"windows of {cfg.window} tokens{' each with BOS prepended' if bos is not None else ''}, "
-        f"{acc.count} predicted tokens"
+        f"{sum(w.shape[1] - 1 for w in chunks)} predicted tokens"
     )
-    float_metrics = {"perplexity": math.exp(acc.nll_float / acc.count)}
-    quant_metrics = {
-        "perplexity": math.exp(acc.nll_quant / acc.count),
-        "kl": acc.kl / acc.count,
-        "top1_agreement": acc.agree / acc.count,
-    }
-    return float_metrics, quant_metrics, convention
+    return float_metrics, quant["q"], convention
 
 
 def _passages(text: Path, count: int) -> list[str]:
@@ -178,21 +183,33 @@ def _mean_pooled(model, batch) -> torch.Tensor:
     return (out * mask).sum(1) / mask.sum(1)
 
 
+def encoder_batches(tokenizer, passages: list[str]) -> list[dict]:
+    """The passages in batches of 16, 128 tokens each (padded/truncated): what encoders are scored on."""
+    return [dict(tokenizer(passages[i:i + 16], padding="max_length", truncation=True, max_length=128,
+                           return_tensors="pt")) for i in range(0, len(passages), 16)]
+
+
+def encoder_metrics(float_model, variants: dict, batches: list[dict], progress: bool = True) -> dict:
+    """``{name: metrics}``: the cosine similarity (mean, minimum) of each model's mean-pooled embeddings to
+    ``float_model``'s, the float embeddings computed once per batch."""
+    sims = {name: [] for name in variants}
+    for batch in tqdm(batches, desc="embedding passages", disable=not progress):
+        e_f = _mean_pooled(float_model, batch)
+        for name, model in variants.items():
+            sims[name].append(F.cosine_similarity(e_f, _mean_pooled(model, batch), dim=-1))
+    return {name: {"cosine_similarity": torch.cat(s).mean().item(), "cosine_similarity_min": torch.cat(s).min().item()}
+            for name, s in sims.items()}
+
+
 def evaluate_encoder(loaded: LoadedModel, quantized_model, text: Path, cfg: EvalConfig):
     passages = _passages(text, cfg.passages)
-    sims = []
-    for i in tqdm(range(0, len(passages), 16), desc="embedding passages", disable=not cfg.progress):
-        batch = loaded.tokenizer(passages[i : i + 16], padding="max_length", truncation=True,
-                                 max_length=128, return_tensors="pt")
-        e_f = _mean_pooled(loaded.model, batch)
-        e_q = _mean_pooled(quantized_model, batch)
-        sims.append(F.cosine_similarity(e_f, e_q, dim=-1))
-    sims = torch.cat(sims)
+    quant = encoder_metrics(loaded.model, {"q": quantized_model}, encoder_batches(loaded.tokenizer, passages),
+                            cfg.progress)
     convention = (
         f"{len(passages)} paragraphs of {Path(text).name} (lines over 80 characters, headings skipped), "
         "128 tokens each (padded/truncated), mean-pooled last hidden state"
     )
-    return {}, {"cosine_similarity": sims.mean().item(), "cosine_similarity_min": sims.min().item()}, convention
+    return {}, quant["q"], convention
 
 
 def _median_ratio(run_float, run_quant, repeats: int) -> dict:

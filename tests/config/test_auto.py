@@ -63,8 +63,9 @@ def test_bad_searches_are_errors_that_say_what_to_give(kwargs, match):
 
 
 def test_wrong_types_and_static_candidates_are_refused():
-    with pytest.raises(ConfigTypeError, match="GPTQ/AWQ need calibration per candidate"):
-        AutoPrecision(5.0, rounding=GPTQ())
+    with pytest.raises(ConfigTypeError, match=r"rounding must be None \(round to nearest\), HQQ\(\), GPTQ\(\) or AWQ\(\)"):
+        AutoPrecision(5.0, rounding="gptq")
+    assert AutoPrecision(5.0, rounding=GPTQ()).rounding == GPTQ()  # data-driven: calibrated per candidate
     with pytest.raises(ConfigTypeError, match="skip must be a tuple"):
         AutoPrecision(5.0, skip="lm_head")
     static = ActivationScheme(granularity="per_tensor", dynamic=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler.config import Recipe, recipe_from_json, recipe_to_json
-from qcompiler.config.auto import CANDIDATES, EMBEDDINGS, AutoPrecision
+from qcompiler.config import GPTQ, HQQ, Recipe, recipe_from_json, recipe_to_json
+from qcompiler.config.auto import CANDIDATES, EMBEDDINGS, AutoPrecision, uniform_recipe
 from qcompiler.core.errors import ConfigError, StatsError
 from qcompiler.tools import models
 from qcompiler.tools.autotune import measure
@@ -128,9 +128,9 @@ def test_a_candidate_that_fits_a_layer_to_a_measured_scheme_is_not_measured_agai
     asked = {}
     real = measure.candidate_sensitivity
 
-    def counting(gm0, calls, references, auto, candidate, modules, progress=True):
+    def counting(gm0, calls, references, auto, candidate, modules, progress=True, stats=None):
         asked[candidate.name] = list(modules)
-        return real(gm0, calls, references, auto, candidate, modules, progress)
+        return real(gm0, calls, references, auto, candidate, modules, progress, stats=stats)
 
     monkeypatch.setattr(measure, "candidate_sensitivity", counting)
     auto = AutoPrecision(12.0, candidates=("float", "w4-g64", "w4-g128"))
@@ -293,3 +293,21 @@ def test_an_encoders_tables_are_one_choice_and_its_bits_are_the_compiled_models(
     assert len(quantized_tables) == 3 and sum(8 * d.weight_bytes for d in quantized_tables) == tables.bits
     assert tight.bits == model_bits(model, report.layers) and tight.bits_per_weight <= 9.0
     assert tables.bits < 32 * table_elements
+
+
+def test_gptq_rounding_calibrates_each_candidate_on_the_search_batches(stories, searched):
+    """AutoPrecision(rounding=GPTQ()): every quantized candidate (int8 too) is rounded by GPTQ on the search's
+    batches, which lowers each candidate's summed sensitivity against round to nearest; the recipe says GPTQ."""
+    model, ids = stories
+    rtn, _ = searched
+    auto = AutoPrecision(8.0, candidates=CANDIDATE_NAMES, rounding=GPTQ())
+    assert uniform_recipe(auto, CANDIDATES["w8-channel"]).rounding == GPTQ()
+    assert uniform_recipe(auto, CANDIDATES["float"]).rounding is None
+    assert uniform_recipe(AutoPrecision(8.0, rounding=HQQ()), CANDIDATES["w8-channel"]).rounding is None
+    result = auto_recipe(model, auto, [ids], cache=None, progress=False)
+    assert isinstance(result.recipe.rounding, GPTQ)
+    for name in ("w8-channel", "w4-g64"):
+        linears = [m for m in result.table[name] if m != EMBEDDINGS]
+        assert sum(result.table[name][m][1] for m in linears) < sum(rtn.table[name][m][1] for m in linears)
+        assert all(result.table[name][m][0] == rtn.table[name][m][0] for m in linears)  # the same bits
+    assert result.shared["w4-g64"] == {}  # a GPTQ-rounded head's integers are not the table's

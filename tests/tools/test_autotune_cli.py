@@ -54,3 +54,18 @@ def test_autotune_writes_a_recipe_that_loads_and_a_rerun_reads_the_cache(capsys,
     # without the embedding table (tied to the LM head, so its float bits stay) 9 bits are below the least
     assert cli.main([*args[:4], "9", *args[5:], "--no-embeddings", "--out", str(tmp_path / "c")]) == 2
     assert "is below the least this model can take" in capsys.readouterr().err
+
+
+def test_autotune_with_gptq_writes_the_recipes_statistics_and_eval_compiles_with_them(capsys, tmp_path):
+    out = tmp_path / "g"
+    assert cli.main(["autotune", "--model", "stories260k", "--target-bpw", "8", "--rounding", "gptq",
+                     "--cache", str(tmp_path / "cache"), "--out", str(out), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating uniform-w4-g64 (GPTQ rounding)" in err and f"--stats {out / 'stats'}" in err
+    recipe = recipe_from_json(json.loads((out / "recipe.json").read_text()))
+    assert type(recipe.rounding).__name__ == "GPTQ" and (out / "stats").is_dir()
+    assert cli.main(["eval", "--model", "stories260k", "--recipe", str(out), "--stats", str(out / "stats"),
+                     "--tokens", "256", "--window", "128", "--no-speed", "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    searched = json.loads((out / "autotune.json").read_text())["bits_per_weight"]
+    assert result["weight_bytes"]["bits_per_weight"] == pytest.approx(searched, rel=1e-12)

@@ -4,7 +4,9 @@
 
 writes ``auto/recipe.json`` (the Recipe: every command's ``--recipe auto/`` reads it, as does
 ``qcompiler.config.recipe_from_json``) and
-``auto/autotune.json`` (every layer's choice, bits and sensitivity, every candidate's table, the arguments).
+``auto/autotune.json`` (every layer's choice, bits and sensitivity, every candidate's table, the arguments);
+with ``--rounding gptq`` or ``awq`` also ``auto/stats/``, the recipe calibrated on the search's batches
+(``--recipe auto/ --stats auto/stats``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from qcompiler.config import HQQ, recipe_to_json
+from qcompiler.config import AWQ, GPTQ, HQQ, recipe_to_json
 from qcompiler.config.auto import CANDIDATES, DEFAULT_CANDIDATES, METRICS, AutoPrecision
 from qcompiler.core.errors import ConfigError
 from qcompiler.core.files import atomic_folder, check_output, read_text
 
 RECIPE_FILE = "recipe.json"
 RESULT_FILE = "autotune.json"
+STATS_DIR = "stats"
+ROUNDINGS = {"rtn": None, "hqq": HQQ, "gptq": GPTQ, "awq": AWQ}
 
 
 def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -33,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--metric", choices=METRICS, default=None,
                    help="kl: next-token KL of the logits (default for language models); mse: relative squared "
                         "error of the output (default for encoders)")
-    p.add_argument("--rounding", choices=["rtn", "hqq"], default="rtn",
-                   help="rtn: round to nearest (default); hqq: HQQ zero points (asymmetric candidates only)")
+    p.add_argument("--rounding", choices=list(ROUNDINGS), default="rtn",
+                   help="rtn: round to nearest (default); hqq: HQQ zero points (asymmetric candidates only); gptq, "
+                        "awq: every quantized layer, calibrated per candidate on the search's batches (slower)")
     p.add_argument("--max-latency-ratio", type=float, default=None,
                    help="also keep the searched layers' decode-step time (timed per layer on this machine) within "
                         "this multiple of their float time, e.g. 0.8 (default: no latency budget)")
@@ -52,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
 def _search(args) -> AutoPrecision:
     """The search the arguments ask for, validated (before the model is loaded)."""
     return AutoPrecision(target_bpw=args.target_bpw, candidates=tuple(args.candidates), metric=args.metric or "kl",
-                         rounding=HQQ() if args.rounding == "hqq" else None, samples=args.samples,
+                         rounding=ROUNDINGS[args.rounding] and ROUNDINGS[args.rounding](), samples=args.samples,
                          seq_len=args.seq_len, max_latency_ratio=args.max_latency_ratio,
                          embeddings=not args.no_embeddings)
 
@@ -83,11 +88,20 @@ def run(args) -> int:
     ids = torch.cat(text_batches(loaded.tokenizer, text, auto.samples, auto.seq_len, add_bos=loaded.add_bos))
     result = auto_recipe(loaded.model, auto, [{"input_ids": ids}], cache=args.cache)
     print(result)
+    stats = None
+    if result.recipe.data_driven_rounding:
+        from qcompiler.calibration.calibrate import calibrate
+
+        print(f"calibrating {result.recipe.name} ({args.rounding}) on the search's batches ...", file=sys.stderr)
+        stats = calibrate(loaded.model, [{"input_ids": ids}], result.recipe)
     doc = {"arguments": {k: v for k, v in vars(args).items() if k != "json_out"}, "calibration_text": str(text),
            **result.to_json()}
     with atomic_folder(out) as folder:
         (folder / RECIPE_FILE).write_text(json.dumps(recipe_to_json(result.recipe), indent=1))
         (folder / RESULT_FILE).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out / RECIPE_FILE} ({result.bits_per_weight:.4f} bits per weight) and {out / RESULT_FILE}",
+        if stats is not None:
+            stats.save(folder / STATS_DIR)
+    print(f"wrote {out / RECIPE_FILE} ({result.bits_per_weight:.4f} bits per weight) and {out / RESULT_FILE}"
+          + (f"; its statistics in {out / STATS_DIR} (--recipe {out} --stats {out / STATS_DIR})" if stats else ""),
           file=sys.stderr)
     return 0

@@ -40,8 +40,8 @@ def _one_layer(shape, auto: AutoPrecision, candidate, device: torch.device):
     layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias)).eval()
     x = torch.randn(1, 1, k)
     recipe = uniform_recipe(auto, candidate)
-    if candidate.weight is not None:
-        recipe = replace(recipe, skip=())  # the one layer is quantized whatever its name
+    if candidate.weight is not None:  # the one layer is quantized whatever its name; the kernels do not
+        recipe = replace(recipe, skip=(), rounding=None if recipe.data_driven_rounding else recipe.rounding)  # see GPTQ/AWQ
     gm, calls = capture.capture(layer, [capture.as_batch(x)], what="the latency search")
     capture.bind_parameters(gm, calls[0])
     gm = pipeline.run(gm, pipeline.build(recipe, device), CompileReport(0, candidate.name, "fast"))

@@ -30,7 +30,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qcompiler import pipeline
-from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, Candidate, uniform_recipe
+from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, Candidate, candidate_rounding, uniform_recipe
 from qcompiler.core.ir import FLOAT_WEIGHT, LINEAR, PARAM_META, QEMBEDDING, QLINEAR, linear_weight
 from qcompiler.passes.graph_utils import constant_value
 from qcompiler.passes.quantize_embeddings import embedding_lookups, fitted_scheme, quantize_embeddings
@@ -148,11 +148,15 @@ def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: 
     if candidate.weight is None:
         return {layer.module: layer.float_bits for layer in applicable}, {}
     report = CompileReport(0, candidate.name, "fast")
-    pipeline.run(fresh_graph(gm0, inputs), pipeline.build(uniform_recipe(auto, candidate), device), report)
+    recipe = uniform_recipe(auto, candidate)
+    data_driven = recipe.data_driven_rounding
+    if data_driven:  # GPTQ/AWQ choose other integers, stored alike: counted on nearest rounding
+        recipe = replace(recipe, rounding=None)
+    pipeline.run(fresh_graph(gm0, inputs), pipeline.build(recipe, device), report)
     stored = {d.module: d for d in report.layers}
     out, shared = {}, {}
     for d in report.layers:
-        if d.shared_with:
+        if d.shared_with and not data_driven:  # a GPTQ/AWQ head's integers are not shared (pipeline.build)
             shared[d.shared_with] = shared.get(d.shared_with, 0) + 8 * d.weight_bytes
     for layer in applicable:
         if layer.module == EMBEDDINGS:
@@ -209,14 +213,15 @@ def _set(entries, quantized: bool) -> None:
 
 
 def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, auto: AutoPrecision,
-                          candidate: Candidate, modules: list[str], progress: bool = True) -> dict[str, float]:
+                          candidate: Candidate, modules: list[str], progress: bool = True, stats=None) -> dict[str, float]:
     """Each module's error at the output when it alone is on ``candidate``, averaged over the calls (the
     graph's inputs per batch; ``references``: the float outputs). 0.0 for float, or a layer the candidate
-    leaves float."""
+    leaves float. ``stats``: the candidate's uniform recipe calibrated (GPTQ/AWQ rounding: each layer's
+    rounded weight as the sequential rounding of every layer on the candidate gave it)."""
     modules = [m for m in modules if candidate.weight_only or m != EMBEDDINGS]
     if candidate.weight is None or not modules:
         return {m: 0.0 for m in modules}
-    steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), kernels="reference")
+    steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), stats=stats, kernels="reference")
     qdq = ("insert_qdq", "quantize_embeddings")
     steps = steps[: max(i for i, s in enumerate(steps) if s.name in qdq) + 1]
     # each table on its own copy: its sensitivity alone (one that reads a tied head's weight on the same
@@ -254,7 +259,7 @@ def data_digest(gm0: fx.GraphModule, inputs) -> str:
 def candidate_key(auto: AutoPrecision, candidate: Candidate, data: str, device: torch.device) -> str:
     """What a candidate's cached numbers depend on: its schemes, the rounding, the skip list, the metric,
     the calibration data and the device whose kernels store the weights."""
-    rounding = None if candidate.weight is None or candidate.weight.symmetric else auto.rounding  # as uniform_recipe
+    rounding = candidate_rounding(auto, candidate)
     what = json.dumps([repr(candidate.weight), repr(candidate.activation), repr(rounding), list(auto.skip),
                        auto.metric, data, device.type] + (["embeddings"] if auto.embeddings else []))
     return hashlib.sha256(what.encode()).hexdigest()[:20]

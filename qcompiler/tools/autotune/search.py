@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from qcompiler.calibration.calibrate import calibrate
 from qcompiler.config import Recipe
-from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, recipe_for
+from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, recipe_for, uniform_recipe
 from qcompiler.core import capture
 from qcompiler.core.errors import ConfigError
 from qcompiler.lowering.key import GEMV_MAX_ROWS
@@ -220,6 +221,15 @@ def _choices(knapsack_items: list[Item], chosen: tuple[int, ...], table, acc: me
     return [by_module[layer.module] for layer in acc.layers]
 
 
+def _calibrated(model: torch.nn.Module, batches, recipe, progress: bool):
+    """``recipe``'s statistics on the search's batches where its rounding needs them (GPTQ, AWQ), else None."""
+    if not recipe.data_driven_rounding:
+        return None
+    if progress:
+        print(f"calibrating {recipe.name} ({type(recipe.rounding).__name__} rounding) ...", file=sys.stderr)
+    return calibrate(model, batches, recipe, progress=progress)
+
+
 def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=None,  # long: the steps in order
                 device: torch.device | str = "cpu", progress: bool = True) -> AutoResult:
     """The recipe of least summed sensitivity whose whole model fits ``auto.target_bpw`` bits per weight.
@@ -272,7 +282,9 @@ def auto_recipe(model: torch.nn.Module, auto: AutoPrecision, batches, *, cache=N
             if progress:
                 print(f"measuring {c.name} ({c.describe()}) on {len(todo)} layers ({len(same)} the same scheme as "
                       "a candidate measured already) ...", file=sys.stderr)
-            sensitivity = {**same, **measure.candidate_sensitivity(gm0, calls, references, auto, c, todo, progress)}
+            stats = _calibrated(model, batches, uniform_recipe(auto, c), progress) if todo else None
+            sensitivity = {**same, **measure.candidate_sensitivity(gm0, calls, references, auto, c, todo, progress,
+                                                                   stats=stats)}
             cached.put(keys[c.name], c.describe(), acc.bits[c.name], sensitivity, acc.shared[c.name])
         for m in applies[c.name]:
             known.setdefault((m, measure.scheme_key(c, layer_of[m])), sensitivity[m])

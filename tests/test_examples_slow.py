@@ -1,0 +1,44 @@
+"""The table scripts the README's results come from run end to end (on stories260K, a few windows): their
+JSON holds every row, the automatic recipes' compiled bits are the search's, an infeasible budget is
+reported with the least the model can take."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_autotune_table_on_stories260k(tmp_path):
+    out = tmp_path / "t.json"
+    _run("autotune_table.py", "--model", "stories260k", "--budgets", "8", "4", "--presets", "w4a16-rtn",
+         "--uniform", "w4-g64", "--tokens", "2048", "--cache", str(tmp_path / "cache"), "--json", str(out))
+    doc = json.loads(out.read_text())
+    results = doc["results"]
+    assert set(results) == {"auto-8bpw", "w4a16-rtn", "uniform-w4-g64"}
+    auto = results["auto-8bpw"]
+    assert auto["bpw"] <= 8 and auto["bits"] == auto["search_bits"] and auto["kind"] == "auto"
+    assert all(r["perplexity"] > 1 and 0 <= r["top1_agreement"] <= 1 for r in results.values())
+    assert "below the least this model can take" in doc["infeasible"]["auto-4bpw"]
+    assert doc["float"]["perplexity"] > 1
+
+
+def test_weight_only_table_on_stories260k(tmp_path):
+    out = tmp_path / "w.json"
+    _run("weight_only_table.py", "--model", "stories260k", "--bits", "4", "--methods", "rtn", "gptq", "--group", "32",
+         "--tokens", "2048", "--samples", "2", "--seq-len", "64", "--no-torchao", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"w4a16-rtn", "w4a16-gptq"}
+    assert all(r["perplexity"] > 1 and r["kl"] >= 0 for r in results.values())
+    assert results["w4a16-gptq"]["bpw"] == results["w4a16-rtn"]["bpw"]  # other integers, the same storage
