@@ -38,7 +38,7 @@ import torch.fx as fx
 from qcompiler.config import Rotation
 from qcompiler.core import hadamard
 from qcompiler.core.errors import QCompilerError
-from qcompiler.core.ir import LINEAR, PassResult, linear_weight
+from qcompiler.core.ir import LINEAR, ONLINE_HADAMARD, PassResult, linear_weight
 from qcompiler.passes.graph_utils import (
     add_buffer,
     bias_of,
@@ -281,6 +281,7 @@ def _online(gm: fx.GraphModule, writer: fx.Node, n: int) -> None:
             flat = graph.call_method("flatten", (graph.call_method("transpose", (left, -1, -2)), -2))
         same_tensor_info(flat, x)
     flat.meta["example_value"] = x.meta.get("example_value")
+    flat.meta[ONLINE_HADAMARD] = (None if a_n is None else a_n.target, b_n.target)  # lowering/hadamard.py
     writer.update_arg(0, flat)
 
 

@@ -22,6 +22,8 @@ Order (a pass runs only if the recipe asks for it; each requires the ones named 
 12. ``gqa_attention``  grouped-query attention reads the KV cache without repeating it (exact)
 13. ``decode_attention`` one-query attention (decode steps) reads only the filled part of a static KV cache
     (``qcompiler/lowering/attention.py``; CPU, skipped with ``kernels="reference"``)
+14. ``online_hadamard`` a rotated model's online Hadamard transforms on few rows -> one C++ call each
+    (``qcompiler/lowering/hadamard.py``; CPU, with ``rotation``, skipped with ``kernels="reference"``)
 
 Calibration runs 1-6 (with ``rotate``) and then inserts observers, so static ranges are those of the transformed
 inputs. A pass that raises is named, with the passes that ran before it.
@@ -39,7 +41,7 @@ import torch.fx as fx
 from qcompiler.config import AWQ, Recipe
 from qcompiler.core.errors import QCompilerError, StatsError
 from qcompiler.core.ir import PLAN, PassResult
-from qcompiler.lowering import attention, fuse, fuse_gemv, ops
+from qcompiler.lowering import attention, fuse, fuse_gemv, hadamard, ops
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.gqa_attention import gqa_attention
@@ -54,7 +56,8 @@ from qcompiler.plan import make_plan
 from qcompiler.report import CompileReport, PassRecord
 
 ORDER = ("canonicalize", "plan", "rotate", "attach_stats", "smoothquant", "split_outliers", "mixed_int8", "fold_awq",
-         "insert_qdq", "quantize_embeddings", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention")
+         "insert_qdq", "quantize_embeddings", "load_artifact", "lower", "fuse_gemv", "gqa_attention", "decode_attention",
+         "online_hadamard")
 
 
 class PassFailed(RuntimeError):
@@ -169,6 +172,8 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
     steps.append(Step("gqa_attention", gqa_attention))
     if kernels == "fast" and device.type == "cpu":
         steps.append(Step("decode_attention", attention.decode_attention, requires=("gqa_attention",)))
+        if recipe.rotation is not None:
+            steps.append(Step("online_hadamard", hadamard.online_hadamard, requires=("rotate",)))
     check_order(steps)
     return steps
 

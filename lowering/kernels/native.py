@@ -1,9 +1,11 @@
-"""The C++ kernels of the decode step (``cpu_gemv.cpp``, ``cpu_attention.cpp``), built at first use for this machine.
+"""The C++ kernels of the decode step (``cpu_gemv.cpp``, ``cpu_attention.cpp``, ``cpu_hadamard.cpp``), built at
+first use for this machine.
 
 ``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
 ``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights) and ``qcompiler::int4_gemv``
-(float32 activations x packed 4-bit weights with group scales and zeros) and ``qcompiler::decode_attention``
-(one query position over the filled part of a static KV cache) are C++ ops: a compiled
+(float32 activations x packed 4-bit weights with group scales and zeros), ``qcompiler::decode_attention``
+(one query position over the filled part of a static KV cache) and ``qcompiler::kron_hadamard`` (a rotated
+model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops: a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
 takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
 is fixed and small); larger products keep the library kernels of ``cpu.py``.
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("cpu_gemv.cpp"), Path(__file__).with_name("cpu_attention.cpp"))
-OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads", "decode_attention")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp"))
+OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads", "decode_attention", "kron_hadamard")
 
 
 def _machine_tag() -> str:
@@ -72,6 +74,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qcompiler::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("qcompiler::kron_hadamard")
+    def _(x, a, b):
+        return x.new_empty(x.shape)
 
 
 def unavailable_reason() -> str | None:

@@ -30,6 +30,8 @@ LOWERED_FROM = "qcompiler.lowered_from"  # QLinearSpec, on the kernel call that 
 REPLACES = "qcompiler.replaces"  # str, on get_attr nodes of a transformed parameter: the parameter's name (export)
 VALUE_FOLD = "qcompiler.value_fold"  # ValueFold, on the get_attr of a 1/s that multiplies an attention's output
 QEMBEDDING = "qcompiler.qembedding"  # QEmbeddingSpec, on embedding lookups of a dequantized table (quantize_embeddings)
+# (A buffer name or None, B buffer name), on the last node of an online Hadamard transform x @ kron(A, B) (rotate)
+ONLINE_HADAMARD = "qcompiler.online_hadamard"
 
 
 @dataclass(frozen=True)
