@@ -17,8 +17,9 @@ A table that reads a tied LM head's quantized weight (``LayerDecision.shared_wit
 nothing of its own: its rows are gathered from the head's storage, dequantized as the head's kernel holds them:
 
 - ATen's CPU int4 layout (``[N / tile][K][tile / 2]`` bytes, scales and offsets ``[groups, N, 2]`` in bf16):
-  :func:`rows_from_int4pack`, with the tile found by reading every row back at lowering time (it depends on
-  the CPU and on N; a layout it does not read leaves the table its own copy);
+  :func:`rows_from_int4pack`, with the tile and the nibble order found by reading every row back at lowering
+  time (they depend on the build, the CPU and N; a layout it does not read, such as a shorter last tile,
+  leaves the table its own copy);
 - rows of nibbles with ``[N, groups]`` scales and zeros (the C++ decode GEMV, Triton, reference layouts):
   :func:`rows_from_nibbles`;
 - the int8 kernels' integers (they keep the QDQ ``w_q`` beside any prepacked copy) and float32 scales, or a
@@ -36,7 +37,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from qcompiler.core.ir import DECISION, QEMBEDDING, TENSOR_INFO, QEmbeddingSpec, TensorInfo, tensor_info
+from qcompiler.core.ir import DECISION, QEMBEDDING, TENSOR_INFO, QEmbeddingSpec, TensorInfo, table_bytes, tensor_info
 from qcompiler.lowering.kernels import reference
 from qcompiler.lowering.key import register
 
@@ -68,8 +69,7 @@ def stored_tables(gm: fx.GraphModule, spec: QEmbeddingSpec, fp16: bool = True) -
 
 def own_bytes(spec: QEmbeddingSpec, rows: int, dim: int) -> int:
     """The bytes of the table's own compact form (:func:`stored_tables` with fp16 scales and offsets)."""
-    codes = rows * dim // 2 if spec.weight_bits <= 4 else rows * dim
-    return codes + 2 * (rows * dim // spec.group_size) * (1 if spec.weight_symmetric else 2)
+    return table_bytes(spec.weight_bits, spec.weight_symmetric, rows, dim, spec.group_size)
 
 
 def dequantized_rows(ids, codes, scale, offset, *, bits: int, symmetric: bool, group: int, dim: int, dtype):
@@ -107,37 +107,42 @@ def rows_from_nibbles(ids, w_packed, scale, zero, *, group: int, dim: int, dtype
     return (values * torch.nn.functional.embedding(ids, scale).to(torch.float32).unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-def int4pack_codes(ids, packed, columns, *, block: int, dim: int):
+def int4pack_codes(ids, packed, columns, *, block: int, dim: int, adjacent: bool = False):
     """The 4-bit codes ``[..., dim]`` of rows ``ids`` in ATen's CPU int4 layout with ``block`` rows per tile:
-    ``[N / block][dim][block / 2]`` bytes, byte ``j`` of a tile holding row ``j`` (low nibble) and row
-    ``j + block / 2`` (high nibble). ``columns``: ``arange(dim)``."""
+    ``[N / block][dim][block / 2]`` bytes; byte ``j`` of a tile's column holds row ``j`` (low nibble) and row
+    ``j + block / 2`` (high nibble) on x86 builds, rows ``2j`` and ``2j + 1`` with ``adjacent`` (other builds).
+    ``columns``: ``arange(dim)``."""
     half = block // 2
     tile, row = ids // block, ids % block
-    index = (tile * (block * dim // 2) + row % half).unsqueeze(-1) + columns * half
-    shift = (row // half * 4).unsqueeze(-1)
-    return (packed.reshape(-1)[index].to(torch.int32) >> shift) & 0xF
+    inner, shift = (row // 2, row % 2 * 4) if adjacent else (row % half, row // half * 4)
+    index = (tile * (block * dim // 2) + inner).unsqueeze(-1) + columns * half
+    return (packed.reshape(-1)[index].to(torch.int32) >> shift.unsqueeze(-1)) & 0xF
 
 
-def rows_from_int4pack(ids, packed, scale_zeros, columns, *, block: int, group: int, dim: int, dtype):
+def rows_from_int4pack(ids, packed, scale_zeros, columns, *, block: int, group: int, dim: int, dtype,
+                       adjacent: bool = False):
     """The rows ``ids`` of a layer in ATen's CPU int4 layout, as its kernel computes them:
     ``(q - 8) * scale + offset`` with its ``[groups, N, 2]`` scales and offsets."""
-    codes = int4pack_codes(ids, packed, columns, block=block, dim=dim).to(torch.float32) - 8.0
+    codes = int4pack_codes(ids, packed, columns, block=block, dim=dim, adjacent=adjacent).to(torch.float32) - 8.0
     sz = scale_zeros[:, ids].movedim(0, -2).to(torch.float32)  # [..., groups, 2]
     values = codes.unflatten(-1, (dim // group, group)) * sz[..., 0:1] + sz[..., 1:2]
     return values.flatten(-2).to(dtype)
 
 
-def int4pack_block(codes: torch.Tensor, packed: torch.Tensor) -> int | None:
-    """Rows per tile of ``packed`` (ATen's CPU int4 layout of ``codes [N, K]`` in [0, 15]; the tile depends
-    on the CPU and on N) such that :func:`int4pack_codes` reads every row exactly, or None."""
+def int4pack_block(codes: torch.Tensor, packed: torch.Tensor) -> tuple[int, bool] | None:
+    """``(rows per tile, adjacent)`` of ``packed`` (ATen's CPU int4 layout of ``codes [N, K]`` in [0, 15]; it
+    depends on the build, the CPU and N) such that :func:`int4pack_codes` reads every row exactly, or None
+    (a layout it does not read, e.g. a last tile shorter than the others)."""
     rows, dim = codes.shape
     columns = torch.arange(dim)
     for block in (64, 32, 16, 128):
-        if rows % block or packed.numel() * 2 != rows * dim:
-            continue
-        if all(torch.equal(int4pack_codes(torch.arange(i, min(i + 2048, rows)), packed, columns, block=block, dim=dim),
-                           codes[i:i + 2048].to(torch.int32)) for i in range(0, rows, 2048)):
-            return block
+        for adjacent in (False, True):
+            if rows % block or packed.numel() * 2 != rows * dim:
+                continue
+            if all(torch.equal(int4pack_codes(torch.arange(i, min(i + 2048, rows)), packed, columns, block=block,
+                                              dim=dim, adjacent=adjacent), codes[i:i + 2048].to(torch.int32))
+                   for i in range(0, rows, 2048)):
+                return block, adjacent
     return None
 
 
@@ -166,12 +171,13 @@ def _shared_rows(gm, spec: QEmbeddingSpec, ids, entry, dtype, rows: int, dim: in
                                  group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
     if layout == "cpu":
         codes = gm.get_buffer(linear.w_q).to(torch.int32) + (8 if linear.weight_symmetric else 0)
-        block = int4pack_block(codes, gm.get_buffer(b["packed"]))
-        if block is None:
+        layout = int4pack_block(codes, gm.get_buffer(b["packed"]))
+        if layout is None:
             return None
         columns = fx.Proxy(graph.call_function(torch.arange, (dim,), {"dtype": torch.int64}), tracer)
-        return rows_from_int4pack(ids, buf(b["packed"]), buf(b["scale_zeros"]), columns, block=block,
-                                  group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
+        return rows_from_int4pack(ids, buf(b["packed"]), buf(b["scale_zeros"]), columns, block=layout[0],
+                                  group=prepared.constants["group_size"], dim=dim, dtype=dtype,
+                                  adjacent=layout[1]).node
     return None
 
 

@@ -24,17 +24,24 @@ from qcompiler.lowering.kernels import native
 from qcompiler.lowering.key import GEMV_MAX_ROWS
 
 
-def _input(flat: fx.Node, a_name: str | None) -> fx.Node | None:
+def _input(flat: fx.Node, a_name: str | None, b_name: str) -> fx.Node | None:
     """The transform's input ``x``, read back through the ops ``rotate._online`` made (None if they changed)."""
+
+    def matmul_by(node, name):
+        return (isinstance(node, fx.Node) and node.target is torch.matmul and len(node.args) == 2
+                and getattr(node.args[1], "target", None) == name)
+
     if a_name is None:  # x @ B
-        return flat.args[0] if flat.target is torch.matmul else None
+        return flat.args[0] if matmul_by(flat, b_name) else None
     try:
         left = flat.args[0].args[0]  # flatten(transpose(left))
         right = left.args[0].args[0]  # left = matmul(transpose(right), A)
         blocks = right.args[0]  # right = matmul(blocks, B)
-        return blocks.args[0] if blocks.target == "unflatten" else None
     except (AttributeError, IndexError):
         return None
+    if flat.target != "flatten" or not matmul_by(left, a_name) or not matmul_by(right, b_name):
+        return None
+    return blocks.args[0] if blocks.target == "unflatten" else None
 
 
 def _few_float_rows(x: fx.Node) -> bool:
@@ -56,7 +63,7 @@ def online_hadamard(gm: fx.GraphModule) -> PassResult:
         if tag is None or node.op == "placeholder":
             continue
         a_name, b_name = tag
-        x = _input(node, a_name)
+        x = _input(node, a_name, b_name)
         if x is None or not _few_float_rows(x):
             continue
         with graph.inserting_before(node):

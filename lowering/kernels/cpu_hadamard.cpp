@@ -60,12 +60,13 @@ at::Tensor kron_hadamard(const at::Tensor& x, const std::optional<at::Tensor>& a
   TORCH_CHECK(x.scalar_type() == at::kFloat, "kron_hadamard takes float32 activations, got ", x.scalar_type());
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == b.size(1),
               "kron_hadamard: B must be a square float32 matrix");
-  const int64_t p = b.size(0);
-  const int64_t m = a.has_value() ? a->size(0) : 1;
+  TORCH_CHECK(x.dim() >= 1, "kron_hadamard: x must have at least one dimension");
   if (a.has_value()) {
     TORCH_CHECK(a->scalar_type() == at::kFloat && a->dim() == 2 && a->size(0) == a->size(1),
                 "kron_hadamard: A must be a square float32 matrix");
   }
+  const int64_t p = b.size(0);
+  const int64_t m = a.has_value() ? a->size(0) : 1;
   const int64_t n = m * p;
   TORCH_CHECK(x.size(-1) == n, "kron_hadamard: x has ", x.size(-1), " channels, kron(A, B) is ", n, " wide");
   const auto x2 = x.reshape({-1, n}).contiguous();

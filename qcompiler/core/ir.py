@@ -146,6 +146,13 @@ class QEmbeddingSpec:
     w_zero_point: str | None
 
 
+def table_bytes(bits: int, symmetric: bool, rows: int, dim: int, group: int) -> int:
+    """Bytes of an embedding table's own compact form (``lowering/embedding.py``): integers two per byte up to
+    4 bits (one byte above), an fp16 scale per ``group`` columns of a row and, asymmetric, an fp16 offset."""
+    codes = rows * dim // 2 if bits <= 4 else rows * dim
+    return codes + 2 * (rows * dim // group) * (1 if symmetric else 2)
+
+
 @dataclass(frozen=True, eq=False)
 class DerivedWeight:
     """A weight a transform pass computed from a parameter (SmoothQuant scaling, split columns, ...).

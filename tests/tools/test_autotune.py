@@ -311,3 +311,31 @@ def test_gptq_rounding_calibrates_each_candidate_on_the_search_batches(stories, 
         assert sum(result.table[name][m][1] for m in linears) < sum(rtn.table[name][m][1] for m in linears)
         assert all(result.table[name][m][0] == rtn.table[name][m][0] for m in linears)  # the same bits
     assert result.shared["w4-g64"] == {}  # a GPTQ-rounded head's integers are not the table's
+
+
+@pytest.mark.parametrize("table_on, head_on", [("w4-g128", "w4-g64"), ("w8-channel", "w8a8-dynamic")])
+def test_a_tied_pair_on_two_candidates_that_store_alike_is_priced_as_one_copy(stories, table_on, head_on):
+    """stories260K is 64 wide: w4-g128 is fitted to w4-g64; w8a8-dynamic's weights are w8-channel's. The pass
+    shares the head's integers with the table; the knapsack's price of that pair is the compiled model's."""
+    from qcompiler.config.auto import recipe_for
+    from qcompiler.tools.autotune import search
+
+    model, ids = stories
+    auto = AutoPrecision(8.0, candidates=("float", "w8a8-dynamic", "w8-channel", "w4-g128", "w4-g64"))
+    gm0, calls = search._captured(model, [ids])
+    acc = measure.accounting(model, gm0, calls[0], auto)
+    bits_graph = search._captured(model, [search._batch_rows([ids], search.GEMV_MAX_ROWS + 1)])
+    for c in auto.candidates:
+        acc.bits[c.name], acc.shared[c.name] = measure.candidate_bits(bits_graph[0], bits_graph[1][0], auto, c,
+                                                                      acc.layers, torch.device("cpu"))
+    assignment = {layer.module: "float" for layer in acc.layers}
+    assignment.update({EMBEDDINGS: table_on, "lm_head": head_on})
+    table = {c: {m: (b, 0.0) for m, b in per.items()} for c, per in acc.bits.items()}
+    price = acc.fixed_bits
+    for item in search.items(acc, auto, table):
+        price += next(b for b, _, combo in item.options if combo == tuple(assignment[m] for m in item.modules))
+    recipe = recipe_for(auto, assignment)
+    _, report = _compile_and_run(model, recipe, ids)
+    table_decision = next(d for d in report.layers if d.module == "model.embed_tokens")
+    assert table_decision.shared_with == "lm_head"
+    assert price == model_bits(model, report.layers)

@@ -12,6 +12,7 @@ from pathlib import Path
 from qcompiler.core import integrity
 from qcompiler.core.errors import StatsError
 from qcompiler.core.files import check_output, write_text_atomic
+from qcompiler.tools.timing import cpu_fingerprint
 
 FORMAT = "qcompiler-autotune-cache"
 VERSION = 3  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows); 3: tables
@@ -43,7 +44,8 @@ class SearchCache:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StatsError(f"the search cache {self.path} is not readable JSON ({exc}); {hint}") from exc
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in READS:
-            raise StatsError(f"{self.path} is not a version {VERSION} qcompiler search cache; {hint}")
+            raise StatsError(f"{self.path} is not a qcompiler search cache of version {' or '.join(map(str, READS))}; "
+                             f"{hint}")
         if doc.get("model") != fingerprint or not isinstance(doc.get("candidates"), dict):
             raise StatsError(f"{self.path} holds results of another model (its weight fingerprint differs); {hint}")
         return doc
@@ -60,11 +62,14 @@ class SearchCache:
 
     def get_bits(self, key: str, modules: list[str]) -> tuple[dict[str, int], dict[str, int]] | None:
         """The cached bits of ``modules`` for ``key`` and the tables' bits a shared head saves
-        (``measure.candidate_bits``), or None (not there, or written by version 2, which did not share)."""
+        (``measure.candidate_bits``), or None (not there, written by version 2, which did not share, or on
+        another CPU, whose kernels may store the weights otherwise: the sensitivities are kept)."""
         entry = self.doc["candidates"].get(key)
         bits = entry.get("bits", {}) if isinstance(entry, dict) else {}
         shared = entry.get("shared") if isinstance(entry, dict) else None
         if not isinstance(shared, dict) or not all(isinstance(bits.get(m), int) for m in modules):
+            return None
+        if entry.get("machine", cpu_fingerprint()) != cpu_fingerprint():  # the kernels' layouts are this CPU's
             return None
         return {m: bits[m] for m in modules}, {m: int(v) for m, v in shared.items()}
 
@@ -72,6 +77,6 @@ class SearchCache:
             shared: dict[str, int] | None = None) -> None:
         self.doc["version"] = VERSION
         self.doc["candidates"][key] = {"candidate": what, "bits": bits, "shared": shared or {},
-                                       "sensitivity": sensitivity}
+                                       "machine": cpu_fingerprint(), "sensitivity": sensitivity}
         if self.path is not None:
             write_text_atomic(self.path, json.dumps(self.doc, indent=1))

@@ -224,8 +224,8 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), stats=stats, kernels="reference")
     qdq = ("insert_qdq", "quantize_embeddings")
     steps = steps[: max(i for i, s in enumerate(steps) if s.name in qdq) + 1]
-    # each table on its own copy: its sensitivity alone (one that reads a tied head's weight on the same
-    # candidate differs only in that weight's rounding: the head's fp32 scales for the table's fp16 ones)
+    # each table on its own copy: its sensitivity alone (one that reads a tied head's weight differs in that
+    # weight's rounding: the head's fp32 scales, HQQ's zero points, and on CPU int4 the kernel's bf16 scales)
     table_scheme = uniform_recipe(auto, candidate).embedding
     steps = [replace(s, run=lambda gm: quantize_embeddings(gm, table_scheme, share=False))
              if s.name == "quantize_embeddings" else s for s in steps]

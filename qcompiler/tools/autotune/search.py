@@ -133,20 +133,42 @@ def items(acc: measure.Accounting, auto: AutoPrecision, table: dict[str, dict[st
         for combo in itertools.product(*choices):
             bits = sum(table[n][mod][0] for n, mod in zip(combo, mods))
             bits += shared if any(auto.candidate(n).weight is None for n in combo) else 0
-            bits -= table_saving(acc, mods, combo)
+            bits -= table_saving(acc, mods, combo, auto)
             options.append((bits, sum(table[n][mod][1] for n, mod in zip(combo, mods)), combo))
         out.append(Item(mods, options))
     return out
 
 
-def table_saving(acc: measure.Accounting, mods: tuple[str, ...], combo: tuple[str, ...]) -> int:
-    """The tables' bits not stored when the tables and a linear layer of the tied group ``mods`` are both on
-    one candidate whose tables read that layer's quantized weight (``Accounting.shared``)."""
+def table_saving(acc: measure.Accounting, mods: tuple[str, ...], combo: tuple[str, ...], auto: AutoPrecision) -> int:
+    """The tables' bits not stored when the tables and a linear layer of the tied group ``mods`` are on
+    candidates whose weight schemes, fitted to each, are one (the pass then shares the head's integers:
+    ``w4-g128`` and ``w4-g64`` on a 576-wide model, ``w8a8-dynamic`` and ``w8-channel``) and the tables'
+    candidate shared there in its own compile (``Accounting.shared``: the head's storage is one the rows are
+    gathered from on this device)."""
     if EMBEDDINGS not in mods:
         return 0
     on = dict(zip(mods, combo))
-    name = on[EMBEDDINGS]
-    return sum(bits for layer, bits in acc.shared.get(name, {}).items() if on.get(layer) == name)
+    table = auto.candidate(on[EMBEDDINGS])
+    layers = {layer.module: layer for layer in acc.layers}
+    saved = 0
+    for head, bits in acc.shared.get(table.name, {}).items():
+        if head in on and _same_storage(table, auto.candidate(on[head]), layers[EMBEDDINGS], layers[head]):
+            saved += bits
+    return saved
+
+
+def _same_storage(table, head, tables: measure.Layer, linear: measure.Layer) -> bool:
+    if table.weight is None or head.weight is None:
+        return False
+    fitted_table = measure.scheme_key(table, tables)[0]
+    fitted_head = measure.scheme_key(head, linear)[0]
+    return any(_key(t) == _key(fitted_head[0]) for t in fitted_table)
+
+
+def _key(scheme) -> tuple:
+    """What the pass compares to share a table with a head (``tied_linear``): bits, symmetry, columns per scale
+    (None: per row)."""
+    return scheme.bits, scheme.symmetric, scheme.group_size if scheme.granularity == "per_group" else None
 
 
 def _batch_rows(batches, rows: int):
@@ -210,7 +232,7 @@ def _choices(knapsack_items: list[Item], chosen: tuple[int, ...], table, acc: me
     for item, k in zip(knapsack_items, chosen):
         extra = shared.get(item.modules, 0)
         combo = item.options[k][2]
-        saving = table_saving(acc, item.modules, combo)
+        saving = table_saving(acc, item.modules, combo, auto)
         for name, module in zip(combo, item.modules):
             bits, value = table[name][module]
             if extra and auto.candidate(name).weight is None:
