@@ -95,7 +95,8 @@ class AutoPrecision:
     ``skip``: layers kept float whatever the budget (the LM head is not in it: a candidate may quantize it).
     ``embeddings``: also choose the embedding tables' scheme (one for all of them, ``Recipe.embedding``) among
     the float and weight-only candidates; a table tied to a searched LM head is priced with it (its float
-    bits are saved only when both are quantized).
+    bits are saved only when both are quantized, and on candidates that store alike the table reads the
+    head's quantized weight: one copy).
     ``rounding``: None (round to nearest), HQQ() for the layers on asymmetric candidates (the symmetric
     ones round to nearest), or GPTQ()/AWQ() for every quantized layer (data-driven: each candidate is
     calibrated on the search's batches, and the recipe found needs ``qcompiler.calibrate`` before it

@@ -7,7 +7,8 @@ weight_bytes`` after ``lower``: integers, scales and zero points at the kernel's
 embedding tables (searched together, :data:`EMBEDDINGS`) likewise at their stored tables' bytes. A weight
 that two searched layers read (an LM head tied to the token embedding) is a tied group: its float bits count
 unless both are quantized, and each quantized one adds its own copy, except where the table reads the head's
-quantized weight (the same candidate, a layout its rows can be gathered from; ``LayerDecision.shared_with``):
+quantized weight (candidates whose fitted weight schemes store alike, a layout its rows can be gathered from;
+``LayerDecision.shared_with``):
 then the table's copy is not stored (``Accounting.shared``). A weight that something outside the
 search also reads keeps its float bits in the fixed part, and quantizing the searched layer adds a copy.
 
