@@ -28,12 +28,13 @@ import time
 
 import torch
 
-from qcompiler import AWQ, GPTQ, HQQ, report
+from qcompiler import report
 from qcompiler.calibration.calibrate import calibrate, text_batches
 from qcompiler.config import resolve_recipe
 from qcompiler.config.auto import CANDIDATES, AutoPrecision, uniform_recipe
 from qcompiler.core.errors import ConfigError
 from qcompiler.tools import evaluate, models
+from qcompiler.tools.autotune.command import ROUNDINGS
 from qcompiler.tools.autotune.search import auto_recipe
 from qcompiler.tools.model_bits import model_bits, model_bits_per_weight
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     parser.add_argument("--presets", nargs="*", default=["w8a8-dynamic", "w4a16-rtn", "w4a16-hqq"])
     parser.add_argument("--uniform", nargs="*", default=["w8a8-dynamic", "w8-channel", "w4-g128", "w4-g64"],
                         help="candidates to put every layer and table on")
-    parser.add_argument("--rounding", choices=["rtn", "hqq", "gptq", "awq"], default="rtn",
+    parser.add_argument("--rounding", choices=list(ROUNDINGS), default="rtn",
                         help="the search's rounding (hqq: HQQ zero points on the asymmetric candidates; gptq, awq: "
                              "every quantized layer, calibrated on the search's batches)")
     parser.add_argument("--tokens", type=int, default=20480)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     torch._dynamo.config.accumulated_recompile_limit = 1024
     loaded = models.load_model(args.model)
     encoder = loaded.kind == "encoder"
-    rounding = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ()}[args.rounding]
+    rounding = ROUNDINGS[args.rounding]
     suffix = "" if rounding is None else f"-{args.rounding}"
     base = AutoPrecision(target_bpw=8.0, metric="mse" if encoder else "kl", rounding=rounding)
     ids = torch.cat(text_batches(loaded.tokenizer, models.default_calibration_text(), base.samples, base.seq_len,

@@ -21,9 +21,9 @@ nothing of its own: its rows are gathered from the head's storage, dequantized a
   time (they depend on the build, the CPU and N; a layout it does not read, such as a shorter last tile,
   leaves the table its own copy);
 - rows of nibbles with ``[N, groups]`` scales and zeros (the C++ decode GEMV, Triton, reference layouts):
-  :func:`rows_from_nibbles`;
+  :func:`rows_from_linear` (``packed``);
 - the int8 kernels' integers (they keep the QDQ ``w_q`` beside any prepacked copy) and float32 scales, or a
-  head left in QDQ form: :func:`rows_from_qdq`.
+  head left in QDQ form: :func:`rows_from_linear`.
 
 A layout none of these reads (an int4 tile layout of a CPU the gather does not know) leaves the table its own
 copy (float32 scales, the head's), its decision says so, and its ``weight_bytes`` are counted; a shared
@@ -72,39 +72,41 @@ def own_bytes(spec: QEmbeddingSpec, rows: int, dim: int) -> int:
     return table_bytes(spec.weight_bits, spec.weight_symmetric, rows, dim, spec.group_size)
 
 
+def _codes(ids, codes, packed: bool):
+    """The rows ``ids`` of integer ``codes`` in float32, unpacked when two 4-bit values share a byte
+    (``kernels/reference.pack_int4``: low nibble first)."""
+    rows = torch.nn.functional.embedding(ids, codes)
+    if packed:
+        rows = torch.stack([rows & 0xF, rows >> 4], dim=-1).flatten(-2)
+    return rows.to(torch.float32)
+
+
+def _per_group(ids, values, rows: int | None = None):
+    """The rows ``ids`` of a ``[rows, groups]`` tensor of scales, offsets or zeros (``rows``: viewed so first)
+    as ``[..., groups, 1]`` float32."""
+    values = values if rows is None else values.reshape(rows, -1)
+    return torch.nn.functional.embedding(ids, values).to(torch.float32).unsqueeze(-1)
+
+
 def dequantized_rows(ids, codes, scale, offset, *, bits: int, symmetric: bool, group: int, dim: int, dtype):
     """The rows ``ids`` of the table from its compact form (traced into the graph, or called directly)."""
-    rows = torch.nn.functional.embedding(ids, codes)
-    if bits <= 4:
-        values = torch.stack([rows & 0xF, rows >> 4], dim=-1).flatten(-2).to(torch.float32)
-        if symmetric:
-            values = values - 8.0
-    else:
-        values = rows.to(torch.float32)
-    values = values.unflatten(-1, (dim // group, group))
-    out = values * torch.nn.functional.embedding(ids, scale).to(torch.float32).unsqueeze(-1)
+    values = _codes(ids, codes, bits <= 4)
+    if bits <= 4 and symmetric:
+        values = values - 8.0
+    out = values.unflatten(-1, (dim // group, group)) * _per_group(ids, scale)
     if offset is not None:
-        out = out + torch.nn.functional.embedding(ids, offset).to(torch.float32).unsqueeze(-1)
+        out = out + _per_group(ids, offset)
     return out.flatten(-2).to(dtype)
 
 
-def rows_from_qdq(ids, w_q, scale, zero, *, group: int, dim: int, rows: int, dtype):
-    """The rows ``ids`` of a linear layer's QDQ weight (integers one per byte, ``(q - zero) * scale``)."""
-    values = torch.nn.functional.embedding(ids, w_q).to(torch.float32).unflatten(-1, (dim // group, group))
+def rows_from_linear(ids, codes, scale, zero, *, packed: bool, group: int, dim: int, rows: int, dtype):
+    """The rows ``ids`` of a linear layer's weight ``(q - zero) * scale`` (``zero`` None: 0) with ``[N, groups]``
+    scales and zeros and its integers one per byte (the QDQ form, the int8 kernels) or, ``packed``, two per byte
+    in rows (``kernels/reference.pack_int4``: the C++ GEMV, Triton and reference layouts)."""
+    values = _codes(ids, codes, packed).unflatten(-1, (dim // group, group))
     if zero is not None:
-        values = values - torch.nn.functional.embedding(ids, zero.reshape(rows, -1)).to(torch.float32).unsqueeze(-1)
-    s = torch.nn.functional.embedding(ids, scale.reshape(rows, -1)).to(torch.float32).unsqueeze(-1)
-    return (values * s).flatten(-2).to(dtype)
-
-
-def rows_from_nibbles(ids, w_packed, scale, zero, *, group: int, dim: int, dtype):
-    """The rows ``ids`` of a 4-bit layer packed two per byte in rows (``kernels/reference.pack_int4``; the
-    C++ GEMV, Triton and reference layouts) with ``[N, groups]`` scales and zeros: ``(q - zero) * scale``."""
-    packed = torch.nn.functional.embedding(ids, w_packed)
-    values = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).to(torch.float32)
-    values = values.unflatten(-1, (dim // group, group))
-    values = values - torch.nn.functional.embedding(ids, zero).to(torch.float32).unsqueeze(-1)
-    return (values * torch.nn.functional.embedding(ids, scale).to(torch.float32).unsqueeze(-1)).flatten(-2).to(dtype)
+        values = values - _per_group(ids, zero, rows)
+    return (values * _per_group(ids, scale, rows)).flatten(-2).to(dtype)
 
 
 def int4pack_codes(ids, packed, columns, *, block: int, dim: int, adjacent: bool = False):
@@ -129,10 +131,10 @@ def rows_from_int4pack(ids, packed, scale_zeros, columns, *, block: int, group: 
     return values.flatten(-2).to(dtype)
 
 
-def int4pack_block(codes: torch.Tensor, packed: torch.Tensor) -> tuple[int, bool] | None:
-    """``(rows per tile, adjacent)`` of ``packed`` (ATen's CPU int4 layout of ``codes [N, K]`` in [0, 15]; it
-    depends on the build, the CPU and N) such that :func:`int4pack_codes` reads every row exactly, or None
-    (a layout it does not read, e.g. a last tile shorter than the others)."""
+def int4pack_block(codes: torch.Tensor, packed: torch.Tensor, offset: int = 0) -> tuple[int, bool] | None:
+    """``(rows per tile, adjacent)`` of ``packed`` (ATen's CPU int4 layout of ``codes [N, K] + offset`` in
+    [0, 15]; it depends on the build, the CPU and N) such that :func:`int4pack_codes` reads every row exactly,
+    or None (a layout it does not read, e.g. a last tile shorter than the others)."""
     rows, dim = codes.shape
     columns = torch.arange(dim)
     for block in (64, 32, 16, 128):
@@ -140,7 +142,7 @@ def int4pack_block(codes: torch.Tensor, packed: torch.Tensor) -> tuple[int, bool
             if rows % block or packed.numel() * 2 != rows * dim:
                 continue
             if all(torch.equal(int4pack_codes(torch.arange(i, min(i + 2048, rows)), packed, columns, block=block,
-                                              dim=dim, adjacent=adjacent), codes[i:i + 2048].to(torch.int32))
+                                              dim=dim, adjacent=adjacent), codes[i:i + 2048].to(torch.int32) + offset)
                    for i in range(0, rows, 2048)):
                 return block, adjacent
     return None
@@ -159,19 +161,19 @@ def _shared_rows(gm, spec: QEmbeddingSpec, ids, entry, dtype, rows: int, dim: in
     ids = fx.Proxy(ids, tracer)
     if entry is None:
         zero = buf(spec.w_zero_point) if spec.w_zero_point else None
-        return rows_from_qdq(ids, buf(spec.w_q), buf(spec.w_scale), zero, group=spec.group_size, dim=dim, rows=rows,
-                             dtype=dtype).node
+        return rows_from_linear(ids, buf(spec.w_q), buf(spec.w_scale), zero, packed=False, group=spec.group_size,
+                                dim=dim, rows=rows, dtype=dtype).node
     linear, prepared = entry
     layout, b = prepared.constants.get("layout"), prepared.buffers
     if b.get("w_q") == linear.w_q and linear.w_zero_point is None:  # the int8 kernels keep the integers as they are
-        return rows_from_qdq(ids, buf(b["w_q"]), buf(b["w_scale"]), None, group=spec.group_size, dim=dim, rows=rows,
-                             dtype=dtype).node
+        return rows_from_linear(ids, buf(b["w_q"]), buf(b["w_scale"]), None, packed=False, group=spec.group_size,
+                                dim=dim, rows=rows, dtype=dtype).node
     if layout in ("gemv", "triton", "reference"):
-        return rows_from_nibbles(ids, buf(b["w_packed"]), buf(b["scale"]), buf(b["zero"]),
-                                 group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
+        return rows_from_linear(ids, buf(b["w_packed"]), buf(b["scale"]), buf(b["zero"]), packed=True,
+                                group=prepared.constants["group_size"], dim=dim, rows=rows, dtype=dtype).node
     if layout == "cpu":
-        codes = gm.get_buffer(linear.w_q).to(torch.int32) + (8 if linear.weight_symmetric else 0)
-        layout = int4pack_block(codes, gm.get_buffer(b["packed"]))
+        layout = int4pack_block(gm.get_buffer(linear.w_q), gm.get_buffer(b["packed"]),
+                                offset=8 if linear.weight_symmetric else 0)
         if layout is None:
             return None
         columns = fx.Proxy(graph.call_function(torch.arange, (dim,), {"dtype": torch.int64}), tracer)

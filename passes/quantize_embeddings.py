@@ -102,19 +102,26 @@ def why_not(node: fx.Node, table: torch.Tensor, scheme: WeightScheme) -> str | N
 _DEQUANTIZE = torch.ops.qcompiler.dequantize.default
 
 
+def storage_key(bits: int, symmetric: bool, granularity: str, group_size: int | None, width: int) -> tuple:
+    """What a table and a linear layer ``width`` wide must agree on to share one quantized weight: bits,
+    symmetry and columns per scale (the whole row per channel; per tensor never shares)."""
+    columns = {"per_group": group_size, "per_channel": width}.get(granularity)
+    return (bits, symmetric, columns) if columns is not None else ("per_tensor",)
+
+
 def tied_linear(gm: fx.GraphModule, table_node: fx.Node, table: torch.Tensor, scheme: WeightScheme):
     """The QDQ linear that reads ``table_node`` itself as its float weight with ``scheme``'s bits, symmetry and
     group, its weight dequantized within two steps of the table (so not scaled by AWQ or otherwise moved):
     ``(linear node, its weight's dequantize node)``, or None."""
-    group = table.shape[1] if scheme.granularity == "per_channel" else scheme.group_size
+    width = table.shape[1]
+    key = storage_key(scheme.bits, scheme.symmetric, scheme.granularity, scheme.group_size, width)
     for node in gm.graph.nodes:
         spec = node.meta.get(QLINEAR)
         if spec is None or node.meta.get(FLOAT_WEIGHT) is not table_node:
             continue
-        spec_group = spec.group_size if spec.weight_granularity == "per_group" else table.shape[1]
-        if spec.weight_granularity == "per_tensor" or (spec.weight_bits, spec.weight_symmetric, spec_group) != \
-                (scheme.bits, scheme.symmetric, group):
+        if key != storage_key(spec.weight_bits, spec.weight_symmetric, spec.weight_granularity, spec.group_size, width):
             continue
+        group = key[2]
         dq = node.args[1]
         if not (isinstance(dq, fx.Node) and dq.target is _DEQUANTIZE and dq.args[0].op == "get_attr"):
             continue

@@ -15,43 +15,45 @@
 
 namespace {
 
-// One row: Y = X B (X [m, P]), then out = A^T Y (A [m, m]; none: out = Y). With P a compile-time constant
+// dst[i, :] = sum_l coef[i * ci + l * cl] * rows[l, :] for i < n_out, l < n_in, rows P wide: X B is
+// (coef x, ci = P, cl = 1, rows B), A^T Y is (coef A, ci = 1, cl = m, rows Y). With P a compile-time constant
 // (the Sylvester factors the rotation uses: 8 to 64) each output row's P sums stay in registers.
 template <int P>
-void row_fixed(const float* __restrict x, const float* __restrict a, const float* __restrict b, int64_t m,
-               float* __restrict y, float* __restrict out) {
-  float* dst = a == nullptr ? out : y;
-  for (int64_t i = 0; i < m; ++i) {
+void mix_rows(const float* __restrict coef, int64_t ci, int64_t cl, int64_t n_out, int64_t n_in,
+              const float* __restrict rows, float* __restrict dst) {
+  for (int64_t i = 0; i < n_out; ++i) {
     float acc[P] = {};
-    for (int l = 0; l < P; ++l) {
-      const float v = x[i * P + l];
-      for (int j = 0; j < P; ++j) acc[j] += v * b[l * P + j];
+    for (int64_t l = 0; l < n_in; ++l) {
+      const float w = coef[i * ci + l * cl];
+      for (int j = 0; j < P; ++j) acc[j] += w * rows[l * P + j];
     }
     for (int j = 0; j < P; ++j) dst[i * P + j] = acc[j];
   }
-  if (a == nullptr) return;
-  for (int64_t i = 0; i < m; ++i) {
-    float acc[P] = {};
-    for (int64_t k = 0; k < m; ++k) {
-      const float w = a[k * m + i];
-      for (int j = 0; j < P; ++j) acc[j] += w * y[k * P + j];
+}
+
+// The same for a width p known only at run time.
+void mix_rows_any(const float* __restrict coef, int64_t ci, int64_t cl, int64_t n_out, int64_t n_in, int64_t p,
+                  const float* __restrict rows, float* __restrict dst) {
+  for (int64_t i = 0; i < n_out; ++i) {
+    float* d = dst + i * p;
+    for (int64_t j = 0; j < p; ++j) d[j] = 0.f;
+    for (int64_t l = 0; l < n_in; ++l) {
+      const float w = coef[i * ci + l * cl];
+      for (int64_t j = 0; j < p; ++j) d[j] += w * rows[l * p + j];
     }
-    for (int j = 0; j < P; ++j) out[i * P + j] = acc[j];
   }
 }
 
-void row_any(const float* __restrict x, const float* __restrict a, const float* __restrict b, int64_t m, int64_t p,
-             float* __restrict y, float* __restrict out) {
-  float* dst = a == nullptr ? out : y;
-  for (int64_t i = 0; i < m * p; ++i) dst[i] = 0.f;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t l = 0; l < p; ++l)
-      for (int64_t j = 0; j < p; ++j) dst[i * p + j] += x[i * p + l] * b[l * p + j];
-  if (a == nullptr) return;
-  for (int64_t i = 0; i < m * p; ++i) out[i] = 0.f;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t k = 0; k < m; ++k)
-      for (int64_t j = 0; j < p; ++j) out[i * p + j] += a[k * m + i] * y[k * p + j];
+// One row X [m, p]: Y = X B, then out = A^T Y (no A: out = Y).
+template <int P>
+void row_fixed(const float* x, const float* a, const float* b, int64_t m, float* y, float* out) {
+  mix_rows<P>(x, P, 1, m, P, b, a == nullptr ? out : y);
+  if (a != nullptr) mix_rows<P>(a, 1, m, m, m, y, out);
+}
+
+void row_any(const float* x, const float* a, const float* b, int64_t m, int64_t p, float* y, float* out) {
+  mix_rows_any(x, p, 1, m, p, p, b, a == nullptr ? out : y);
+  if (a != nullptr) mix_rows_any(a, 1, m, m, m, p, y, out);
 }
 
 }  // namespace

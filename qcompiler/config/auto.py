@@ -100,7 +100,8 @@ class AutoPrecision:
     ``rounding``: None (round to nearest), HQQ() for the layers on asymmetric candidates (the symmetric
     ones round to nearest), or GPTQ()/AWQ() for every quantized layer (data-driven: each candidate is
     calibrated on the search's batches, and the recipe found needs ``qcompiler.calibrate`` before it
-    compiles, as any GPTQ/AWQ recipe; ``qcompiler autotune`` does it and saves the statistics beside it). ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
+    compiles, as any GPTQ/AWQ recipe; ``qcompiler autotune`` does it and saves the statistics beside it).
+    ``samples`` x ``seq_len``: the calibration tokens the sensitivities are measured on.
     ``max_latency_ratio``: also keep the searched layers' summed decode-step time (each layer's kernels on
     one token, timed on this machine) within this multiple of their float time (None: no latency budget).
     """

@@ -75,7 +75,8 @@ def test_rows_gathered_from_nibbles_are_the_reference_kernels_weights(problem):
     dim = codes.shape[1]
     packed = reference.pack_int4(codes)
     ids = torch.tensor([[0, codes.shape[0] - 1, 3]])
-    got = embedding.rows_from_nibbles(ids, packed, scale, zero, group=group, dim=dim, dtype=torch.float32)
+    got = embedding.rows_from_linear(ids, packed, scale, zero, packed=True, group=group, dim=dim, rows=codes.shape[0],
+                                     dtype=torch.float32)
     kernel = reference.int4_gemm(torch.eye(dim), packed, scale, zero, group).t()
     torch.testing.assert_close(got[0], kernel[ids[0]], rtol=1e-6, atol=1e-6)
 

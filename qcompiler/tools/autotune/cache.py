@@ -32,6 +32,7 @@ class SearchCache:
     def __init__(self, folder, fingerprint: str) -> None:
         self.path = None if folder is None else Path(folder) / f"autotune-{fingerprint[:16]}.json"
         self.doc = {"format": FORMAT, "version": VERSION, "model": fingerprint, "candidates": {}}
+        self.machine = cpu_fingerprint()  # the bits are counted on this CPU's kernels
         if folder is not None:
             check_output(folder, "cache folder", folder=True, replaceable=lambda path: True)
         if self.path is not None and self.path.exists():
@@ -69,7 +70,7 @@ class SearchCache:
         shared = entry.get("shared") if isinstance(entry, dict) else None
         if not isinstance(shared, dict) or not all(isinstance(bits.get(m), int) for m in modules):
             return None
-        if entry.get("machine", cpu_fingerprint()) != cpu_fingerprint():  # the kernels' layouts are this CPU's
+        if entry.get("machine", self.machine) != self.machine:  # the kernels' layouts are this CPU's
             return None
         return {m: bits[m] for m in modules}, {m: int(v) for m, v in shared.items()}
 
@@ -77,6 +78,6 @@ class SearchCache:
             shared: dict[str, int] | None = None) -> None:
         self.doc["version"] = VERSION
         self.doc["candidates"][key] = {"candidate": what, "bits": bits, "shared": shared or {},
-                                       "machine": cpu_fingerprint(), "sensitivity": sensitivity}
+                                       "machine": self.machine, "sensitivity": sensitivity}
         if self.path is not None:
             write_text_atomic(self.path, json.dumps(self.doc, indent=1))

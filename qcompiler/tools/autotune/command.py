@@ -25,7 +25,7 @@ from qcompiler.core.files import atomic_folder, check_output, read_text
 RECIPE_FILE = "recipe.json"
 RESULT_FILE = "autotune.json"
 STATS_DIR = "stats"
-ROUNDINGS = {"rtn": None, "hqq": HQQ, "gptq": GPTQ, "awq": AWQ}
+ROUNDINGS = {"rtn": None, "hqq": HQQ(), "gptq": GPTQ(), "awq": AWQ()}  # --rounding
 
 
 def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
 def _search(args) -> AutoPrecision:
     """The search the arguments ask for, validated (before the model is loaded)."""
     return AutoPrecision(target_bpw=args.target_bpw, candidates=tuple(args.candidates), metric=args.metric or "kl",
-                         rounding=ROUNDINGS[args.rounding] and ROUNDINGS[args.rounding](), samples=args.samples,
+                         rounding=ROUNDINGS[args.rounding], samples=args.samples,
                          seq_len=args.seq_len, max_latency_ratio=args.max_latency_ratio,
                          embeddings=not args.no_embeddings)
 

@@ -222,13 +222,13 @@ def candidate_sensitivity(gm0: fx.GraphModule, calls: list, references: list, au
     modules = [m for m in modules if candidate.weight_only or m != EMBEDDINGS]
     if candidate.weight is None or not modules:
         return {m: 0.0 for m in modules}
-    steps = pipeline.build(uniform_recipe(auto, candidate), torch.device("cpu"), stats=stats, kernels="reference")
+    recipe = uniform_recipe(auto, candidate)
+    steps = pipeline.build(recipe, torch.device("cpu"), stats=stats, kernels="reference")
     qdq = ("insert_qdq", "quantize_embeddings")
     steps = steps[: max(i for i, s in enumerate(steps) if s.name in qdq) + 1]
     # each table on its own copy: its sensitivity alone (one that reads a tied head's weight differs in that
     # weight's rounding: the head's fp32 scales, HQQ's zero points, and on CPU int4 the kernel's bf16 scales)
-    table_scheme = uniform_recipe(auto, candidate).embedding
-    steps = [replace(s, run=lambda gm: quantize_embeddings(gm, table_scheme, share=False))
+    steps = [replace(s, run=lambda gm: quantize_embeddings(gm, recipe.embedding, share=False))
              if s.name == "quantize_embeddings" else s for s in steps]
     gm = pipeline.run(fresh_graph(gm0, calls[0]), steps, CompileReport(0, candidate.name, "reference"))
     toggles = _toggles(gm)

@@ -25,6 +25,7 @@ from qcompiler.config.auto import EMBEDDINGS, AutoPrecision, recipe_for, uniform
 from qcompiler.core import capture
 from qcompiler.core.errors import ConfigError
 from qcompiler.lowering.key import GEMV_MAX_ROWS
+from qcompiler.passes.quantize_embeddings import storage_key
 from qcompiler.tools.autotune import knapsack, measure
 from qcompiler.tools.autotune import latency as latency_mod
 from qcompiler.tools.autotune.cache import SearchCache, model_fingerprint
@@ -158,17 +159,14 @@ def table_saving(acc: measure.Accounting, mods: tuple[str, ...], combo: tuple[st
 
 
 def _same_storage(table, head, tables: measure.Layer, linear: measure.Layer) -> bool:
+    """Whether the pass shares the head's integers with a table: their fitted schemes' ``storage_key`` agree."""
     if table.weight is None or head.weight is None:
         return False
-    fitted_table = measure.scheme_key(table, tables)[0]
-    fitted_head = measure.scheme_key(head, linear)[0]
-    return any(_key(t) == _key(fitted_head[0]) for t in fitted_table)
-
-
-def _key(scheme) -> tuple:
-    """What the pass compares to share a table with a head (``tied_linear``): bits, symmetry, columns per scale
-    (None: per row)."""
-    return scheme.bits, scheme.symmetric, scheme.group_size if scheme.granularity == "per_group" else None
+    width = linear.widths[0]
+    (fitted_head,) = measure.scheme_key(head, linear)[0]
+    want = storage_key(fitted_head.bits, fitted_head.symmetric, fitted_head.granularity, fitted_head.group_size, width)
+    return any(storage_key(t.bits, t.symmetric, t.granularity, t.group_size, w) == want
+               for t, w in zip(measure.scheme_key(table, tables)[0], tables.widths))
 
 
 def _batch_rows(batches, rows: int):
