@@ -12,7 +12,7 @@ Uniform recipes: the presets named by ``--presets`` (as they are: LM head and em
 ``uniform-<candidate>``: every linear layer, the LM head and the embedding tables on one candidate (the
 corners of the search's space). A budget below the least the model can take is reported with that least.
 
-    python examples/autotune_table.py --model smollm2-135m --budgets 4.5 5 6 8 --json smol.json
+    python examples/autotune_table.py --model smollm2-135m --budgets 4.5 5 6 8 --artifacts --json smol.json
     python examples/autotune_table.py --model minilm-l6 --budgets 4.5 5 6 8 --json minilm.json
     python examples/autotune_table.py --model smollm2-135m --budgets 5.5 6 8 --rounding hqq --presets \
         --uniform w4-g128 w4-g64 --json smol-hqq.json
@@ -24,7 +24,9 @@ GPTQ/AWQ presets) is calibrated on the search's batches before it is compiled (a
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,7 +35,7 @@ from qcompiler.calibration.calibrate import calibrate, text_batches
 from qcompiler.config import resolve_recipe
 from qcompiler.config.auto import CANDIDATES, AutoPrecision, uniform_recipe
 from qcompiler.core.errors import ConfigError
-from qcompiler.tools import evaluate, models
+from qcompiler.tools import evaluate, models, quantize
 from qcompiler.tools.autotune.command import ROUNDINGS
 from qcompiler.tools.autotune.search import auto_recipe
 from qcompiler.tools.model_bits import model_bits, model_bits_per_weight
@@ -46,6 +48,19 @@ def compiled_variant(loaded, recipe, example, stats=None):
     with torch.inference_mode():  # compile now, to read the report
         compiled(**example)
     return compiled, report.last_report()
+
+
+def artifact_size(model, recipe, example, stats, bits: int) -> dict:
+    """The bytes of ``recipe``'s artifact (written to a temporary folder and removed): its tensors, and what
+    the transforms add beyond the ``bits`` counted (static ranges, SmoothQuant scales; zero without them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = quantize.quantize(model, recipe, example, Path(tmp) / "artifact", stats, errors=False)
+        size = json.loads((folder / "manifest.json").read_text())["size"]
+    if size["counted_bits"] != bits:
+        raise SystemExit(f"{recipe.name}: the artifact's manifest counts {size['counted_bits']} bits, the compiled "
+                         f"model {bits}")
+    return {"artifact_bytes": size["tensor_bytes"], "artifact_bpw": size["bits_per_weight"],
+            "artifact_extra_bytes": size["extra_bytes"]}
 
 
 def main(argv=None) -> int:  # long: the steps of one table in order
@@ -61,6 +76,9 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     parser.add_argument("--tokens", type=int, default=20480)
     parser.add_argument("--cache", default="qcompiler-stats")
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--artifacts", action="store_true",
+                        help="also write each recipe's artifact (qcompiler quantize, to a temporary folder) and record "
+                             "its tensors' bytes: the automatic and uniform recipes' equal the bits counted")
     args = parser.parse_args(argv)
 
     torch._dynamo.config.recompile_limit = 64
@@ -109,6 +127,8 @@ def main(argv=None) -> int:  # long: the steps of one table in order
         if name in searched and bits != searched[name]["search_bits"]:
             raise SystemExit(f"{name}: the compiled model stores {bits} bits, the search counted "
                              f"{searched[name]['search_bits']}")
+        if args.artifacts:
+            results[name].update(artifact_size(loaded.model, recipe, example, stats, bits))
         print(f"{name}: {results[name]['bpw']:.4f} bpw", file=sys.stderr)
 
     floats = {}
@@ -125,7 +145,8 @@ def main(argv=None) -> int:  # long: the steps of one table in order
     for name, r in sorted(results.items(), key=lambda kv: kv[1]["bpw"]):
         extra = (f"min {r['cosine_similarity_min']:.4f}" if encoder
                  else f"KL {r['kl']:.4f}  top-1 {100 * r['top1_agreement']:.1f}%")
-        print(f"{name:<24} {r['bpw']:7.4f} bpw  {metric} {r[metric]:.4f}  {extra}")
+        stored = f"  artifact {r['artifact_bpw']:.4f} bpw" if "artifact_bpw" in r else ""
+        print(f"{name:<24} {r['bpw']:7.4f} bpw{stored}  {metric} {r[metric]:.4f}  {extra}")
     for name, why in infeasible.items():
         print(f"{name:<24} infeasible: {why}")
     if args.json_out:

@@ -10,8 +10,8 @@ ops that Inductor fuses into one loop (no custom op, no Python at run time):
   ``-zero * scale`` (both exact: the pass rounded them to fp16 before choosing the integers);
 - a row: ``code * scale + offset`` in float32, cast to the table's dtype.
 
-The stored bytes (integers, scales, offsets) are the table's ``weight_bytes`` in the report, which the
-whole-model bit counts (``qcompiler autotune``, ``qcompiler report``) read.
+These bytes are the table's ``kernel_bytes`` (memory); its ``weight_bytes``, which the whole-model bit counts
+read, are the stored form's (``qcompiler.core.storage``: integers packed at their bits).
 
 A table that reads a tied LM head's quantized weight (``LayerDecision.shared_with``, set by the pass) stores
 nothing of its own: its rows are gathered from the head's storage, dequantized as the head's kernel holds them:
@@ -27,7 +27,7 @@ nothing of its own: its rows are gathered from the head's storage, dequantized a
 
 A layout none of these reads (an int4 tile layout of a CPU the gather does not know) leaves the table its own
 copy (float32 scales, the head's), its decision says so, and its ``weight_bytes`` are counted; a shared
-table's ``weight_bytes`` are what its own copy would take (the search prices the table alone with them).
+table's ``weight_bytes`` are what its own copy would store (the search prices the table alone with them).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from qcompiler.core.ir import DECISION, QEMBEDDING, TENSOR_INFO, QEmbeddingSpec, TensorInfo, table_bytes, tensor_info
+from qcompiler.core.ir import DECISION, QEMBEDDING, TENSOR_INFO, QEmbeddingSpec, TensorInfo, tensor_info
 from qcompiler.lowering.kernels import reference
 from qcompiler.lowering.key import register
 
@@ -65,11 +65,6 @@ def stored_tables(gm: fx.GraphModule, spec: QEmbeddingSpec, fp16: bool = True) -
     else:
         out["codes"] = codes.to(torch.int8 if spec.weight_symmetric else torch.uint8)
     return out
-
-
-def own_bytes(spec: QEmbeddingSpec, rows: int, dim: int) -> int:
-    """The bytes of the table's own compact form (:func:`stored_tables` with fp16 scales and offsets)."""
-    return table_bytes(spec.weight_bits, spec.weight_symmetric, rows, dim, spec.group_size)
 
 
 def _codes(ids, codes, packed: bool):
@@ -201,9 +196,6 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QEmbeddingSpec, storage:
             decision = dataclasses.replace(decision, shared_with="", reason=(
                 f"{decision.shared_with}'s kernel stores its weight in a layout the row gather does not read: "
                 "the table keeps its own copy"))
-        else:
-            nbytes = own_bytes(spec, rows, dim)
-            decision = dataclasses.replace(decision, weight_bytes=nbytes, bits_per_weight=8.0 * nbytes / q.numel())
     if out is None:
         if spec.weight_bits <= 4 and dim % 2:
             return f"width {dim} is odd: two 4-bit values are packed per byte", None
@@ -218,8 +210,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QEmbeddingSpec, storage:
                                    proxies.get("offset"), bits=spec.weight_bits, symmetric=spec.weight_symmetric,
                                    group=spec.group_size, dim=dim, dtype=dtype).node
         if decision is not None:
-            nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-            decision = dataclasses.replace(decision, weight_bytes=nbytes, bits_per_weight=8.0 * nbytes / q.numel())
+            decision = dataclasses.replace(decision, kernel_bytes=sum(t.numel() * t.element_size() for t in stored.values()))
     info = tensor_info(node)
     if info is not None:
         out.meta[TENSOR_INFO] = TensorInfo(info.ndim, info.dtype)

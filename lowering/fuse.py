@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from qcompiler.config import LayerScheme
 from qcompiler.core.ir import DECISION, LOWERED_FROM, QLINEAR, PassResult, QLinearSpec, tensor_info
+from qcompiler.core.storage import weight_bytes as stored_weight_bytes
 from qcompiler.lowering import embedding
 from qcompiler.lowering.key import REFERENCE_OPS, Layer, key_of, key_of_scheme
 from qcompiler.lowering.patterns import LOWERINGS
@@ -136,10 +137,8 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, spec: QLinearSpec, device: tor
         return REFERENCE_OPS, prepared, None
     decision = node.meta.get(DECISION)
     if prepared.stored_bytes is not None and decision is not None:
-        numel = gm.get_buffer(spec.w_q).numel()
         extra = decision.weight_bytes - _quantized_bytes(gm, spec)  # float columns kept beside, if any
-        decision = dataclasses.replace(decision, bits_per_weight=8.0 * prepared.stored_bytes / numel,
-                                       weight_bytes=prepared.stored_bytes + extra)
+        decision = dataclasses.replace(decision, kernel_bytes=prepared.stored_bytes + extra)
     else:
         decision = None
     out = _replace(gm, node, spec, x, lowering, prepared)
@@ -179,5 +178,5 @@ def lower(gm: fx.GraphModule, device: torch.device | None = None) -> PassResult:
 
 
 def _quantized_bytes(gm: fx.GraphModule, spec: QLinearSpec) -> int:
-    names = [n for n in (spec.w_q, spec.w_scale, spec.w_zero_point) if n]
-    return sum(gm.get_buffer(n).numel() * gm.get_buffer(n).element_size() for n in names)
+    zero = gm.get_buffer(spec.w_zero_point) if spec.w_zero_point else None
+    return stored_weight_bytes(gm.get_buffer(spec.w_q), gm.get_buffer(spec.w_scale), zero, spec.weight_bits)

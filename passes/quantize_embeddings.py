@@ -42,7 +42,6 @@ from qcompiler.core.ir import (
     PassResult,
     QEmbeddingSpec,
     fresh_name,
-    table_bytes,
 )
 from qcompiler.passes.graph_utils import constant_value, decisions_result
 from qcompiler.passes.weight_rounding import round_to_nearest
@@ -150,7 +149,7 @@ def _share(gm: fx.GraphModule, node: fx.Node, linear: fx.Node, dq: fx.Node, tabl
     module = module_of(param)
     node.meta[QEMBEDDING] = QEmbeddingSpec(module, param, spec.weight_bits, spec.weight_symmetric, group,
                                            spec.w_q, spec.w_scale, spec.w_zero_point)
-    nbytes = table_bytes(spec.weight_bits, spec.weight_symmetric, *table.shape, group)  # its own copy's
+    nbytes = round_to_nearest(table.detach(), fitted).nbytes  # its own copy's (the search prices the table alone)
     return LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
                          reason=f"reads {spec.module}'s quantized weight (the same tensor, stored once)",
                          bits_per_weight=8.0 * nbytes / table.numel(), weight_bytes=nbytes,

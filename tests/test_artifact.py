@@ -138,3 +138,27 @@ def test_edited_manifests_names_outside_the_folder_and_other_weights_are_refused
         assert qcompiler.load(folder, other, other_weights=True)(ids).logits.isfinite().all()  # on purpose
         torch._dynamo.reset()
         assert qcompiler.load(folder, model)(ids).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("recipe, extra", [("w4a16-rtn", False), ("w8a8-dynamic", False), ("w8a8-smoothquant", True)])
+def test_the_artifact_is_the_counted_bits_plus_what_transforms_add(tmp_path, recipe, extra):
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    resolved = qcompiler.config.resolve_recipe(recipe)
+    stats = qcompiler.calibrate(model, _batches(), resolved, progress=False) if resolved.needs_calibration else None
+    folder = quantize.quantize(model, resolved, _batches()[0], tmp_path / "art", stats, errors=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    size, tensors = manifest["size"], load_file(str(folder / "weights.safetensors"))
+    assert size["tensor_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert size["counted_bits"] == 8 * sum(d["weight_bytes"] for d in manifest["layers"] if d["quantized"]) + sum(
+        8 * p.numel() * 4 for name, p in model.named_parameters() if "proj" not in name)  # the float rest
+    # the static ranges and SmoothQuant's inverse scales are the only tensors beyond the count
+    assert (size["extra_bytes"] > 0) == extra and size["extra_bytes"] < 0.01 * size["tensor_bytes"]
+    bits = 4 if recipe == "w4a16-rtn" else 8
+    packed = [t for n, t in tensors.items() if n.endswith("_w_q")]
+    assert len(packed) == 14 and all(t.dtype == torch.uint8 and t.dim() == 1 for t in packed)
+    assert sum(t.numel() for t in packed) == sum(p.numel() for n, p in model.named_parameters() if "proj" in n) * bits // 8
+    float_params = {n for n, _ in model.named_parameters() if "proj" not in n}
+    saved = set(manifest["saved_parameters"])  # SmoothQuant: the norms it scaled are saved as buffers instead
+    assert saved == float_params if not extra else saved == {n for n in float_params if "layernorm" not in n}

@@ -1,6 +1,6 @@
 """The table scripts the README's results come from run end to end (on stories260K, a few windows): their
-JSON holds every row, the automatic recipes' compiled bits are the search's, an infeasible budget is
-reported with the least the model can take."""
+JSON holds every row, the automatic recipes' compiled bits are the search's and their saved artifacts' bytes, an
+infeasible budget is reported with the least the model can take."""
 
 import json
 import subprocess
@@ -23,12 +23,14 @@ def _run(script: str, *args: str) -> None:
 def test_autotune_table_on_stories260k(tmp_path):
     out = tmp_path / "t.json"
     _run("autotune_table.py", "--model", "stories260k", "--budgets", "8", "4", "--presets", "w4a16-rtn",
-         "--uniform", "w4-g64", "--tokens", "2048", "--cache", str(tmp_path / "cache"), "--json", str(out))
+         "--uniform", "w4-g64", "--tokens", "2048", "--cache", str(tmp_path / "cache"), "--artifacts", "--json", str(out))
     doc = json.loads(out.read_text())
     results = doc["results"]
     assert set(results) == {"auto-8bpw", "w4a16-rtn", "uniform-w4-g64"}
     auto = results["auto-8bpw"]
     assert auto["bpw"] <= 8 and auto["bits"] == auto["search_bits"] and auto["kind"] == "auto"
+    # the saved artifact holds exactly the bits counted (no transform adds tensors to these recipes)
+    assert all(r["artifact_bytes"] * 8 == r["bits"] and r["artifact_bpw"] == r["bpw"] for r in results.values())
     assert all(r["perplexity"] > 1 and 0 <= r["top1_agreement"] <= 1 for r in results.values())
     assert "below the least this model can take" in doc["infeasible"]["auto-4bpw"]
     assert doc["float"]["perplexity"] > 1
@@ -41,4 +43,5 @@ def test_weight_only_table_on_stories260k(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"w4a16-rtn", "w4a16-gptq"}
     assert all(r["perplexity"] > 1 and r["kl"] >= 0 for r in results.values())
-    assert results["w4a16-gptq"]["bpw"] == results["w4a16-rtn"]["bpw"]  # other integers, the same storage
+    # GPTQ's integer zero points are stored at 4 bits, RTN's float ones at 32
+    assert results["w4a16-gptq"]["bpw"] < results["w4a16-rtn"]["bpw"]

@@ -239,10 +239,14 @@ def test_w4a16_presets_compile_smollm2_whole_onto_the_int4_kernel(smollm2, prese
     rep = qcompiler.last_report()
     assert len(rep.quantized) == 210 and torch.isfinite(out.logits).all()
     assert {p.name: p.counts for p in rep.passes}["lower"] == {"lowered": 210, "not_lowered": 0}
-    # 4 bits + a bf16 scale and offset per group: of 128 on the 1536-wide down_proj inputs, of 64 (the group
-    # fitted to 576) on the others
+    # groups of 128 on the 1536-wide down_proj inputs, of 64 (the group fitted to 576) on the others. Stored: 4 bits,
+    # a float32 scale and a float32 zero point (HQQ) or a 4-bit integer one (GPTQ) per group
+    per_group = 32 + (32 if preset == "w4a16-hqq" else 4)
     bpw = {d.module.rsplit(".", 1)[-1]: d.bits_per_weight for d in rep.quantized}
-    assert bpw["down_proj"] == pytest.approx(4.25) and bpw["q_proj"] == pytest.approx(4.5), bpw
+    assert bpw["down_proj"] == pytest.approx(4 + per_group / 128) and bpw["q_proj"] == pytest.approx(4 + per_group / 64)
+    # in memory, ATen's int4 layout: a bf16 scale and offset per group
+    held = {d.module.rsplit(".", 1)[-1]: 32 * d.kernel_bytes / d.float_weight_bytes for d in rep.quantized}
+    assert held["down_proj"] == pytest.approx(4.25) and held["q_proj"] == pytest.approx(4.5), held
 
 
 def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2):

@@ -214,7 +214,10 @@ def test_presets_fit_the_group_to_layers_128_does_not_divide(setup, preset):
     groups = {d.module.rsplit(".", 1)[-1]: d.scheme for d in rep.quantized}
     assert "g64" in groups["q_proj"] and "g32" in groups["down_proj"]
     assert all("not a multiple of 128" in d.reason for d in rep.quantized)
-    assert {d.bits_per_weight for d in rep.quantized} == {4.5, 5.0}  # 4 + 32/64 and 4 + 32/32: ATen's bf16 pair
+    # stored per group of 64 and 32: a float32 scale and a float32 zero point (RTN) or an integer one at 4 bits
+    # (GPTQ); in memory ATen's bf16 pair
+    per_group = 64 if preset == "w4a16-rtn" else 36
+    assert {d.bits_per_weight for d in rep.quantized} == {4 + per_group / 64, 4 + per_group / 32}
     assert _mse(out, ref) < 0.1 * float(ref.pow(2).mean())
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from qcompiler.config import WeightScheme
-from qcompiler.core import primitives
+from qcompiler.core import primitives, storage
+from qcompiler.core.storage import FP16_MAX, FP16_TINY
 
 
 def group_size_of(scheme: WeightScheme, in_features: int) -> int:
@@ -52,8 +53,6 @@ def full_range_scale(lo: torch.Tensor, hi: torch.Tensor, qmin: int) -> torch.Ten
     return torch.where(scale.abs() < primitives.MIN_SCALE, torch.full_like(scale, primitives.MIN_SCALE), scale)
 
 
-FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal)
 
 
 def fp16_qparams(scale: torch.Tensor, zero: torch.Tensor | None, symmetric: bool):
@@ -70,14 +69,8 @@ def fp16_qparams(scale: torch.Tensor, zero: torch.Tensor | None, symmetric: bool
     s = (scale.sign() * scale.abs().clamp(FP16_TINY, FP16_MAX)).to(torch.float16).to(torch.float32)
     if symmetric or zero is None:
         return s, zero
-    m = (-zero.to(torch.float32) * s).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
-    guess = -m / s
-    best, best_err = guess, (-guess * s - m).abs()
-    for step in (float("inf"), float("-inf")):  # a neighbouring float32 zero point may hit m exactly
-        cand = torch.nextafter(guess, torch.full_like(guess, step))
-        err = (-cand * s - m).abs()
-        best, best_err = torch.where(err < best_err, cand, best), torch.minimum(err, best_err)
-    return s, best
+    m = (-zero.to(torch.float32) * s).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    return s, storage.zero_from_offset(s, m)
 
 
 def offset_is_fp16(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

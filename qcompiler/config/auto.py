@@ -60,7 +60,9 @@ class Candidate:
 
 
 def _group(bits: int, group_size: int) -> WeightScheme:
-    return WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False, fit_group=True)
+    # fp16 scales and offsets (GGUF's d and m): stored in 16 + 16 bits per group, exactly (qcompiler.core.storage)
+    return WeightScheme(bits=bits, granularity="per_group", group_size=group_size, symmetric=False, fit_group=True,
+                        fp16_scales=True)
 
 
 _W8 = WeightScheme(bits=8, granularity="per_channel", symmetric=True)

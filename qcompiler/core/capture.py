@@ -66,7 +66,8 @@ def bind_parameters(gm: fx.GraphModule, example_inputs: list) -> dict[str, Param
         if not isinstance(value, torch.Tensor):
             continue
         source = _source_name(node)
-        name = qualified_name(source) if source else None
+        # without a source (a module passed as an argument, ``capture``), the name is read from the placeholder's
+        name = qualified_name(source) if source else name_from_placeholder(node.name)
         is_param = isinstance(value, torch.nn.Parameter)
         if name is None and not is_param:
             continue  # a user input, not a weight

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.fx as fx
 
-from qcompiler.core import primitives
+from qcompiler.core import primitives, storage
 
 # node.meta keys
 PARAM_META = "qcompiler.param"  # ParamInfo, on placeholders of parameters/buffers (capture.bind_parameters)
@@ -102,6 +102,14 @@ class LayerDecision:
     # an embedding table that reads the quantized weight of the LM head tied to it: that module's name (its
     # bytes count there, once; ``weight_bytes`` is what the table would take alone)
     shared_with: str = ""
+    # the bytes the kernel holds in memory after lowering (its own layout: ATen's CPU int4 tiles with bf16 scale and
+    # offset, float32 GEMV scales); 0 before lowering or unlowered, where it is ``weight_bytes``
+    kernel_bytes: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this layer's weight takes in memory as the compiled model runs it."""
+        return self.kernel_bytes or self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -144,13 +152,6 @@ class QEmbeddingSpec:
     w_q: str
     w_scale: str
     w_zero_point: str | None
-
-
-def table_bytes(bits: int, symmetric: bool, rows: int, dim: int, group: int) -> int:
-    """Bytes of an embedding table's own compact form (``lowering/embedding.py``): integers two per byte up to
-    4 bits (one byte above), an fp16 scale per ``group`` columns of a row and, asymmetric, an fp16 offset."""
-    codes = rows * dim // 2 if bits <= 4 else rows * dim
-    return codes + 2 * (rows * dim // group) * (1 if symmetric else 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,20 +323,14 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: integers at their storage width, scales and zero points as held."""
-        total = self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
-        if self.zero_point is not None:
-            total += self.zero_point.numel() * self.zero_point.element_size()
-        return total
+        """Bytes in the stored form (``qcompiler.core.storage``): integers packed at ``bits`` bits, scales and
+        zero points as that module stores them. What an artifact holds for this weight."""
+        return storage.weight_bytes(self.q, self.scale, self.zero_point, self.bits)
 
     @property
     def bits_per_weight(self) -> float:
-        """Effective bits per weight at the storage widths actually used."""
-        zp_bits = 0 if self.zero_point is None else 8 * self.zero_point.element_size()
-        return primitives.bits_per_weight(
-            tuple(self.q.shape), self.block_size, 8 * self.q.element_size(),
-            scale_bits=8 * self.scale.element_size(), zero_point_bits=zp_bits,
-        )
+        """Bits per weight of the stored form (:attr:`nbytes`)."""
+        return 8.0 * self.nbytes / self.q.numel()
 
 
 def weight_checksum(weight: torch.Tensor) -> float:

@@ -89,13 +89,14 @@ def bench_ours(loaded, recipes: dict[str, Recipe], stats_for: Callable, prefill:
 
 def _linear_bytes(model: torch.nn.Module, rep) -> int:
     """Bytes of weights a decode step reads: every linear layer (the LM head included; a tied embedding
-    is read through it), at the size the compile report gives it, or fp32 for the float model."""
+    is read through it), at the size its kernel holds in memory (``LayerDecision.memory_bytes``), or fp32 for
+    the float model."""
     sizes = {name: m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear)}
     if rep is not None:
         for d in rep.layers:
             if d.module in sizes:
-                sizes[d.module] = d.weight_bytes if d.quantized else d.float_weight_bytes
+                sizes[d.module] = d.memory_bytes if d.quantized else d.float_weight_bytes
     return int(sum(sizes.values()))
 
 

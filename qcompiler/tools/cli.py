@@ -105,8 +105,10 @@ def run_quantize(args) -> int:
                                other_weights=args.other_weights)
     manifest = json.loads((folder / artifact.MANIFEST).read_text())
     quantized = [layer for layer in manifest["layers"] if layer["quantized"]]
-    size = (folder / artifact.WEIGHTS).stat().st_size
-    print(f"wrote {folder}: {len(quantized)} quantized layers, {size / 1e6:.1f} MB of tensors, "
+    size = manifest["size"]
+    extra = f" + {size['extra_bytes']} bytes the transforms add" if size["extra_bytes"] else ""
+    print(f"wrote {folder}: {len(quantized)} quantized layers, {size['tensor_bytes'] / 1e6:.1f} MB of tensors = "
+          f"{size['bits_per_weight']:.4f} bits per weight (counted: {size['counted_bits_per_weight']:.4f}{extra}), "
           f"logits KL on the example batch {manifest['logits_kl_on_example']:.4g}")
     return 0
 

@@ -12,6 +12,7 @@ from qcompiler.config import BackendOptions
 from qcompiler.core import capture, integrity
 from qcompiler.report import CompileReport
 from qcompiler.tools import compare
+from qcompiler.tools.model_bits import model_bits, model_weights
 
 
 def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: bool = True,
@@ -33,9 +34,10 @@ def quantize(model: torch.nn.Module, recipe, batch, out, stats=None, errors: boo
     gm = pipeline.run(gm, pipeline.build(opts.recipe, device, stats=opts.stats, kernels=opts.kernels), report)
     comparison = compare.compare(model, opts.recipe, batch, stats=opts.stats, top=0,
                                  other_weights=other_weights) if errors else None
+    counted = {"bits": model_bits(model, report.layers), "weights": model_weights(model)}
     return artifact.save(Path(out), gm, opts.recipe, opts.stats, report, comparison,
                          artifact.parameter_fingerprint(model.named_parameters()),
-                         integrity.weight_fingerprints(model.named_parameters()))
+                         integrity.weight_fingerprints(model.named_parameters()), counted)
 
 
 def load(folder, model: torch.nn.Module, other_weights: bool = False, **options):

@@ -122,12 +122,15 @@ def test_weight_only_layers_are_lowered_and_match_the_qdq_reference(bits, symmet
         assert (fast - ref).abs().max() < 0.1 * quant_error
         kernel = rep.kernel_of["model.layers.0.self_attn.q_proj"][0]
         assert "_weight_int4pack_mm_for_cpu" in kernel
-        bpw = 4 + 2 * 16 / 32  # 4-bit container, bf16 scale and offset per group of 32
+        kernel_bpw = 4 + 2 * 16 / 32  # in memory: a 4-bit container, bf16 scale and offset per group of 32
     else:
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    # stored: the integers at their bits, a float32 scale and (asymmetric) a float32 zero point per group of 32
+    bpw = bits + (32 if symmetric else 64) / 32
     for d in rep.quantized:
-        assert d.bits_per_weight == pytest.approx(bpw if cpu.int4_available() else d.bits_per_weight)
-        assert d.weight_bytes < d.float_weight_bytes / 5
+        assert d.bits_per_weight == pytest.approx(bpw)
+        numel = d.float_weight_bytes // 4
+        assert 8 * d.kernel_bytes / numel == pytest.approx(kernel_bpw if cpu.int4_available() else 8 * d.kernel_bytes / numel)
 
 
 def test_the_lowered_graph_holds_only_the_packed_weights():

@@ -109,7 +109,12 @@ def test_a_tied_table_reads_the_heads_stored_weight_and_counts_once(symmetric):
     assert table.shared_with == "lm_head" and "stored once" in table.reason
     assert not [n for n, _ in gm.named_buffers() if "_emb_" in n or n.endswith("_w_q")]  # no copy, no QDQ left
     weight = model.lm_head.weight
+    # stored form: nibbles, a float32 scale and (asymmetric) a float32 zero point per group of 32 (the head); the
+    # table alone would store fp16 ones
+    assert head.weight_bytes == weight.numel() // 2 + 4 * (weight.numel() // 32) * (1 if symmetric else 2)
     assert table.weight_bytes == weight.numel() // 2 + 2 * (weight.numel() // 32) * (1 if symmetric else 2)
+    assert table.kernel_bytes == 0  # in memory: nothing of its own; the head's bf16 scale and offset per group
+    assert head.kernel_bytes == weight.numel() // 2 + 4 * (weight.numel() // 32)
     float_bits = sum(8 * p.numel() * p.element_size() for p in model.parameters())
     assert model_bits(model, report.layers) == float_bits - 8 * weight.numel() * 4 + 8 * head.weight_bytes
     # the lookup gives the head's dequantized weight rows, as the head's kernel holds them

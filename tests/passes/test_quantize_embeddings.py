@@ -37,10 +37,14 @@ def _run(model, recipe, inputs, kernels):
     return out, qcompiler.last_report()
 
 
-def _stored_bytes(table: torch.Tensor, scheme: WeightScheme) -> int:
+def _stored_bytes(table: torch.Tensor, scheme: WeightScheme, kernel: bool = False) -> int:
+    """The stored form (integers packed at their bits) or, ``kernel``, the lowering's (two per byte up to 4 bits)."""
     rows, dim = table.shape
     group = dim if scheme.granularity == "per_channel" else scheme.group_size
-    codes = rows * dim // 2 if scheme.bits <= 4 else rows * dim
+    if kernel:
+        codes = rows * dim // 2 if scheme.bits <= 4 else rows * dim
+    else:
+        codes = (rows * dim * scheme.bits + 7) // 8
     per_block = 2 if scheme.symmetric else 4  # an fp16 scale, and an fp16 offset when asymmetric
     return codes + rows * (dim // group) * per_block
 
@@ -59,6 +63,7 @@ def test_the_row_gather_computes_what_the_qdq_graph_computes(make, name):
     assert set(decisions) == set(tables)
     for module, table in tables.items():
         assert decisions[module].weight_bytes == _stored_bytes(table, scheme)
+        assert decisions[module].kernel_bytes == _stored_bytes(table, scheme, kernel=True)
         assert report.kernel_of[module][0] == KERNEL
     # the QDQ graph is the model with each table replaced by its round-to-nearest copy (fp16 scales)
     with torch.no_grad():

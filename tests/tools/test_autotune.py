@@ -90,10 +90,11 @@ def test_a_layers_sensitivity_is_the_kl_of_compiling_that_layer_alone(stories, s
     # fewer bits, more error: summed over the layers, 4 bits hurt more than 8
     total = {name: sum(s for _, s in result.table[name].values()) for name in CANDIDATE_NAMES[:3]}
     assert total["float"] == 0 < total["w8-channel"] < total["w4-g64"]
-    # on CPU 3-bit groups are stored like 4-bit ones (nibbles, the same scales): never measured nor offered
-    assert set(result.pruned) == {"w3-g64"} and "w3-g64" not in result.table
-    assert "w4-g64 has more levels in the same format" in result.pruned["w3-g64"]
-    assert "not offered: w3-g64" in str(result)
+    # 3-bit groups are stored at 3 bits (the kernels hold them in nibbles): fewer bits than 4-bit ones, more error
+    assert not result.pruned and "w3-g64" in result.table
+    w3, w4 = result.table["w3-g64"], result.table["w4-g64"]
+    assert sum(s for _, s in w3.values()) > total["w4-g64"]
+    assert all(w3[m][0] <= w4[m][0] for m in w4) and sum(b for b, _ in w3.values()) < sum(b for b, _ in w4.values())
 
 
 def test_the_tables_sensitivity_is_the_kl_of_quantizing_the_tables_alone(stories, searched):
@@ -339,3 +340,28 @@ def test_a_tied_pair_on_two_candidates_that_store_alike_is_priced_as_one_copy(st
     table_decision = next(d for d in report.layers if d.module == "model.embed_tokens")
     assert table_decision.shared_with == "lm_head"
     assert price == model_bits(model, report.layers)
+
+
+def test_the_saved_artifact_holds_exactly_the_bits_the_search_counts(stories, searched, tmp_path):
+    from safetensors import safe_open
+
+    from qcompiler.tools import quantize
+
+    model, ids = stories
+    result, _ = searched
+    folder = quantize.quantize(model, result.recipe, ids[:1], tmp_path / "art", errors=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    with safe_open(str(folder / "weights.safetensors"), "pt") as f:  # what the file holds, tensor by tensor
+        nbytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert manifest["size"]["tensor_bytes"] == nbytes and manifest["size"]["extra_bytes"] == 0
+    assert 8 * nbytes == result.bits and manifest["size"]["bits_per_weight"] == result.bits_per_weight
+    # the file is the whole model: the quantized weights packed, every float parameter the graph reads once
+    size = (folder / "weights.safetensors").stat().st_size
+    assert nbytes < size < nbytes + 64 * 1024  # beside the tensors, only safetensors' JSON header
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        direct = torch.compile(model, backend="qcompiler",
+                               options={"recipe": result.recipe, "kernels": "reference"})(input_ids=ids).logits
+        torch._dynamo.reset()
+        loaded = qcompiler.load(folder, model, kernels="reference")(input_ids=ids).logits
+    assert torch.equal(direct, loaded)

@@ -15,9 +15,11 @@ from qcompiler.core.files import check_output, write_text_atomic
 from qcompiler.tools.timing import cpu_fingerprint
 
 FORMAT = "qcompiler-autotune-cache"
-VERSION = 3  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows); 3: tables
-# that read a tied head's weight (``shared``). A version 2 file's sensitivities are read; its bits are counted again.
-READS = (2, 3)
+VERSION = 4  # 2: bits counted on a graph of more rows than a decode step (search._batch_rows); 3: tables
+# that read a tied head's weight (``shared``); 4: bits of the stored form (``qcompiler.core.storage``), not the
+# kernels' memory. An older file's sensitivities are read; its bits are counted again.
+READS = (2, 3, 4)
+COUNTED = "stored"  # on each entry whose bits are the stored form's
 
 
 def model_fingerprint(model) -> str:
@@ -63,12 +65,13 @@ class SearchCache:
 
     def get_bits(self, key: str, modules: list[str]) -> tuple[dict[str, int], dict[str, int]] | None:
         """The cached bits of ``modules`` for ``key`` and the tables' bits a shared head saves
-        (``measure.candidate_bits``), or None (not there, written by version 2, which did not share, or on
-        another CPU, whose kernels may store the weights otherwise: the sensitivities are kept)."""
+        (``measure.candidate_bits``), or None (not there, written by a version before 4, which counted the
+        kernels' memory, or on another CPU, whose kernels may not share a table: the sensitivities are kept)."""
         entry = self.doc["candidates"].get(key)
-        bits = entry.get("bits", {}) if isinstance(entry, dict) else {}
-        shared = entry.get("shared") if isinstance(entry, dict) else None
-        if not isinstance(shared, dict) or not all(isinstance(bits.get(m), int) for m in modules):
+        if not isinstance(entry, dict):
+            return None
+        bits, shared = entry.get("bits", {}), entry.get("shared")
+        if entry.get("counted") != COUNTED or not isinstance(shared, dict) or not all(isinstance(bits.get(m), int) for m in modules):
             return None
         if entry.get("machine", self.machine) != self.machine:  # the kernels' layouts are this CPU's
             return None
@@ -78,6 +81,7 @@ class SearchCache:
             shared: dict[str, int] | None = None) -> None:
         self.doc["version"] = VERSION
         self.doc["candidates"][key] = {"candidate": what, "bits": bits, "shared": shared or {},
-                                       "machine": self.machine, "sensitivity": sensitivity}
+                                       "machine": self.machine, "counted": COUNTED,
+                                       "sensitivity": sensitivity}
         if self.path is not None:
             write_text_atomic(self.path, json.dumps(self.doc, indent=1))

@@ -1,9 +1,9 @@
 """What the search measures per layer (linear, or the embedding tables) and candidate: its exact bits, and its sensitivity.
 
 **Bits.** Every floating-point parameter of the model counts once (embeddings, norms, biases, the LM head).
-A linear layer's weight counts at the bytes the backend stores for it on this device (``LayerDecision.
-weight_bytes`` after ``lower``: integers, scales and zero points at the kernel's widths, what
-``qcompiler.last_report()`` and ``qcompiler eval`` report), or at its float bits when it stays float; the
+A linear layer's weight counts at the bytes of its stored form (``LayerDecision.weight_bytes``,
+``qcompiler.core.storage``: integers packed at their bits, scales and zero points as stored; the bytes an
+artifact holds for it, what ``qcompiler.last_report()`` and ``qcompiler eval`` report), or at its float bits when it stays float; the
 embedding tables (searched together, :data:`EMBEDDINGS`) likewise at their stored tables' bytes. A weight
 that two searched layers read (an LM head tied to the token embedding) is a tied group: its float bits count
 unless both are quantized, and each quantized one adds its own copy, except where the table reads the head's
@@ -141,7 +141,8 @@ def accounting(model: torch.nn.Module, gm0: fx.GraphModule, inputs, auto: AutoPr
 
 def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: Candidate, layers: list[Layer],
                    device: torch.device) -> tuple[dict[str, int], dict[str, int]]:
-    """Bits of each searched layer on ``candidate``: what the backend stores on ``device`` (after lowering).
+    """Bits of each searched layer on ``candidate``: its stored form's (compiled for ``device``, whose lowering
+    decides which tables share their head's weight).
     The embedding tables' bits are their stored tables' sum (a table the scheme leaves float at its float
     bits; a table that reads a tied head's weight at what its own copy would take). Second: per linear layer
     whose weight a table reads on this candidate, that table's bits (not stored when both are on it)."""

@@ -206,8 +206,9 @@ def _check_budget(auto: AutoPrecision, acc: measure.Accounting) -> int:
 
 def dominated(auto: AutoPrecision, acc: measure.Accounting) -> dict[str, str]:
     """Candidates that are another's scheme with fewer bits per integer and cost no fewer bits at any layer
-    on this device (3-bit groups on CPU, stored in 4-bit nibbles with the same scales, cost what 4-bit ones
-    cost): never measured nor offered, with the reason."""
+    (never measured nor offered, with the reason). The stored form packs integers at their bits, so a candidate
+    of fewer bits is dominated only where it quantizes no layer the other does (before, 3-bit groups were
+    priced as the CPU kernel's 4-bit nibbles and were)."""
     out = {}
     for c in auto.candidates:
         for d in auto.candidates:
