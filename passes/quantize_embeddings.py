@@ -153,7 +153,7 @@ def _share(gm: fx.GraphModule, node: fx.Node, linear: fx.Node, dq: fx.Node, tabl
     return LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
                          reason=f"reads {spec.module}'s quantized weight (the same tensor, stored once)",
                          bits_per_weight=8.0 * nbytes / table.numel(), weight_bytes=nbytes,
-                         float_weight_bytes=table.numel() * table.element_size(), shared_with=spec.module)
+                         float_weight_bytes=table.numel() * table.element_size(), shared_with=spec.module, table=True)
 
 
 def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = True) -> PassResult:
@@ -173,7 +173,7 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = 
         elif why is not None:
             decision = LayerDecision(module, False, param, fitted.describe(), reason=why,
                                      bits_per_weight=8.0 * table.element_size(), weight_bytes=float_bytes,
-                                     float_weight_bytes=float_bytes)
+                                     float_weight_bytes=float_bytes, table=True)
         else:
             qw = round_to_nearest(table.detach(), fitted)
             prefix = fresh_name(gm, module or "embedding", "_w_q")
@@ -192,7 +192,7 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = 
             node.meta[QEMBEDDING] = QEmbeddingSpec(module, param, fitted.bits, fitted.symmetric, group, *names)
             decision = LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
                                      bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes,
-                                     float_weight_bytes=float_bytes)
+                                     float_weight_bytes=float_bytes, table=True)
         node.meta[DECISION] = decision
         decisions.append(decision)
     return decisions_result(gm, decisions)

@@ -105,6 +105,7 @@ class LayerDecision:
     # the bytes the kernel holds in memory after lowering (its own layout: ATen's CPU int4 tiles with bf16 scale and
     # offset, float32 GEMV scales); 0 before lowering or unlowered, where it is ``weight_bytes``
     kernel_bytes: int = 0
+    table: bool = False  # an embedding table's decision (quantize_embeddings), not a linear layer's
 
     @property
     def memory_bytes(self) -> int:

@@ -162,7 +162,7 @@ def candidate_bits(gm0: fx.GraphModule, inputs, auto: AutoPrecision, candidate: 
             shared[d.shared_with] = shared.get(d.shared_with, 0) + 8 * d.weight_bytes
     for layer in applicable:
         if layer.module == EMBEDDINGS:
-            tables = [d for d in report.layers if d.scheme.endswith("(embedding)")]
+            tables = [d for d in report.layers if d.table]
             out[EMBEDDINGS] = sum(8 * d.weight_bytes for d in tables)
             continue
         d = stored.get(layer.module)
