@@ -236,12 +236,13 @@ def insert_qdq(
                                                              recipe_name, rounded, cache, limit)
             node.meta[QLINEAR] = _quantize_node(gm, node, scheme, qw, input_scale, ranges)
             float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
+            stored = qw.nbytes  # the stored form's bytes (read from the tensors once)
             limited = (f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels"
                        if qw.pairs_limited else "")
             side = f"{float_side} bytes of outlier columns kept in float" if float_side else ""
             note = "; ".join(filter(None, [rounding_note, plan.reason, limited, side]))
             decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
-                                     bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes + float_side,
+                                     bits_per_weight=8.0 * stored / qw.q.numel(), weight_bytes=stored + float_side,
                                      float_weight_bytes=float_bytes)
         node.meta[DECISION] = decision
         decisions.append(decision)

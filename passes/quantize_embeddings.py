@@ -176,6 +176,7 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = 
                                      float_weight_bytes=float_bytes, table=True)
         else:
             qw = round_to_nearest(table.detach(), fitted)
+            stored = qw.nbytes
             prefix = fresh_name(gm, module or "embedding", "_w_q")
             names = [prefix + "_w_q", prefix + "_w_scale", None if qw.zero_point is None else prefix + "_w_zero_point"]
             with gm.graph.inserting_before(node):
@@ -191,7 +192,7 @@ def quantize_embeddings(gm: fx.GraphModule, scheme: WeightScheme, share: bool = 
             group = table.shape[1] if fitted.granularity == "per_channel" else fitted.group_size
             node.meta[QEMBEDDING] = QEmbeddingSpec(module, param, fitted.bits, fitted.symmetric, group, *names)
             decision = LayerDecision(module, True, param, f"{fitted.describe()} (embedding)",
-                                     bits_per_weight=qw.bits_per_weight, weight_bytes=qw.nbytes,
+                                     bits_per_weight=8.0 * stored / qw.q.numel(), weight_bytes=stored,
                                      float_weight_bytes=float_bytes, table=True)
         node.meta[DECISION] = decision
         decisions.append(decision)

@@ -83,6 +83,11 @@ def check_output(folder) -> Path:
     return check_output_path(folder, "artifact folder", folder=True)
 
 
+def _read_buffers(gm: fx.GraphModule) -> set[str]:
+    """The buffers some node of the graph reads."""
+    return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+
+
 def _stored_weights(gm: fx.GraphModule) -> dict[str, tuple[str, str | None, int]]:
     """``w_q`` buffer -> (scale buffer, zero point buffer or None, bits) of every quantized linear and table."""
     out = {}
@@ -98,7 +103,7 @@ def graph_tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str
     in their stored form, ``qcompiler.core.storage``; the others as held) and every model parameter it reads
     (as held, once per tensor). Returns the tensors by name, their decoding entries (the stored form's), and
     per saved parameter the other names of the same tensor (tied weights)."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    read = _read_buffers(gm)
     tensors, entries = {}, {}
     for w_q, (w_scale, w_zero, bits) in _stored_weights(gm).items():
         if w_q not in read:
@@ -267,7 +272,7 @@ class Artifact:
             raise ArtifactError(f"the artifact {self.folder} was made for another model: parameters {wrong[:5]} "
                                 "have other shapes; quantize this model")
         replaced = 0
-        read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+        read = _read_buffers(gm)
         for name, buf in list(gm.named_buffers()):
             saved = self.tensors.get(name)
             if saved is None and name not in read:

@@ -161,20 +161,22 @@ def encode_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     """The stored form of one quantized weight: ``[(role, stored tensor, entry)]`` for ``q``, ``scale`` and
     ``zero``, each ``entry`` (JSON) what :func:`decode_weight` needs; the stored tensors' bytes sum to
     :func:`weight_bytes`."""
-    out = [("q", pack(q, bits), {"form": "codes", "bits": bits, "signed": bool(q.numel() and int(q.min()) < 0)})]
-    out.append(("scale", *encode_float(scale)))
+    def held(t: torch.Tensor, entry: dict) -> dict:
+        return entry | {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+
+    signed = bool(q.numel() and int(q.min()) < 0)
+    scale_data, scale_entry = encode_float(scale)
+    out = [("q", pack(q, bits), held(q, {"form": "codes", "bits": bits, "signed": signed})),
+           ("scale", scale_data, held(scale, scale_entry))]
     if zero is not None:
         form = zero_point_form(zero, scale, bits)
         if form == "codes":
-            out.append(("zero", pack(zero, bits), {"form": "codes", "bits": bits, "signed": False}))
+            data, entry = pack(zero, bits), {"form": "codes", "bits": bits, "signed": False}
         elif form == "offset":
-            out.append(("zero", fp16_offset(zero, scale), {"form": "offset"}))
+            data, entry = fp16_offset(zero, scale), {"form": "offset"}
         else:
-            out.append(("zero", *encode_float(zero)))
-    for role, held in (("q", q), ("scale", scale), ("zero", zero)):
-        for r, _, entry in out:
-            if r == role:
-                entry.update(dtype=_dtype_name(held.dtype), shape=list(held.shape))
+            data, entry = encode_float(zero)
+        out.append(("zero", data, held(zero, entry)))
     return out
 
 
