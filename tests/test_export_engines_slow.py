@@ -36,8 +36,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler.tools import cli, evaluate, models
-from qcompiler.tools.bench_generate import llama_cpp_build_dir
+from qcompiler.tools import cli, evaluate, llama_cpp, models
 
 
 def _smollm2_installed() -> bool:
@@ -247,7 +246,7 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
 
 # --- llama.cpp --------------------------------------------------------------------------------------------
 
-LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or llama_cpp_build_dir() / "src/vendor/llama.cpp/build/bin")
+LLAMA_BIN = llama_cpp.bin_dir()
 
 
 def _perplexity(path: Path) -> float:
@@ -262,7 +261,7 @@ def _perplexity(path: Path) -> float:
 
 
 @pytest.mark.skipif(not (LLAMA_BIN / "llama-perplexity").exists() and not os.environ.get("CI"),
-                    reason="llama.cpp not built for this CPU: ../shared/tools/build-llama-cpp.sh DIR (CI builds it)")
+                    reason="llama.cpp not built for this CPU: python -m qcompiler.tools.llama_cpp (CI builds it)")
 def test_llama_cpp_runs_the_smollm2_gguf_exports(exports, tmp_path):
     source = models.gguf_path("smollm2-135m")
     made = {}

@@ -12,7 +12,6 @@ included (one repeat per turn), takes its turn, repeat after repeat, and the med
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 from collections.abc import Callable
@@ -21,10 +20,10 @@ from pathlib import Path
 import torch
 
 from qcompiler.config import Recipe
-from qcompiler.core.errors import ConfigError, InputFileError
+from qcompiler.core.errors import ConfigError
+from qcompiler.tools.llama_cpp import find_tools as find_llama_tools
 
 LLAMA_TYPES = ("Q8_0", "Q4_0")
-LLAMA_CPP_VERSION = "0.3.36"  # what ../shared/tools/build-llama-cpp.sh builds
 
 
 def _generators(loaded, recipes: dict[str, Recipe], stats_for: Callable, max_cache_len: int) -> dict[str, object]:
@@ -114,25 +113,6 @@ def read_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     x = torch.ones(megabytes * (1 << 20) // 4)
     seconds = time_interleaved({"sum": lambda: x.sum()}, repeats)["sum"]
     return x.numel() * 4 / seconds / 1e9
-
-
-def llama_cpp_build_dir() -> Path:
-    """Where ``../shared/tools/build-llama-cpp.sh DIR`` builds llama.cpp for this CPU: the build is native
-    (``GGML_NATIVE``), so one folder per :func:`~qcompiler.tools.timing.cpu_fingerprint`; its tools are in
-    ``DIR/src/vendor/llama.cpp/build/bin``."""
-    from qcompiler.tools.timing import cpu_fingerprint
-
-    return Path.home() / ".cache" / f"llama.cpp-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
-
-
-def find_llama_tools(bin_dir: str | Path) -> dict[str, Path]:
-    folder = Path(bin_dir)
-    tools = {name: folder / name for name in ("llama-bench", "llama-quantize")}
-    missing = [name for name, path in tools.items() if not (path.is_file() and os.access(path, os.X_OK))]
-    if missing:
-        raise InputFileError(f"{folder} has no {' or '.join(missing)}: give llama.cpp's bin folder "
-                             "(../shared/tools/build-llama-cpp.sh builds it and prints where it is)")
-    return tools
 
 
 def make_ggufs(tools: dict[str, Path], source: Path, out_dir: Path, types=LLAMA_TYPES) -> dict[str, Path]:

@@ -140,7 +140,7 @@ def _add_bench_parser(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--model", default="smollm2-135m", help=f"generate: {MODEL_HELP} (default smollm2-135m)")
     bench.add_argument("--recipes", nargs="+", default=["w8a8-dynamic", "w4a16-rtn"], help="generate: recipes to time (presets, recipe JSON files, folders holding recipe.json)")
     bench.add_argument("--llama-cpp", default=None, metavar="BIN_DIR",
-                       help="generate: llama.cpp's bin folder (../shared/tools/build-llama-cpp.sh prints it) to add "
+                       help="generate: llama.cpp's bin folder (python -m qcompiler.tools.llama_cpp builds it and prints it) to add "
                             "llama-bench rows for Q8_0/Q4_0 GGUFs made from the model's GGUF with llama-quantize")
     bench.add_argument("--prefill", type=int, default=512, help="generate: prompt tokens of the prefill test (512)")
     bench.add_argument("--depth", type=int, default=128, help="generate: context before the decode test (128)")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qcompiler.core.errors import ExportError
-from qcompiler.tools.bench_generate import llama_cpp_build_dir
+from qcompiler.tools import llama_cpp
 from qcompiler.tools.export import gguf as gw
 from qcompiler.tools.export import gguf_read as gr
 from qcompiler.tools.export.model import ExportLinear, ExportModel
@@ -325,11 +325,9 @@ def test_unsupported_type_and_names():
 
 # llama.cpp built for this CPU (a native build from another CPU dies of SIGILL); .ci/run builds it and sets
 # LLAMA_CPP_BIN, so in CI its absence is a failure, elsewhere a skip
-LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN") or llama_cpp_build_dir() / "src/vendor/llama.cpp/build/bin")
+LLAMA_BIN = llama_cpp.bin_dir()
 needs_llama_cpp = pytest.mark.skipif(not (LLAMA_BIN / "llama-quantize").exists() and not os.environ.get("CI"),
-                                     reason="llama.cpp not built for this CPU: ../shared/tools/build-llama-cpp.sh "
-                                            "DIR (python -c 'from qcompiler.tools.bench_generate import "
-                                            "llama_cpp_build_dir as d; print(d())' gives DIR)")
+                                     reason="llama.cpp not built for this CPU: python -m qcompiler.tools.llama_cpp")
 WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 
