@@ -43,6 +43,7 @@ class Resolved:
     artifact: Artifact | None
     debug: object
     other_weights: bool = False
+    compiler: str = "inductor"
 
 
 def resolve(options: BackendOptions) -> Resolved:
@@ -57,7 +58,7 @@ def resolve(options: BackendOptions) -> Resolved:
         recipe, stats = artifact.recipe, artifact.stats
     if recipe.needs_calibration and stats is None:
         raise ConfigError(needs_stats_message(recipe))
-    return Resolved(recipe, options.kernels, stats, artifact, options.debug, options.other_weights)
+    return Resolved(recipe, options.kernels, stats, artifact, options.debug, options.other_weights, options.compiler)
 
 
 def check_made_from(opts: Resolved, named_tensors) -> None:
@@ -97,6 +98,8 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     _check_inference(example_inputs)
     bound = capture.bind_parameters(gm, example_inputs)
     gm = quantize_graph(gm, example_inputs, opts, bound)
+    if opts.compiler == "eager":  # the quantized graph op by op (BackendOptions.compiler)
+        return _for_these_weights(fx.GraphModule(gm, gm.graph).forward, example_inputs, bound)
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(fx.GraphModule(gm, gm.graph), example_inputs, config_patches=INDUCTOR_CONFIG)

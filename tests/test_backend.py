@@ -69,6 +69,36 @@ def test_lowered_kernels_match_the_qdq_reference_on_a_tiny_llama():
     assert (fast - float_logits).abs().max() > 0  # it is quantized
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-static", "w4a16-rtn"])
+def test_the_eager_compiler_runs_the_same_quantized_graph_without_inductor(recipe, monkeypatch):
+    """compiler="eager": the same passes, lowering and kernels, run op by op; Inductor is never called."""
+    from qcompiler.calibration.calibrate import calibrate
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 24))
+    stats = calibrate(model, [ids], recipe, progress=False) if recipe == "w8a8-static" else None
+    got = {}
+    for compiler in ("inductor", "eager"):
+        for kernels in ("fast", "reference"):
+            torch._dynamo.reset()
+            qcompiler.clear_reports()
+            with torch.inference_mode():
+                got[compiler, kernels] = _compile(model, recipe=recipe, stats=stats, kernels=kernels,
+                                                  compiler=compiler)(ids).logits
+            rep = qcompiler.last_report()
+            assert len(rep.quantized) == 14
+            lowered = {p.name: p.counts for p in rep.passes}.get("lower", {}).get("lowered", 0)
+            assert lowered == (14 if kernels == "fast" else 0)
+        if compiler == "inductor":  # from here on Inductor must not be reached
+            import torch._inductor.compile_fx as compile_fx
+
+            monkeypatch.setattr(compile_fx, "compile_fx", lambda *a, **k: pytest.fail("Inductor was called"))
+    for kernels in ("fast", "reference"):
+        torch.testing.assert_close(got["eager", kernels], got["inductor", kernels], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="option 'compiler'.*eager"):
+        BackendOptions(compiler="tvm")
+
+
 def test_gpt2_conv1d_layers_are_quantized_and_lowered():
     model = tiny_gpt2()
     ids = torch.randint(0, 128, (1, 16))

