@@ -24,7 +24,9 @@ graph that shares a cache (and the calibration graph, which has none) must rotat
 
 A tied LM head gets its own rotated copy (its norm's weight differs from the embedding's rows). Anything
 else using the stream (a hidden state returned by the graph, a post-norm residual as in BERT, token type
-embeddings) makes the pass refuse with the node it found: rotation is then not applied.
+embeddings) leaves the stream unrotated, and the report names the node found: with ``Rotation(fallback=True)``
+(the default) every quantized linear's input is then rotated online instead (``passes/rotate_inputs.py``), with
+``fallback=False`` the pass raises :class:`RotationError`.
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ import torch.fx as fx
 from qcompiler.config import Rotation
 from qcompiler.core import hadamard
 from qcompiler.core.errors import QCompilerError
-from qcompiler.core.ir import LINEAR, ONLINE_HADAMARD, PassResult, linear_weight
+from qcompiler.core.ir import LINEAR, PassResult, linear_weight
 from qcompiler.passes.graph_utils import (
     add_buffer,
     bias_of,
     constant_value,
     replace_arg_with_tensor,
-    replace_linear_weight,
     same_tensor_info,
     tensor_digest,
 )
+from qcompiler.passes.rotate_inputs import online_transform, rotate_inputs, set_weight
 from qcompiler.passes.smoothquant import _final_users, _keeps_channels, _reads_attention
 
 _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
@@ -255,36 +257,6 @@ def _value(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None if value is None else value.detach()
 
 
-def _set_weight(gm: fx.GraphModule, linear: fx.Node, new: torch.Tensor, tag: tuple) -> None:
-    weight, _, _ = linear_weight(gm, linear.args[1])
-    replace_linear_weight(gm, linear, new.to(weight.dtype), tag)
-
-
-def _online(gm: fx.GraphModule, writer: fx.Node, n: int) -> None:
-    """``writer`` reads ``x H`` (normalized Hadamard of order ``n``, as its Kronecker factors) instead of ``x``."""
-    a, b = hadamard.kron_parts(n)
-    x = writer.args[0]
-    dtype = x.meta["example_value"].dtype if isinstance(x.meta.get("example_value"), torch.Tensor) else torch.float32
-    module = writer.meta[LINEAR].module
-    b_n = add_buffer(gm, f"{module}_hadamard_b", b.to(dtype), writer)
-    a_n = add_buffer(gm, f"{module}_hadamard_a", a.to(dtype), writer) if a.shape[0] > 1 else None
-    graph = gm.graph
-    # x H = A^T X B for X the [m, p] view of x: each product a single GEMM over all rows (a 2-D right factor),
-    # the A one on the transposed blocks (A^T V = (V^T A)^T)
-    with graph.inserting_before(writer):
-        if a_n is None:
-            flat = graph.call_function(torch.matmul, (x, b_n))
-        else:
-            blocks = graph.call_method("unflatten", (x, -1, (a.shape[0], b.shape[0])))
-            right = graph.call_function(torch.matmul, (blocks, b_n))
-            left = graph.call_function(torch.matmul, (graph.call_method("transpose", (right, -1, -2)), a_n))
-            flat = graph.call_method("flatten", (graph.call_method("transpose", (left, -1, -2)), -2))
-        same_tensor_info(flat, x)
-    flat.meta["example_value"] = x.meta.get("example_value")
-    flat.meta[ONLINE_HADAMARD] = (None if a_n is None else a_n.target, b_n.target)  # lowering/hadamard.py
-    writer.update_arg(0, flat)
-
-
 def _fold_layer_norm(gm: fx.GraphModule, norm: Norm, q: torch.Tensor, tag: tuple) -> None:
     """On a centered stream a LayerNorm is an RMS norm with its weight and bias: fold both into the readers
     (``W <- W diag(g) Q``, ``b <- b + W beta``) and replace the LayerNorm by the bare RMS norm."""
@@ -296,7 +268,7 @@ def _fold_layer_norm(gm: fx.GraphModule, norm: Norm, q: torch.Tensor, tag: tuple
     for reader in norm.readers:
         w0 = linear_weight(gm, reader.args[1])[0].detach().double()
         w = w0 if g is None else w0 * g[None, :]
-        _set_weight(gm, reader, w @ q, tag + ("in", "layer_norm", tensor_digest(g if g is not None else q[0])))
+        set_weight(gm, reader, w @ q, tag + ("in", "layer_norm", tensor_digest(g if g is not None else q[0])))
         if beta is not None and bool(beta.ne(0).any()):
             _add_bias(gm, reader, w0 @ beta)
     graph = gm.graph
@@ -326,8 +298,14 @@ def _add_bias(gm: fx.GraphModule, linear: fx.Node, extra: torch.Tensor) -> None:
 
 
 def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
-    """Rotate the residual stream of ``gm`` by ``config``'s orthogonal matrix (see the module docstring)."""
-    stream = find_stream(gm)
+    """Rotate the residual stream of ``gm`` by ``config``'s orthogonal matrix (see the module docstring); where
+    there is none this pass can rotate, each quantized linear's input online (``config.fallback``)."""
+    try:
+        stream = find_stream(gm)
+    except RotationError as exc:
+        if not config.fallback:
+            raise
+        return rotate_inputs(gm, str(exc))
     q, how = hadamard.orthogonal(stream.width, config.seed)
     tag = ("rotate", config.seed, tensor_digest(q))
     layer = any(n.kind == "layer" for n in stream.norms)  # LayerNorms: the stream is centered first
@@ -345,7 +323,7 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         g = _value(gm, norm.mul.args[norm.weight_index]).double()
         for reader in norm.readers:
             w = linear_weight(gm, reader.args[1])[0].detach().double()
-            _set_weight(gm, reader, (w * g[None, :]) @ q, tag + ("in", tensor_digest(g)))
+            set_weight(gm, reader, (w * g[None, :]) @ q, tag + ("in", tensor_digest(g)))
         replace_arg_with_tensor(gm, norm.mul, norm.weight_index,
                                 torch.ones_like(_value(gm, norm.mul.args[norm.weight_index])), "folded_norm_w")
     online = []
@@ -356,9 +334,9 @@ def rotate(gm: fx.GraphModule, config: Rotation) -> PassResult:
         if config.online and _reads_attention(writer) is None and hadamard.factors(n) is not None:
             w = w @ (hadamard.hadamard(n) / n**0.5)
             step += ("online",)
-            _online(gm, writer, n)
+            online_transform(gm, [writer], n)
             online.append(writer.meta[LINEAR].module)
-        _set_weight(gm, writer, w, step)
+        set_weight(gm, writer, w, step)
         bias = bias_of(writer)
         if isinstance(bias, fx.Node):
             b = _value(gm, bias)

@@ -154,14 +154,18 @@ class Rotation:
     random signs (``seed``) where one of the stream's width is built (``qcompiler.core.hadamard``), else a
     random orthogonal matrix. ``online``: the down projections' inputs also go through a Hadamard transform
     at run time (its Kronecker form, a few small matmuls), the inverse folded into their weights' columns.
-    Llama-style models (RMS norms before the residual readers); other models are refused with the reason."""
+    The stream is rotated in pre-norm models (RMS norms, or GPT-2's LayerNorms, before the residual readers).
+    ``fallback``: where the graph has no stream this can rotate (a post-norm encoder: BERT, MiniLM), every
+    quantized linear's input goes through an online Hadamard transform instead, ``H`` folded into its weight
+    (the report says why the stream was not rotated); False raises the reason as an error instead."""
 
     seed: int = 0
     online: bool = True
+    fallback: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"Rotation.seed must be a non-negative int, got {self.seed!r}")
-        for name in ("online",):
+        for name in ("online", "fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Rotation.{name} must be True or False, got {getattr(self, name)!r}")
