@@ -43,8 +43,8 @@ def accuracy(loaded, passages: int, samples: int) -> dict:
         stats = qcompiler.calibrate(loaded.model, batches, recipe, progress=False) if recipe.needs_calibration else None
         torch._dynamo.reset()
         result = evaluate.evaluate(loaded, BackendOptions(recipe=recipe, stats=stats), models.default_text(), cfg)
-        rotate = [t for r in qcompiler.reports() for k, t in r.transforms.items() if k == "rotate"]
-        out[name] = {**result.quantized, "rotate": rotate[0] if rotate else None}
+        rotate = next((r.transforms["rotate"] for r in qcompiler.reports() if "rotate" in r.transforms), None)
+        out[name] = {**result.quantized, "rotate": rotate}
         print(f"{name:22s} cosine {result.quantized['cosine_similarity']:.4f} "
               f"(min {result.quantized['cosine_similarity_min']:.4f})", flush=True)
     return out

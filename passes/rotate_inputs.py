@@ -54,11 +54,6 @@ def online_transform(gm: fx.GraphModule, readers: list[fx.Node], n: int) -> None
         reader.update_arg(0, flat)
 
 
-def _first_in_graph(gm: fx.GraphModule, readers: list[fx.Node]) -> list[fx.Node]:
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return sorted(readers, key=order.__getitem__)
-
-
 def rotate_inputs(gm: fx.GraphModule, why: str) -> PassResult:
     """Every linear the plan quantizes reads its input through an online Hadamard transform (shared by the
     linears on one input), ``H`` folded into its weight's columns. ``why``: why the residual stream was not
@@ -73,13 +68,13 @@ def rotate_inputs(gm: fx.GraphModule, why: str) -> PassResult:
         if hadamard.factors(n) is None:
             no_matrix.append(node.meta[LINEAR].module)
             continue
-        groups.setdefault((node.args[0], n), []).append(node)
+        groups.setdefault((node.args[0], n), []).append(node)  # in graph order: the first reader comes first
     for (_, n), readers in groups.items():
         h = hadamard.hadamard(n) / n**0.5
         for reader in readers:
             w = linear_weight(gm, reader.args[1])[0].detach().double()
             set_weight(gm, reader, w @ h, ("rotate_inputs", n))
-        online_transform(gm, _first_in_graph(gm, readers), n)
+        online_transform(gm, readers, n)
     gm.graph.lint()
     gm.recompile()
     rotated = sum(len(r) for r in groups.values())

@@ -98,11 +98,12 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     _check_inference(example_inputs)
     bound = capture.bind_parameters(gm, example_inputs)
     gm = quantize_graph(gm, example_inputs, opts, bound)
+    module = fx.GraphModule(gm, gm.graph)
     if opts.compiler == "eager":  # the quantized graph op by op (BackendOptions.compiler)
-        return _for_these_weights(fx.GraphModule(gm, gm.graph).forward, example_inputs, bound)
+        return _for_these_weights(module.forward, example_inputs, bound)
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(fx.GraphModule(gm, gm.graph), example_inputs, config_patches=INDUCTOR_CONFIG)
+    compiled = compile_fx(module, example_inputs, config_patches=INDUCTOR_CONFIG)
     return _for_these_weights(compiled, example_inputs, bound)
 
 
