@@ -43,6 +43,29 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the Hessian stays singular after dampening; calibrate on more tokens")
 
 
+def group_qparams(w_groups: torch.Tensor, channel_weight: torch.Tensor, scheme: WeightScheme, config: GPTQ):
+    """Scale and integer zero point per group of ``w_groups [N, G, g]``: min-max, or with ``config.clip_grid``
+    the range shrunk by the ratio (1.0 down to ``config.min_clip``) whose rounding error, weighted by
+    ``channel_weight [G, g]`` (the Hessian's diagonal: each input channel's mean squared value), is smallest."""
+    best_scale, best_zero = minmax_qparams(w_groups, scheme, float_zero=False)
+    if config.clip_grid == 0:
+        return best_scale, best_zero
+    best_err = None
+    for i in range(config.clip_grid + 1):
+        ratio = 1.0 - (1.0 - config.min_clip) * i / config.clip_grid
+        scale, zero = minmax_qparams(w_groups, scheme, ratio, float_zero=False)
+        delta = dequantize_groups(quantize_groups(w_groups, scale, zero, scheme), scale, zero, scheme) - w_groups
+        err = (delta.square() * channel_weight).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme,  # long: the paper's algorithm
                   config: GPTQ | None = None) -> QuantizedWeight:                    # reads best as one loop
     """Round ``weight [N, K]`` with GPTQ against ``hessian [K, K]`` (``X^T X`` of the layer's inputs)."""
@@ -59,8 +82,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    if config.static_groups or config.act_order:
-        scale_all, zero_all = minmax_qparams(grouped(w, group), scheme, float_zero=False)  # [N, G], original W
+    diag = torch.diag(h).to(torch.float32)
+    if config.static_groups or config.act_order:  # [N, G], from the original W
+        scale_all, zero_all = group_qparams(grouped(w, group), grouped(diag[None], group)[0], scheme, config)
     else:
         scale_all = torch.empty(n, k // group)
         zero_all = torch.empty(n, k // group)
@@ -86,8 +110,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
             g = orig // group
             if not (config.static_groups or config.act_order) and orig % group == 0:
                 cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scale_all[:, g], zero_all[:, g] = (t[:, 0] for t in minmax_qparams(cols[:, None, :], scheme,
-                                                                                    float_zero=False))
+                scale_all[:, g], zero_all[:, g] = (t[:, 0] for t in group_qparams(
+                    cols[:, None, :], diag[None, orig:orig + group], scheme, config))
             scale, zero = scale_all[:, g], zero_all[:, g]
             wc = w1[:, i]
             qc = quantize_groups(wc[:, None], scale, zero, scheme)[:, 0]

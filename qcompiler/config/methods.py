@@ -75,19 +75,29 @@ class GPTQ:
 
     ``damp``: fraction of the mean Hessian diagonal added to it; ``block_size``: columns per lazy
     update; ``act_order``: round columns by decreasing Hessian diagonal; ``static_groups``: group
-    scales from the original weight up front (always so with ``act_order``).
+    scales from the original weight up front (always so with ``act_order``); ``clip_grid``: when above 0,
+    each group's range is the min-max range shrunk by the ratio among ``clip_grid + 1`` steps from 1.0
+    down to ``min_clip`` whose rounding error, weighted per input channel by the Hessian's diagonal (the
+    channel's mean squared input), is smallest (0: min-max ranges, the paper's).
     """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    clip_grid: int = 0
+    min_clip: float = 0.7
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
             raise ConfigError(f"GPTQ.damp must be in (0, 1), got {self.damp!r}")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise ConfigError(f"GPTQ.block_size must be a positive int, got {self.block_size!r}")
+        if not (isinstance(self.clip_grid, int) and not isinstance(self.clip_grid, bool) and self.clip_grid >= 0):
+            raise ConfigError(f"GPTQ.clip_grid must be an int of at least 0 (0: no clipping search), "
+                              f"got {self.clip_grid!r}")
+        if not (isinstance(self.min_clip, (int, float)) and 0 < self.min_clip <= 1):
+            raise ConfigError(f"GPTQ.min_clip must be in (0, 1], got {self.min_clip!r}")
 
 
 @dataclass(frozen=True)

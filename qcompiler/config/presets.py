@@ -75,7 +75,8 @@ PRESETS.update({
     "w4a16-awq": _weight_only("w4a16-awq", rounding=AWQ()),
     "w4a16-hqq": _weight_only("w4a16-hqq", rounding=HQQ()),
     # rotation then GPTQ (activation order) on the rotated weights: QuaRot's 4-bit weight recipe
-    "w4a16-rotated-gptq": _weight_only("w4a16-rotated-gptq", rounding=GPTQ(act_order=True), rotation=Rotation()),
+    "w4a16-rotated-gptq": _weight_only("w4a16-rotated-gptq", rounding=GPTQ(act_order=True, clip_grid=20),
+                                       rotation=Rotation()),
 })
 
 

@@ -1,11 +1,14 @@
 """GPTQ, AWQ and HQQ on single layers, against round-to-nearest on the same data."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompiler.config import AWQ, GPTQ, HQQ, WeightScheme
+from qcompiler.core.errors import ConfigError
 from qcompiler.lowering.kernels import reference
 from qcompiler.passes.weight_rounding import round_to_nearest
 from qcompiler.passes.weight_rounding.awq import awq_quantize
@@ -97,6 +100,29 @@ def test_gptq_static_groups_without_act_order_fix_every_grid_from_the_original_w
     rtn = round_to_nearest(w, scheme)
     assert _out_err(static, w, x) < _out_err(rtn, w, x)
     assert not torch.equal(static.q, rtn.q)  # the error feedback moved some integers off round-to-nearest
+
+
+@pytest.mark.parametrize("config", [GPTQ(act_order=True, clip_grid=20), GPTQ(clip_grid=20)], ids=["act-order", "plain"])
+def test_gptq_clipping_search_lowers_the_layer_output_error_and_keeps_the_grid(config):
+    # the searched ranges lie inside min-max (ratios <= 1) and give a smaller output error than min-max
+    # ranges on every one of these layers (each group's ratio minimizes its Hessian-diagonal-weighted error)
+    for seed in range(3):
+        w, x = _layer(seed, n=64, k=256)
+        h = x.t() @ x
+        plain = gptq_quantize(w, h, W4G32, dataclasses.replace(config, clip_grid=0))
+        clipped = gptq_quantize(w, h, W4G32, config)
+        assert _out_err(clipped, w, x) < _out_err(plain, w, x)
+        qmin, qmax = W4G32.qrange
+        assert int(clipped.q.min()) >= qmin and int(clipped.q.max()) <= qmax
+        if config.act_order:  # grids from the original weight: never wider than its min-max ones
+            assert (clipped.scale <= plain.scale * (1 + 1e-6)).all() and (clipped.scale < plain.scale).any()
+
+
+def test_gptq_clipping_search_is_checked():
+    with pytest.raises(ConfigError, match="clip_grid"):
+        GPTQ(clip_grid=-1)
+    with pytest.raises(ConfigError, match="min_clip"):
+        GPTQ(clip_grid=10, min_clip=0)
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest_on_its_grid():
