@@ -104,6 +104,18 @@ def rows_from_linear(ids, codes, scale, zero, *, packed: bool, group: int, dim: 
     return (values * _per_group(ids, scale, rows)).flatten(-2).to(dtype)
 
 
+def rows_from_tiled(ids, tiled, scale, zero, *, group: int, dim: int, dtype):
+    """The rows ``ids`` of a linear layer's weight ``(q - zero) * scale`` stored in the tiled int4 layout of the
+    C++ decode GEMV (``kernels/reference.pack_int4_tiled``: ``[N / 16, 8 K]`` bytes, scales and zeros
+    ``[N / 16, G, 16]``): tile ``ids // 16``, row ``ids % 16`` of it, a gather (nothing else is unpacked)."""
+    tile, row = ids // reference.INT4_TILE, ids % reference.INT4_TILE
+    pairs = tiled.view(tiled.shape[0], dim // 4, reference.INT4_TILE, 2)[tile, :, row, :]  # [..., K / 4, 2]
+    values = torch.stack([pairs & 0xF, pairs >> 4], dim=-2).flatten(-3).to(torch.float32)  # k, k+1, k+2, k+3
+    values = values.unflatten(-1, (dim // group, group))
+    values = values - zero[tile, :, row].to(torch.float32).unsqueeze(-1)
+    return (values * scale[tile, :, row].to(torch.float32).unsqueeze(-1)).flatten(-2).to(dtype)
+
+
 def int4pack_codes(ids, packed, columns, *, block: int, dim: int, adjacent: bool = False):
     """The 4-bit codes ``[..., dim]`` of rows ``ids`` in ATen's CPU int4 layout with ``block`` rows per tile:
     ``[N / block][dim][block / 2]`` bytes; byte ``j`` of a tile's column holds row ``j`` (low nibble) and row
@@ -166,6 +178,9 @@ def _shared_rows(gm, spec: QEmbeddingSpec, ids, entry, dtype, rows: int, dim: in
     if layout in ("gemv", "triton", "reference"):
         return rows_from_linear(ids, buf(b["w_packed"]), buf(b["scale"]), buf(b["zero"]), packed=True,
                                 group=prepared.constants["group_size"], dim=dim, rows=rows, dtype=dtype).node
+    if layout == "gemv_tiled":
+        return rows_from_tiled(ids, buf(b["w_tiled"]), buf(b["scale"]), buf(b["zero"]),
+                               group=prepared.constants["group_size"], dim=dim, dtype=dtype).node
     if layout == "cpu":
         layout = int4pack_block(gm.get_buffer(linear.w_q), gm.get_buffer(b["packed"]),
                                 offset=8 if linear.weight_symmetric else 0)

@@ -32,7 +32,9 @@ _OPS = {  # kernel -> (positions of its activation/constant arguments, positions
     "int8_gemv": ((0, 1), (2, 3, 4)),  # x_q, x_zero_point | w_q [N, K], w_rowsum [N], w_scale [N]
     "int8_weight_gemv": ((0,), (1, 2)),  # x | w_q [N, K], w_scale [N]
     "int4_gemv": ((0, 4), (1, 2, 3)),  # x, group | w_packed [N, K / 2], scale [N, G], zero [N, G]
+    "int4_gemv_tiled": ((0, 4), (1, 2, 3)),  # x, group | w_tiled [N / 16, 8 K], scale/zero [N / 16, G, 16]
 }
+_ROWS_PER_ENTRY = {"int4_gemv_tiled": 16}  # output channels per entry of a weight buffer's first dimension
 
 # operations that compute a value from their inputs and nothing else: the quantization of an activation is
 # built from these (anything else, e.g. an in-place update of a KV cache, is compared by identity)
@@ -192,7 +194,7 @@ def _stack(gm: fx.GraphModule, kind: str, members: list[fx.Node], index: int) ->
     call.meta = {k: v for k, v in first.meta.items() if k != "example_value"}
     start = 0
     for member in members:
-        width = gm.get_buffer(member.args[weights[0]].target).shape[0]
+        width = gm.get_buffer(member.args[weights[0]].target).shape[0] * _ROWS_PER_ENTRY.get(kind, 1)
         with graph.inserting_before(member):
             part = graph.call_function(operator.getitem, (call, (Ellipsis, slice(start, start + width))))
             part = graph.call_method("contiguous", (part,))  # a view of the stacked output when there is one row

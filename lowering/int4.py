@@ -2,7 +2,8 @@
 
 CPU: for graphs with a fixed small row count (the decode step) the C++ ``qcompiler::int4_gemv`` of
 ``kernels/cpu_gemv.cpp`` (activations in int16 fixed point, integer sums per group: more exact than bf16,
-and stacked for q/k/v and gate/up by ``fuse_gemv``); otherwise ATen's int4 kernel
+and stacked for q/k/v and gate/up by ``fuse_gemv``; on AVX-512 ``int4_gemv_tiled``, the same arithmetic on
+weights in tiles of 16 rows where N is a multiple of 16); otherwise ATen's int4 kernel
 (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 CPU layout uses) on weights packed once in its
 tile layout, called straight from the graph (an aten op: no Python runs per layer); it computes in bf16
 (its fp32 path is not vectorized). CUDA: the Triton int4 GEMM. A layer the
@@ -59,6 +60,13 @@ def _choose_int4(layer: Layer) -> tuple[str, str]:
     return ops.kernel_for(layer.device, 4, why), why or ""
 
 
+def _tiled(layer: Layer) -> bool:
+    """Whether the decode GEMV of ``layer`` takes the tiled layout (``qcompiler::int4_gemv_tiled``: 16 rows per
+    vector register; on AVX-512 only, where it is faster than the row layout's kernel)."""
+    return (layer.n % reference.INT4_TILE == 0 and layer.k % 4 == 0 and layer.group % 4 == 0
+            and (native.isa() or "").startswith("avx512"))
+
+
 def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, layer: Layer) -> Prepared | str:
     """The device's int4 kernel where it takes the layer's shape and group; otherwise the reference,
     decided here (by the same rule the plan reads through ``choose``) and named in the report with the
@@ -68,6 +76,13 @@ def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, layer: Layer) -> Prepar
     w_int, group, scale, zero = _int4_storage(gm, spec)
     base = spec.w_q.removesuffix("_w_q")
     kernel, why = _choose_int4(layer)
+    if kernel == INT4_GEMV_KERNEL and _tiled(layer):
+        tiled, scale_t, zero_t = reference.pack_int4_tiled(w_int, scale, zero)
+        buffers = {"w_tiled": register(gm, base + "_w4t", tiled), "scale": register(gm, base + "_w4t_scale", scale_t),
+                   "zero": register(gm, base + "_w4t_zero", zero_t)}
+        stored = tiled.numel() + scale.numel() * scale.element_size() + zero.numel() * zero.element_size()
+        return Prepared(buffers=buffers, constants={"group_size": group, "layout": "gemv_tiled"}, kernel=kernel,
+                        stored_bytes=stored)
     if kernel == INT4_GEMV_KERNEL:
         packed = reference.pack_int4(w_int)
         buffers = {"w_packed": register(gm, base + "_w4", packed),
@@ -102,11 +117,13 @@ def _int4_cpu(x, packed, scale_zeros, group_size: int, ndim: int, n: int, k: int
 
 
 def w4a16(x, bias, *, group_size: int, layout: str, out_dtype: torch.dtype, ndim: int, w_packed=None, scale=None,
-          zero=None, packed=None, scale_zeros=None, n: int = 0, k: int = 0, **_):
+          zero=None, packed=None, scale_zeros=None, n: int = 0, k: int = 0, w_tiled=None, **_):
     """Float activations x 4-bit per-group weights (two per byte), float accumulation. ``layout``:
     ``"cpu"`` (ATen's int4 kernel), ``"triton"`` (the Triton kernel), ``"reference"``."""
     if layout == "cpu":
         y = _int4_cpu(x, packed, scale_zeros, group_size, ndim, n, k)
+    elif layout == "gemv_tiled":
+        y = torch.ops.qcompiler.int4_gemv_tiled(x.to(torch.float32), w_tiled, scale, zero, group_size)
     elif layout == "gemv":
         y = torch.ops.qcompiler.int4_gemv(x.to(torch.float32), w_packed, scale, zero, group_size)
     elif layout == "triton":

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -313,6 +315,182 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   return out.reshape(out_sizes(x, n));
 }
 
+// The int4 GEMV on weights in tiles of 16 output channels (lowering/kernels/reference.pack_int4_tiled), for
+// CPUs with AVX-512: one 512-bit register holds the 16 rows' sums, so a step of 4 input channels is one load
+// of 32 bytes, two masks/shifts and two vpdpwssd against the activations' pairs broadcast, and the group
+// scales are applied to 16 rows with one multiply-add (the row layout above spends a convert, a multiply-
+// add and a horizontal sum per row and group). Tile t's bytes: for each step s of 4 channels (k = 4 s), for
+// each row r, b0 = q[r, k] | q[r, k + 2] << 4 and b1 = q[r, k + 1] | q[r, k + 3] << 4. scale and zero are
+// [N / 16, G, 16] (a group's 16 values contiguous). The same arithmetic as int4_gemv (int16 fixed-point
+// activations, exact integer sums, flushed to float at most every 256 channels within a group).
+namespace {
+
+constexpr int64_t kTile = 16;
+constexpr int64_t kFlushSteps = 64;  // steps of 4 channels per int32 sum: 64 x 4 x 32767 x 15 < 2^31
+
+#if defined(__AVX512BW__)
+// two int16 activations as one int32, in every lane (a broadcast from memory: no general register)
+inline __m512i broadcast_pair(const int16_t* x) { return _mm512_broadcastd_epi32(_mm_loadu_si32(x)); }
+// 32 bytes widened to 32 int16 words
+inline __m512i load_widened(const uint8_t* p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+#if defined(__AVX512BW__)
+// TILES consecutive tiles' outputs (16 each) for one row of activations (xq: int16 [K], gsum: float [G]); the
+// tiles share the activations' broadcasts, and 4 x TILES independent sums keep vpdpwssd's latency hidden.
+template <int TILES>
+inline void tiles_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* __restrict tile,
+                        int64_t tile_bytes, const float* __restrict scale, const float* __restrict zero,
+                        int64_t groups, int64_t group, float step, float* __restrict out) {
+  const int64_t steps = group / 4, tile_params = groups * kTile;
+  const __m512i low_mask = _mm512_set1_epi16(15);
+  __m512 acc[TILES];
+  for (int t = 0; t < TILES; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * steps;
+    for (int64_t s0 = 0; s0 < steps; s0 += kFlushSteps) {
+      const int64_t s1 = std::min(steps, s0 + kFlushSteps);
+      __m512i a[TILES][4];
+      for (int t = 0; t < TILES; ++t) {
+        for (int j = 0; j < 4; ++j) a[t][j] = _mm512_setzero_si512();
+      }
+      int64_t s = s0;
+      for (; s + 2 <= s1; s += 2) {
+        const int16_t* x = xq + (first + s) * 4;
+        const __m512i x0 = broadcast_pair(x), x1 = broadcast_pair(x + 2);
+        const __m512i x2 = broadcast_pair(x + 4), x3 = broadcast_pair(x + 6);
+        for (int t = 0; t < TILES; ++t) {
+          const uint8_t* w = tile + t * tile_bytes + (first + s) * 32;
+          const __m512i w0 = load_widened(w), w1 = load_widened(w + 32);
+          a[t][0] = madd_acc(a[t][0], _mm512_and_si512(w0, low_mask), x0);
+          a[t][1] = madd_acc(a[t][1], _mm512_srli_epi16(w0, 4), x1);
+          a[t][2] = madd_acc(a[t][2], _mm512_and_si512(w1, low_mask), x2);
+          a[t][3] = madd_acc(a[t][3], _mm512_srli_epi16(w1, 4), x3);
+        }
+      }
+      if (s < s1) {
+        const int16_t* x = xq + (first + s) * 4;
+        const __m512i x0 = broadcast_pair(x), x1 = broadcast_pair(x + 2);
+        for (int t = 0; t < TILES; ++t) {
+          const __m512i w0 = load_widened(tile + t * tile_bytes + (first + s) * 32);
+          a[t][0] = madd_acc(a[t][0], _mm512_and_si512(w0, low_mask), x0);
+          a[t][1] = madd_acc(a[t][1], _mm512_srli_epi16(w0, 4), x1);
+        }
+      }
+      for (int t = 0; t < TILES; ++t) {
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[t][0], a[t][1]), _mm512_add_epi32(a[t][2], a[t][3]));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(scale + t * tile_params + g * kTile), acc[t]);
+      }
+    }
+    // the zero points' part: scale * zero * (the group's sum of x_q)
+    const __m512 gs = _mm512_set1_ps(gsum[g]);
+    for (int t = 0; t < TILES; ++t) {
+      const float* sc = scale + t * tile_params + g * kTile;
+      const float* zp = zero + t * tile_params + g * kTile;
+      acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sc), _mm512_loadu_ps(zp)), gs, acc[t]);
+    }
+  }
+  for (int t = 0; t < TILES; ++t) _mm512_storeu_ps(out + t * kTile, _mm512_mul_ps(acc[t], _mm512_set1_ps(step)));
+}
+#endif
+
+// One tile's 16 outputs for one row of activations, without AVX-512 (the same sums, as plain loops).
+inline void tile_u4s16_generic(const int16_t* __restrict xq, const float* __restrict gsum,
+                               const uint8_t* __restrict tile, const float* __restrict scale,
+                               const float* __restrict zero, int64_t groups, int64_t group, float step,
+                               float* __restrict out) {
+  const int64_t steps = group / 4;
+  float acc[kTile] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t s0 = 0; s0 < steps; s0 += kFlushSteps) {
+      const int64_t s1 = std::min(steps, s0 + kFlushSteps);
+      int32_t sum[kTile] = {};
+      for (int64_t s = g * steps + s0; s < g * steps + s1; ++s) {
+        const int16_t* x = xq + s * 4;
+        const uint8_t* b = tile + s * 32;
+        for (int64_t r = 0; r < kTile; ++r) {
+          const int32_t b0 = b[2 * r], b1 = b[2 * r + 1];
+          sum[r] += x[0] * (b0 & 15) + x[1] * (b1 & 15) + x[2] * (b0 >> 4) + x[3] * (b1 >> 4);
+        }
+      }
+      for (int64_t r = 0; r < kTile; ++r) acc[r] += static_cast<float>(sum[r]) * scale[g * kTile + r];
+    }
+    for (int64_t r = 0; r < kTile; ++r) acc[r] -= scale[g * kTile + r] * zero[g * kTile + r] * gsum[g];
+  }
+  for (int64_t r = 0; r < kTile; ++r) out[r] = acc[r] * step;
+}
+
+}  // namespace
+
+// x @ W.T as int4_gemv computes it, on the tiled layout above: w_tiled uint8 [N / 16, 8 K], scale and zero
+// float32 [N / 16, G, 16] (G = K / group), group a multiple of 4.
+at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const at::Tensor& scale,
+                           const at::Tensor& zero, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int4_gemv_tiled takes float32 activations, got ", x.scalar_type());
+  TORCH_CHECK(w_tiled.scalar_type() == at::kByte && w_tiled.dim() == 2 && w_tiled.is_contiguous() &&
+                  w_tiled.size(1) % 32 == 0,
+              "int4_gemv_tiled takes a contiguous uint8 tiled weight [N / 16, 8 K]");
+  const int64_t tiles = w_tiled.size(0), n = tiles * kTile, k = w_tiled.size(1) / 8;
+  TORCH_CHECK(x.size(-1) == k, "int4_gemv_tiled: x has K=", x.size(-1), ", the tiled weight ", k);
+  TORCH_CHECK(group >= 4 && group % 4 == 0 && k % group == 0, "int4_gemv_tiled: group ", group, " does not fit K=", k);
+  const int64_t groups = k / group;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat &&
+                  scale.numel() == n * groups && zero.numel() == n * groups,
+              "int4_gemv_tiled: scale and zero must be float32 [N / 16, K / group, 16]");
+  const auto x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0);
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> step(m), gsum(m * groups);
+  const float* xp = x2.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {  // int16 fixed point with 32767 levels, as int4_gemv rounds
+    const float* row = xp + i * k;
+    float absmax = 0.f;
+    for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(row[c]));
+    step[i] = absmax > 0.f ? absmax / 32767.f : 1.f;
+    const float inv = 1.f / step[i];
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+        xq[i * k + c] = static_cast<int16_t>(std::nearbyint(row[c] * inv));
+        sum += xq[i * k + c];
+      }
+      gsum[i * groups + g] = static_cast<float>(sum);
+    }
+  }
+  auto out = at::empty({m, n}, x.options());
+  const uint8_t* wp = w_tiled.data_ptr<uint8_t>();
+  const auto sc = scale.contiguous(), zc = zero.contiguous();
+  const float* sp = sc.data_ptr<float>();
+  const float* zp = zc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytes / (8 * k)), [&](int64_t begin, int64_t end) {
+    int64_t t = begin;
+#if defined(__AVX512BW__)
+    for (; t + 2 <= end; t += 2) {  // two tiles per pass over the activations
+      for (int64_t i = 0; i < m; ++i) {
+        tiles_u4s16<2>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k, sp + t * groups * kTile,
+                       zp + t * groups * kTile, groups, group, step[i], op + i * n + t * kTile);
+      }
+    }
+    for (; t < end; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        tiles_u4s16<1>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k, sp + t * groups * kTile,
+                       zp + t * groups * kTile, groups, group, step[i], op + i * n + t * kTile);
+      }
+    }
+#endif
+    for (; t < end; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        tile_u4s16_generic(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, sp + t * groups * kTile,
+                           zp + t * groups * kTile, groups, group, step[i], op + i * n + t * kTile);
+      }
+    }
+  });
+  return out.reshape(out_sizes(x, n));
+}
+
 // How many threads the kernels' at::parallel_for runs on for `tasks` tasks of one item each: a check that
 // the build has OpenMP (without it parallel_for is a plain loop on the calling thread).
 int64_t gemv_threads(int64_t tasks) {
@@ -324,15 +502,30 @@ int64_t gemv_threads(int64_t tasks) {
   return std::unique(used.begin(), used.end()) - used.begin();
 }
 
+// Which vector code this build of the kernels runs: "avx512-vnni", "avx512" or "generic" (the loops as the
+// compiler vectorizes them for -march=native); the lowering takes the tiled int4 layout only with AVX-512.
+std::string gemv_isa() {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return "avx512-vnni";
+#elif defined(__AVX512BW__)
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(qcompiler, m) {
   m.def("int8_gemv(Tensor x_q, int x_zero_point, Tensor w_q, Tensor w_rowsum, Tensor w_scale) -> Tensor");
   m.def("int8_weight_gemv(Tensor x, Tensor w_q, Tensor w_scale) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w_packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
+  m.def("int4_gemv_tiled(Tensor x, Tensor w_tiled, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("gemv_threads(int tasks) -> int", &gemv_threads);
+  m.def("gemv_isa() -> str", &gemv_isa);
 }
 
 TORCH_LIBRARY_IMPL(qcompiler, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_weight_gemv", &int8_weight_gemv);
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_gemv_tiled", &int4_gemv_tiled);
 }

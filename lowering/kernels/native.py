@@ -2,8 +2,9 @@
 first use for this machine.
 
 ``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
-``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights) and ``qcompiler::int4_gemv``
-(float32 activations x packed 4-bit weights with group scales and zeros), ``qcompiler::decode_attention``
+``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights), ``qcompiler::int4_gemv``
+(float32 activations x packed 4-bit weights with group scales and zeros) and ``qcompiler::int4_gemv_tiled`` (the
+same on weights in tiles of 16 rows, for AVX-512), ``qcompiler::decode_attention``
 (one query position over the filled part of a static KV cache) and ``qcompiler::kron_hadamard`` (a rotated
 model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops: a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp"))
-OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "gemv_threads", "decode_attention", "kron_hadamard")
+OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "int4_gemv_tiled", "gemv_threads", "gemv_isa", "decode_attention",
+       "kron_hadamard")
 
 
 def _machine_tag() -> str:
@@ -71,6 +73,10 @@ def _register_fakes() -> None:
     def _(x, w_packed, scale, zero, group_size):
         return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
+    @torch.library.register_fake("qcompiler::int4_gemv_tiled")
+    def _(x, w_tiled, scale, zero, group_size):
+        return x.new_empty((*x.shape[:-1], w_tiled.shape[0] * 16))
+
     @torch.library.register_fake("qcompiler::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
@@ -78,6 +84,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qcompiler::kron_hadamard")
     def _(x, a, b):
         return x.new_empty(x.shape)
+
+
+def isa() -> str | None:
+    """The vector code the built kernels run ("avx512-vnni", "avx512" or "generic"), None where they are not built."""
+    return None if _build() is not None else str(torch.ops.qcompiler.gemv_isa())
 
 
 def unavailable_reason() -> str | None:

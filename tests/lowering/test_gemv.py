@@ -75,6 +75,39 @@ def test_int4_gemv_matches_the_reference(m, n, k, group):
     assert (out - expected).abs().max() < 0.01 * (x.double().abs().amax() * w.abs().sum(1).max() * 2**-9)
 
 
+@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 32, 576, 32), (2, 48, 576, 64), (8, 64, 256, 256),
+                                         (1, 64, 1536, 128), (2, 16, 2048, 2048), (1, 32, 36, 12)])
+def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k, group):
+    # the same fixed-point arithmetic (int16 activations with 32767 levels, exact integer sums, one float
+    # multiply-add per group or per 256 channels): equal to the row kernel up to float32 summation order;
+    # groups wider than 256 channels (2048) and a group of 3 steps of 4 (12) take the flush and odd-step paths
+    gen = torch.Generator().manual_seed(k + group + n)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    tiled, scale_t, zero_t = reference.pack_int4_tiled(q, scale, zero)
+    out = torch.ops.qcompiler.int4_gemv_tiled(x, tiled, scale_t, zero_t, group).double()
+    w = (q.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    expected = x.double() @ w.t()
+    step = x.abs().amax(1, keepdim=True).double() / 32767
+    bound = 0.5 * step * w.abs().sum(1) + 1e-6 * (x.double().abs() @ w.abs().t())
+    assert ((out - expected).abs() <= bound).all()
+    rows = torch.ops.qcompiler.int4_gemv(x, reference.pack_int4(q), scale, zero, group).double()
+    torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_the_tiled_int4_layout_is_checked():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        reference.pack_int4_tiled(torch.zeros(8, 64, dtype=torch.long), torch.ones(8, 2), torch.zeros(8, 2))
+    tiled, scale, zero = reference.pack_int4_tiled(torch.zeros(16, 64, dtype=torch.long), torch.ones(16, 2),
+                                                   torch.zeros(16, 2))
+    with pytest.raises(RuntimeError, match="group 6 does not fit"):
+        torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 64), tiled, scale, zero, 6)
+    with pytest.raises(RuntimeError, match="x has K=32"):
+        torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 32), tiled, scale, zero, 32)
+
+
 def test_a_decode_shaped_graph_runs_the_gemv_and_matches_the_reference():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 1))  # one fixed row: the decode step's shape

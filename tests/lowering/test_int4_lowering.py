@@ -152,7 +152,7 @@ def test_the_lowered_graph_holds_only_the_packed_weights():
     # no int8 copy of a 4-bit weight stays behind beside the packed one
     assert not [n for n in buffers if n.endswith(("_w_q", "_w_scale", "_w_zero_point"))]
     # a fixed row count (1 x 8 tokens): the int4 GEMV, whose q/k/v and gate/up weights fuse_gemv stacks
-    packed = [n for n in buffers if n.endswith(("_w4_cpu", "_w4")) or n.endswith("_int4_gemv_1")]
+    packed = [n for n in buffers if n.endswith(("_w4_cpu", "_w4", "_w4t")) or n.endswith(("_int4_gemv_1", "_tiled_1"))]
     assert all(buffers[n].dtype == torch.uint8 for n in packed)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
     assert sum(buffers[n].numel() for n in packed) == sum(m.weight.numel() // 2 for m in layers)

@@ -81,6 +81,19 @@ def test_rows_gathered_from_nibbles_are_the_reference_kernels_weights(problem):
     torch.testing.assert_close(got[0], kernel[ids[0]], rtol=1e-6, atol=1e-6)
 
 
+@given(tables())
+@settings(max_examples=20, deadline=None)
+def test_rows_gathered_from_the_tiled_gemv_layout_are_the_reference_kernels_weights(problem):
+    codes, scale, zero, group = problem  # rows: whole tiles of 16
+    rows, dim = codes.shape
+    tiled, scale_t, zero_t = reference.pack_int4_tiled(codes, scale, zero)
+    assert torch.equal(reference.unpack_int4_tiled(tiled), codes.to(torch.uint8))
+    ids = torch.tensor([[0, rows - 1, 3 % rows], [rows // 2, 1 % rows, 0]])
+    got = embedding.rows_from_tiled(ids, tiled, scale_t, zero_t, group=group, dim=dim, dtype=torch.float32)
+    kernel = reference.int4_gemm(torch.eye(dim), reference.pack_int4(codes), scale, zero, group).t()
+    torch.testing.assert_close(got, kernel[ids], rtol=1e-6, atol=1e-6)
+
+
 def _stories():
     model = models.load_model("stories260k").model
     assert model.model.embed_tokens.weight is model.lm_head.weight
