@@ -236,7 +236,8 @@ def run_eval(args, model: str, recipe: str, text: str | None, kernels: str) -> i
         stats = _calibrate(loaded, resolved, args.calib_text, args.samples, args.seq_len)
         calibration_seconds = stats.info["seconds"]
     options = BackendOptions(recipe=resolved, kernels=kernels, stats=stats,
-                             other_weights=getattr(args, "other_weights", False))
+                             other_weights=getattr(args, "other_weights", False),
+                             compiler=getattr(args, "compiler", "inductor"))
     cfg = evaluate.EvalConfig(tokens=args.tokens, window=window, speed=not args.no_speed,
                               speed_repeats=args.repeats, inductor_baseline=args.inductor_baseline)
     result = evaluate.evaluate(loaded, options, text_path, cfg)

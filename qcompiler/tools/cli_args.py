@@ -32,6 +32,9 @@ def _add_eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
         p.add_argument("--recipe", default="w8a8-dynamic", help=RECIPE_HELP)
         p.add_argument("--text", default=None, help="evaluation text (default: <data>/wikitext-2-raw/wiki.test.raw)")
         p.add_argument("--kernels", default="fast", choices=["fast", "reference"])
+        p.add_argument("--compiler", default="inductor", choices=["inductor", "eager"],
+                       help="what runs the quantized graph: inductor (default) or eager (op by op, no Inductor "
+                            "compile: quicker to start for accuracy runs; its timings are not qcompiler's speed)")
         p.add_argument("--stats", default=None,
                        help="calibration folder for static recipes (default: calibrate now on --calib-text)")
         add_other_weights(p)

@@ -71,13 +71,14 @@ class EvalResult:
     layers: dict = field(default_factory=dict)
     pass_seconds: float = 0.0  # qcompiler's passes (Inductor's own compile time not included)
     calibration: dict = field(default_factory=dict)  # info of the calibration statistics used, if any
+    compiler: str = "inductor"  # what ran the quantized graph (BackendOptions.compiler)
 
     def to_json(self) -> dict:
         return {
             "model": self.model, "recipe": self.recipe, "text": self.text, "convention": self.convention,
             "float": self.float, "quantized": self.quantized, "speed": self.speed,
             "weight_bytes": self.weight_bytes, "layers": self.layers, "pass_seconds": self.pass_seconds,
-            "calibration": self.calibration,
+            "calibration": self.calibration, "compiler": self.compiler,
         }
 
 
@@ -295,7 +296,7 @@ def evaluate(loaded: LoadedModel, options: BackendOptions, text: Path, cfg: Eval
     layers = {d.module: d for r in reports for d in r.layers}
     result = EvalResult(
         model=loaded.name, recipe=options.recipe.name, text=str(text), convention=convention,
-        float=float_m, quantized=quant_m, speed=speed,
+        float=float_m, quantized=quant_m, speed=speed, compiler=options.compiler,
     )
     result.weight_bytes = {
         "float": model_weight_bytes(loaded.model),

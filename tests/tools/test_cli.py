@@ -27,6 +27,25 @@ def test_help_lists_the_commands(capsys):
     assert all(command in out for command in ("eval", "demo", "calibrate"))
 
 
+def test_eval_runs_the_quantized_graph_eagerly_when_asked(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    called = []
+    real = torch._inductor.compile_fx.compile_fx
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", lambda *a, **k: called.append(1) or real(*a, **k))
+    scoring = ["--tokens", "256", "--window", "64", "--no-speed"]
+    out = {}
+    for compiler in ("eager", "inductor"):
+        called.clear()
+        assert cli.main(["eval", "--model", "stories260k", "--recipe", "w8a8-dynamic", "--compiler", compiler]
+                        + scoring + ["--json", str(tmp_path / f"{compiler}.json")]) == 0
+        out[compiler] = json.loads((tmp_path / f"{compiler}.json").read_text())
+        assert out[compiler]["compiler"] == compiler and bool(called) == (compiler == "inductor")
+    assert abs(out["eager"]["quantized"]["perplexity"] / out["inductor"]["quantized"]["perplexity"] - 1) < 1e-3
+
+
 def test_static_eval_calibrates_on_the_fly_like_calibrate_then_eval_with_stats(tmp_path, capsys):
     import json
     import math
