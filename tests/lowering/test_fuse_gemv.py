@@ -8,7 +8,7 @@ import torch.fx as fx
 from graphs import decode_step, tiny_llama
 
 from qcompiler.lowering.fuse_gemv import fuse_gemv
-from qcompiler.lowering.kernels import native
+from qcompiler.lowering.kernels import native, reference
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
                                 reason=f"no C++ toolchain here: {native.unavailable_reason()}")
@@ -95,6 +95,35 @@ def test_int4_layers_are_stacked_too():
     gm = fx.symbolic_trace(_Int4Layers())
     x = torch.randn(1, 64)
     expected = gm(x)
+    result = fuse_gemv(gm)
+    assert result.counts == {"stacked_gemv_calls": 1, "gemv_calls_stacked": 2}
+    assert all(torch.equal(g, e) for g, e in zip(gm(x), expected, strict=True))
+
+
+class _TiledInt4Layers(torch.nn.Module):
+    def __init__(self, widths=(32, 16), k=64, group=32) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.group = group
+        for i, n in enumerate(widths):
+            q = torch.randint(0, 16, (n, k), generator=gen)
+            tiled, scale, zero = reference.pack_int4_tiled(q, torch.rand(n, k // group, generator=gen) * 0.1,
+                                                           torch.randint(0, 16, (n, k // group), generator=gen).float())
+            for name, t in (("p", tiled), ("s", scale), ("z", zero)):
+                self.register_buffer(f"{name}{i}", t)
+
+    def forward(self, x):
+        return tuple(torch.ops.qcompiler.int4_gemv_tiled(x, getattr(self, f"p{i}"), getattr(self, f"s{i}"),
+                                                         getattr(self, f"z{i}"), self.group) for i in range(2))
+
+
+def test_tiled_int4_layers_are_stacked_by_whole_tiles():
+    # a buffer's first dimension counts tiles of 16 output channels: each layer's slice of the stacked
+    # output is 16 x its tiles wide
+    gm = fx.symbolic_trace(_TiledInt4Layers())
+    x = torch.randn(1, 64)
+    expected = gm(x)
+    assert [e.shape[-1] for e in expected] == [32, 16]
     result = fuse_gemv(gm)
     assert result.counts == {"stacked_gemv_calls": 1, "gemv_calls_stacked": 2}
     assert all(torch.equal(g, e) for g, e in zip(gm(x), expected, strict=True))
