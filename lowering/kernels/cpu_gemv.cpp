@@ -321,8 +321,9 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
 // scales are applied to 16 rows with one multiply-add (the row layout above spends a convert, a multiply-
 // add and a horizontal sum per row and group). Tile t's bytes: for each step s of 4 channels (k = 4 s), for
 // each row r, b0 = q[r, k] | q[r, k + 2] << 4 and b1 = q[r, k + 1] | q[r, k + 3] << 4. scale and zero are
-// [N / 16, G, 16] (a group's 16 values contiguous). The same arithmetic as int4_gemv (int16 fixed-point
-// activations, exact integer sums, flushed to float at most every 256 channels within a group).
+// [N / 16, G, 16] (a group's 16 values contiguous). The arithmetic of int4_gemv (int16 fixed-point
+// activations, exact integer sums), with the sums flushed to float at most every 256 channels within a group,
+// so the activations keep 32767 levels at any group width (int4_gemv takes fewer above 4,369 channels).
 namespace {
 
 constexpr int64_t kTile = 16;
@@ -335,9 +336,7 @@ inline __m512i broadcast_pair(const int16_t* x) { return _mm512_broadcastd_epi32
 inline __m512i load_widened(const uint8_t* p) {
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-#endif
 
-#if defined(__AVX512BW__)
 // TILES consecutive tiles' outputs (16 each) for one row of activations (xq: int16 [K], gsum: float [G]); the
 // tiles share the activations' broadcasts, and 4 x TILES independent sums keep vpdpwssd's latency hidden.
 template <int TILES>
