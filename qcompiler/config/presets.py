@@ -125,9 +125,10 @@ LM_HEAD_INT8 = LayerOverride("lm_head", weight=WeightScheme(bits=8, granularity=
 
 def with_int8_lm_head(recipe: Recipe) -> Recipe:
     """``recipe`` with its LM head quantized as :data:`LM_HEAD_INT8` instead of kept float. Recipes that
-    quantize the head already, that do not skip it, or whose rounding (HQQ) needs asymmetric weights
-    everywhere are returned as they are."""
-    if "lm_head" not in recipe.skip or isinstance(recipe.rounding, HQQ):
+    quantize the head already, that do not skip it, whose rounding (HQQ) needs asymmetric weights
+    everywhere, or whose rounding (GPTQ, AWQ) comes from calibration statistics (they are keyed to the
+    recipe's skip list and hold no rounding of the head) are returned as they are."""
+    if "lm_head" not in recipe.skip or isinstance(recipe.rounding, HQQ) or recipe.data_driven_rounding:
         return recipe
     if any(o.pattern == "lm_head" for o in recipe.overrides):
         return recipe

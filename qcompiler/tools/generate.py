@@ -103,7 +103,8 @@ def compile(model: torch.nn.Module, recipe=None, *, stats=None, artifact=None, k
     1024); a prompt plus its new tokens must fit in it. ``lm_head``: "int8" (default) quantizes the LM
     head of a recipe that keeps it float to int8 weights per channel, float activations
     (:func:`qcompiler.config.with_int8_lm_head`: lossless on SmolLM2, a quarter of the bytes of the
-    largest layer of a decode step); "recipe" leaves the recipe as it is. An artifact is used as saved."""
+    largest layer of a decode step; GPTQ/AWQ/HQQ recipes keep theirs); "recipe" leaves the recipe as it
+    is. An artifact is used as saved."""
     if artifact is not None and (recipe is not None or stats is not None):
         raise ConfigError("an artifact brings its own recipe and statistics: do not pass recipe or stats with it")
     if lm_head not in ("int8", "recipe"):

@@ -57,6 +57,23 @@ def test_lm_head_recipe_leaves_the_recipe_as_it_is(stories):
         qcompiler.compile(stories.model, "w8a8-dynamic", lm_head="int4")
 
 
+def test_a_calibrated_gptq_recipe_generates_with_its_statistics(stories):
+    # GPTQ's statistics are keyed to the recipe's skip list: its LM head stays as the recipe has it (float)
+    # rather than being switched to int8, which would make the statistics another recipe's
+    from qcompiler.calibration.calibrate import text_batches
+
+    batches = text_batches(stories.tokenizer, models.default_calibration_text(), 4, 32, add_bos=stories.add_bos)
+    stats = qcompiler.calibrate(stories.model, batches, "w4a16-gptq")
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    quantized = qcompiler.compile(stories.model, "w4a16-gptq", stats=stats, max_cache_len=32)
+    with torch.inference_mode():
+        out = quantized.generate(_prompt(stories), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == _prompt(stories).shape[1] + 4
+    decisions = {d.module: d for d in qcompiler.last_report().layers}
+    assert not decisions["lm_head"].quantized and decisions["model.layers.0.self_attn.q_proj"].quantized
+
+
 def test_greedy_tokens_of_the_fast_kernels_are_the_reference_kernels_tokens(stories):
     ids = _prompt(stories)
     tokens = {}
