@@ -135,6 +135,13 @@ inline int32_t dot_u4s16(const int16_t* __restrict a_lo, const int16_t* __restri
   return acc;
 }
 
+// The fixed-point step of one row of activations: its largest magnitude over qmax levels (1 for a zero row)
+inline float fixed_point_step(const float* row, int64_t k, float qmax) {
+  float absmax = 0.f;
+  for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(row[c]));
+  return absmax > 0.f ? absmax / qmax : 1.f;
+}
+
 std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
   auto sizes = x.sizes().vec();
   sizes.back() = n;
@@ -192,9 +199,7 @@ at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at
   std::vector<float> xs(m);
   const float* xp = x2.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {
-    float absmax = 0.f;
-    for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(xp[i * k + c]));
-    xs[i] = absmax > 0.f ? absmax / qmax : 1.f;
+    xs[i] = fixed_point_step(xp + i * k, k, qmax);
     for (int64_t c = 0; c < k; ++c) xq[i * k + c] = static_cast<int16_t>(std::nearbyint(xp[i * k + c] / xs[i]));
   }
   auto out = at::empty({m, n}, x.options());
@@ -241,9 +246,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::
   const float* xp = x2.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {
     const float* row = xp + i * k;
-    float absmax = 0.f;
-    for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(row[c]));
-    step[i] = absmax > 0.f ? absmax / qmax : 1.f;
+    step[i] = fixed_point_step(row, k, qmax);
     const float inv = 1.f / step[i];
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;
@@ -445,9 +448,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
   const float* xp = x2.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {  // int16 fixed point with 32767 levels, as int4_gemv rounds
     const float* row = xp + i * k;
-    float absmax = 0.f;
-    for (int64_t c = 0; c < k; ++c) absmax = std::max(absmax, std::fabs(row[c]));
-    step[i] = absmax > 0.f ? absmax / 32767.f : 1.f;
+    step[i] = fixed_point_step(row, k, 32767.f);
     const float inv = 1.f / step[i];
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;

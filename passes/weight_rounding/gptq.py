@@ -47,17 +47,16 @@ def group_qparams(w_groups: torch.Tensor, channel_weight: torch.Tensor, scheme: 
     """Scale and integer zero point per group of ``w_groups [N, G, g]``: min-max, or with ``config.clip_grid``
     the range shrunk by the ratio (1.0 down to ``config.min_clip``) whose rounding error, weighted by
     ``channel_weight [G, g]`` (the Hessian's diagonal: each input channel's mean squared value), is smallest."""
-    best_scale, best_zero = minmax_qparams(w_groups, scheme, float_zero=False)
     if config.clip_grid == 0:
-        return best_scale, best_zero
-    best_err = None
+        return minmax_qparams(w_groups, scheme, float_zero=False)
+    best_scale = best_zero = best_err = None
     for i in range(config.clip_grid + 1):
         ratio = 1.0 - (1.0 - config.min_clip) * i / config.clip_grid
         scale, zero = minmax_qparams(w_groups, scheme, ratio, float_zero=False)
         delta = dequantize_groups(quantize_groups(w_groups, scale, zero, scheme), scale, zero, scheme) - w_groups
         err = (delta.square() * channel_weight).sum(-1)
-        if best_err is None:
-            best_err = err
+        if best_err is None:  # ratio 1.0: min-max
+            best_scale, best_zero, best_err = scale, zero, err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
