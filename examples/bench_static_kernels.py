@@ -41,9 +41,6 @@ def main():
             w_scale, _ = primitives.choose_qparams_math(w, primitives.per_channel(2), -127, 127, True)
             w_q = primitives.quantize_math(w, w_scale, None, primitives.per_channel(2), -127, 127, torch.int8)
             w_scale = w_scale.reshape(n)
-            if cpu.saturates():
-                from qcompiler.passes.weight_rounding import limit_pair_sums
-                w_q, _ = limit_pair_sums(w_q, cpu.PAIR_LIMIT)
             scale, zp = primitives.qparams_from_range(x.min(), x.max(), 0, 255, False)
             s, z = float(scale), int(zp)
             x_q = primitives.quantize_math(x, scale, zp, primitives.per_tensor(2), 0, 255, torch.uint8)

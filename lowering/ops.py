@@ -304,9 +304,3 @@ def kernel_for(device: torch.device, weight_bits: int = 8, why_not_fast: str | N
         return "Triton int8 GEMM (int32 tensor-core accumulation; scales, bias and output dtype in its epilogue)"
     return f"reference int8 GEMM on {device.type} (no {device.type} kernel)"
 
-
-def int8_pair_limit(device: torch.device) -> int | None:
-    """The weight-pair limit the int8 kernel of ``device`` needs, if its int16 sums saturate."""
-    if device.type == "cpu" and cpu.available() and cpu.saturates():
-        return cpu.PAIR_LIMIT
-    return None

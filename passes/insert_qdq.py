@@ -134,7 +134,7 @@ def _check_stats_cover(gm: fx.GraphModule, recipe_name: str, stats: Mapping | No
         )
 
 
-def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_name: str, rounded, cache, limit):
+def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_name: str, rounded, cache):
     """``(QuantizedWeight, AWQ input scale or None, note)`` by the rounding method."""
     if isinstance(rounding, HQQ) and not scheme.weight.symmetric:  # symmetric layers: no zero point to fit
         qw = cache.get(owner, ("hqq", scheme.weight, rounding) + weight_key,
@@ -147,8 +147,7 @@ def _rounded_weight(site, scheme, weight, owner, weight_key, rounding, recipe_na
                              f"({recipe_name!r}) and pass those statistics.")
         entry = rounded[site.module]
         return entry.weight, entry.input_scale, f"{entry.method.upper()} {entry.note}".strip()
-    qw = cache.get(owner, ("rtn", scheme.weight, limit) + weight_key,
-                   lambda: round_to_nearest(weight.detach(), scheme.weight, pair_limit=limit))
+    qw = cache.get(owner, ("rtn", scheme.weight) + weight_key, lambda: round_to_nearest(weight.detach(), scheme.weight))
     return qw, None, ""
 
 
@@ -208,14 +207,12 @@ def insert_qdq(
     gm: fx.GraphModule,
     rounding: GPTQ | AWQ | HQQ | None = None,
     recipe_name: str = "",
-    int8_pair_limit: int | None = None,
     cache: WeightCache = WEIGHTS,
     ranges: Mapping | None = None,
     rounded: Mapping | None = None,
 ) -> PassResult:
     """Quantize every linear the plan quantizes. ``rounding``: the recipe's rounding method (None: round
-    to nearest). ``int8_pair_limit``: constrain symmetric int8 weights for kernels whose int16 pair sums
-    saturate. ``ranges``: calibrated statistics of the linears' inputs by module (``ActivationRanges``),
+    to nearest). ``ranges``: calibrated statistics of the linears' inputs by module (``ActivationRanges``),
     required for static layers. ``rounded``: GPTQ/AWQ weights by module (``CalibrationStats.weights``)."""
     _check_stats_cover(gm, recipe_name, ranges)
     decisions = []
@@ -231,16 +228,13 @@ def insert_qdq(
             reason = "no plan for this layer" if plan is None else plan.reason
             decision = _float_decision(site, plan, weight, float_bytes, reason)
         else:
-            limit = int8_pair_limit if (scheme.weight.bits == 8 and scheme.weight.symmetric) else None
             qw, input_scale, rounding_note = _rounded_weight(site, scheme, weight, owner, weight_key, rounding,
-                                                             recipe_name, rounded, cache, limit)
+                                                             recipe_name, rounded, cache)
             node.meta[QLINEAR] = _quantize_node(gm, node, scheme, qw, input_scale, ranges)
             float_side = node.meta.get(FLOAT_SIDE_BYTES, 0)
             stored = qw.nbytes  # the stored form's bytes (read from the tensors once)
-            limited = (f"{qw.pairs_limited} int8 weight pairs limited for saturating int16 kernels"
-                       if qw.pairs_limited else "")
             side = f"{float_side} bytes of outlier columns kept in float" if float_side else ""
-            note = "; ".join(filter(None, [rounding_note, plan.reason, limited, side]))
+            note = "; ".join(filter(None, [rounding_note, plan.reason, side]))
             decision = LayerDecision(site.module, True, site.weight_param, scheme.describe(), reason=note,
                                      bits_per_weight=8.0 * stored / qw.q.numel(), weight_bytes=stored + float_side,
                                      float_weight_bytes=float_bytes)

@@ -41,7 +41,7 @@ import torch.fx as fx
 from qcompiler.config import AWQ, Recipe
 from qcompiler.core.errors import QCompilerError, StatsError
 from qcompiler.core.ir import PLAN, PassResult
-from qcompiler.lowering import attention, fuse, fuse_gemv, hadamard, ops
+from qcompiler.lowering import attention, fuse, fuse_gemv, hadamard
 from qcompiler.passes.attach_stats import attach_stats
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.gqa_attention import gqa_attention
@@ -155,8 +155,7 @@ def build(recipe: Recipe, device: torch.device, *, stats=None, artifact=None, ke
         steps.append(Step("fold_awq", lambda gm: fold_awq_scales(gm, rounded), requires=("plan",)))
     steps.append(Step(
         "insert_qdq",
-        lambda gm: insert_qdq(gm, recipe.rounding, recipe.name, int8_pair_limit=ops.int8_pair_limit(device),
-                              ranges=ranges, rounded=rounded),
+        lambda gm: insert_qdq(gm, recipe.rounding, recipe.name, ranges=ranges, rounded=rounded),
         requires=("plan",),
     ))
     if recipe.embedding is not None:

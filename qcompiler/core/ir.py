@@ -317,7 +317,6 @@ class QuantizedWeight:
     block_size: tuple[int, ...]
     bits: int
     symmetric: bool
-    pairs_limited: int = 0  # how many (2j, 2j+1) pairs were shrunk for saturating int16 kernels
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return primitives.dequantize_math(self.q, self.scale, self.zero_point, self.block_size, dtype)

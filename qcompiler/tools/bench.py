@@ -96,11 +96,6 @@ def _int8_weight(n: int, k: int, device: torch.device, gen: torch.Generator):
     w_scale, _ = primitives.choose_qparams_math(w, block, -127, 127, True)  # [N, 1]
     w_q = primitives.quantize_math(w, w_scale, None, block, -127, 127, torch.int8)
     w_scale = w_scale.reshape(n)
-    limit = ops.int8_pair_limit(device)
-    if limit is not None:
-        from qcompiler.passes.weight_rounding import limit_pair_sums
-
-        w_q, _ = limit_pair_sums(w_q, limit)
     return w_q.to(device), w_scale.to(device)
 
 

@@ -1,12 +1,13 @@
+from unittest import mock
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import int8_gemm_problems
 
 from qcompiler.lowering import ops
 from qcompiler.lowering.kernels import cpu, reference
-from qcompiler.passes.weight_rounding import limit_pair_sums
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="FBGEMM is not available on this CPU")
 
@@ -18,8 +19,6 @@ def exact_int8_gemm(x, w, scale):
 @given(int8_gemm_problems())
 def test_cpu_int8_gemm_equals_the_integer_reference(problem):
     x, w, scale = problem
-    if cpu.saturates():
-        w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     handle = cpu.register_weight(w, scale)
     out = torch.ops.qcompiler.int8_gemm(x, 0, w, scale, handle)
     expected = exact_int8_gemm(x, w, scale)
@@ -31,8 +30,6 @@ def test_cpu_int8_gemm_equals_the_integer_reference(problem):
 def test_cpu_uint8_gemm_with_zero_point_equals_the_integer_reference(problem, zero_point):
     x, w, scale = problem
     x_u8 = (x.to(torch.int16) + 128).to(torch.uint8)
-    if cpu.saturates():
-        w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     out = torch.ops.qcompiler.int8_gemm(x_u8, zero_point, w, scale, cpu.register_weight(w, scale))
     expected = ((x_u8.to(torch.int64) - zero_point) @ w.to(torch.int64).t()).to(torch.float32) * scale
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
@@ -43,8 +40,6 @@ def test_cpu_uint8_gemm_with_zero_point_equals_the_integer_reference(problem, ze
 def test_both_row_regimes_agree_and_keep_leading_dims(m):
     x = torch.randint(-127, 128, (2, m, 40), dtype=torch.int8)
     w = torch.randint(-127, 128, (24, 40), dtype=torch.int8)
-    if cpu.saturates():
-        w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     scale = torch.rand(24) + 0.01
     out = torch.ops.qcompiler.int8_gemm(x, 0, w, scale, cpu.register_weight(w, scale))
     assert out.shape == (2, m, 24)
@@ -76,8 +71,6 @@ def test_int8_gemm_checks_its_inputs():
 def test_int8_gemm_opcheck():
     x = torch.randint(-127, 128, (3, 16), dtype=torch.int8)
     w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
-    if cpu.saturates():
-        w, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
     torch.library.opcheck(ops.int8_gemm, (x, 0, w, torch.rand(8) + 0.1, cpu.register_weight(w, torch.ones(8))))
 
 
@@ -96,7 +89,7 @@ def _saturating_pair_gemm(x_u8: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_pair_limited_weights_never_saturate_int16_pair_sums(problem):
     x, w, _ = problem
     x_u8 = x.to(torch.int64) + 128  # FBGEMM's view of our activations (zero point 128)
-    limited, _ = limit_pair_sums(w, cpu.PAIR_LIMIT)
+    limited, _ = cpu.limit_pair_sums(w, cpu.PAIR_LIMIT)
     exact = x_u8 @ limited.to(torch.int64).t()
     assert torch.equal(_saturating_pair_gemm(x_u8, limited), exact)
 
@@ -109,17 +102,37 @@ def test_full_range_weights_do_saturate_in_the_simulation():
 
 def test_pair_limit_changes_only_pairs_over_the_limit():
     w = torch.tensor([[127, 127, 10, -20, -100, 60, 5]], dtype=torch.int8)
-    limited, changed = limit_pair_sums(w, 128)
+    limited, changed = cpu.limit_pair_sums(w, 128)
     assert changed == 2
     assert limited.tolist() == [[64, 64, 10, -20, -84, 44, 5]]
     assert (limited[:, :6].abs().reshape(-1, 2).sum(-1) <= 128).all()
 
 
 def test_probe_reports_saturation_consistently_with_the_cpu():
-    # CPUs with VNNI/AMX accumulate in int32 and must not need the limit.
+    # CPUs with VNNI/AMX accumulate in int32 and must not need the split packing.
     if cpu.has_int8_dot():
         assert not cpu.saturates()
-    assert ops.int8_pair_limit(torch.device("cpu")) == (cpu.PAIR_LIMIT if cpu.saturates() else None)
+
+
+@given(int8_gemm_problems(), st.integers(0, 255))
+def test_the_split_packing_of_saturating_cpus_equals_the_integer_reference(problem, zero_point):
+    # full-range weights packed as on a CPU whose int16 pair sums saturate: FBGEMM's pair-limited part plus
+    # the excess in float give the exact product (on this CPU too, whether it saturates or not)
+    x, w, scale = problem
+    assume(w.shape[1] >= 2)
+    w = w.clone()
+    w[:, :2] = 127  # at least one pair over the limit
+    with mock.patch.object(cpu, "saturates", lambda: True):
+        packed = cpu._pack(w, scale)
+    assert packed.excess is not None
+    limited, _ = cpu.limit_pair_sums(w, cpu.PAIR_LIMIT)
+    assert torch.equal(packed.excess.to_dense(), w.float() - limited.float())  # what the limit took off
+    x_u8 = (x.to(torch.int16) + 128).to(torch.uint8)
+    out = cpu._fbgemm_gemm(x_u8, zero_point, packed)
+    x_in = x_u8.to(torch.int64) - zero_point
+    expected = (x_in @ w.to(torch.int64).t()).to(torch.float64) * scale.double()
+    size = (x_in.abs() @ w.to(torch.int64).abs().t()).to(torch.float64) * scale.double()
+    assert ((out.double() - expected).abs() <= 1e-6 * size + 1e-6 * expected.abs()).all()
 
 
 needs_onednn = pytest.mark.skipif(not cpu.use_onednn(), reason="the oneDNN int8 path needs AVX512-VNNI or AMX")
