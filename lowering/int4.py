@@ -61,10 +61,11 @@ def _choose_int4(layer: Layer) -> tuple[str, str]:
 
 
 def _tiled(layer: Layer) -> bool:
-    """Whether the decode GEMV of ``layer`` takes the tiled layout (``qcompiler::int4_gemv_tiled``: 16 rows per
-    vector register; on AVX-512 only, where it is faster than the row layout's kernel)."""
+    """Whether the decode GEMV of ``layer`` takes the tiled layout (``qcompiler::int4_gemv_tiled``: 16 rows in
+    one AVX-512 register or two AVX2 ones; on builds with either, where it is faster than the row layout's
+    kernel; a "generic" build keeps the rows)."""
     return (layer.n % reference.INT4_TILE == 0 and layer.k % 4 == 0 and layer.group % 4 == 0
-            and (native.isa() or "").startswith("avx512"))
+            and native.isa() not in (None, "generic"))
 
 
 def _prepare_int4(gm: fx.GraphModule, spec: QLinearSpec, layer: Layer) -> Prepared | str:

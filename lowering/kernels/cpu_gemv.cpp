@@ -10,7 +10,7 @@
 // with explicit VNNI intrinsics reached half the bandwidth of these loops on a Zen 4).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -398,6 +398,77 @@ inline void tiles_u4s16(const int16_t* __restrict xq, const float* __restrict gs
 }
 #endif
 
+#if !defined(__AVX512BW__) && defined(__AVX2__)
+// sum += a * b in int32 pairs on 256-bit registers: vpdpwssd where the CPU has AVX-VNNI, else vpmaddwd + vpaddd
+inline __m256i madd_acc256(__m256i sum, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(sum, a, b);
+#else
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(a, b));
+#endif
+}
+inline __m256i broadcast_pair256(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return _mm256_set1_epi32(pair);
+}
+// 16 bytes (8 rows' two bytes of one step) widened to 16 int16 words
+inline __m256i load_widened256(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// tiles_u4s16 for AVX2: a tile's 16 rows are two 256-bit registers of 8 (bytes 0-15 of a step hold rows 0-7,
+// bytes 16-31 rows 8-15), each fed one 16-byte load per step; the same sums and flushes.
+template <int TILES>
+inline void tiles_u4s16_avx2(const int16_t* __restrict xq, const float* __restrict gsum,
+                             const uint8_t* __restrict tile, int64_t tile_bytes, const float* __restrict scale,
+                             const float* __restrict zero, int64_t groups, int64_t group, float step,
+                             float* __restrict out) {
+  const int64_t steps = group / 4, tile_params = groups * kTile;
+  const __m256i low_mask = _mm256_set1_epi16(15);
+  __m256 acc[TILES][2];
+  for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * steps;
+    for (int64_t s0 = 0; s0 < steps; s0 += kFlushSteps) {
+      const int64_t s1 = std::min(steps, s0 + kFlushSteps);
+      __m256i a[TILES][2];
+      for (int t = 0; t < TILES; ++t) a[t][0] = a[t][1] = _mm256_setzero_si256();
+      for (int64_t s = s0; s < s1; ++s) {
+        const int16_t* x = xq + (first + s) * 4;
+        const __m256i x0 = broadcast_pair256(x), x1 = broadcast_pair256(x + 2);
+        for (int t = 0; t < TILES; ++t) {
+          const uint8_t* w = tile + t * tile_bytes + (first + s) * 32;
+          for (int h = 0; h < 2; ++h) {
+            const __m256i w16 = load_widened256(w + 16 * h);
+            a[t][h] = madd_acc256(a[t][h], _mm256_and_si256(w16, low_mask), x0);
+            a[t][h] = madd_acc256(a[t][h], _mm256_srli_epi16(w16, 4), x1);
+          }
+        }
+      }
+      for (int t = 0; t < TILES; ++t) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256 sc = _mm256_loadu_ps(scale + t * tile_params + g * kTile + 8 * h);
+          acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[t][h]), sc, acc[t][h]);
+        }
+      }
+    }
+    const __m256 gs = _mm256_set1_ps(gsum[g]);  // the zero points' part, as in tiles_u4s16
+    for (int t = 0; t < TILES; ++t) {
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = t * tile_params + g * kTile + 8 * h;
+        acc[t][h] = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + at), _mm256_loadu_ps(zero + at)), gs,
+                                     acc[t][h]);
+      }
+    }
+  }
+  const __m256 st = _mm256_set1_ps(step);
+  for (int t = 0; t < TILES; ++t) {
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + t * kTile + 8 * h, _mm256_mul_ps(acc[t][h], st));
+  }
+}
+#endif
+
 // One tile's 16 outputs for one row of activations, without AVX-512 (the same sums, as plain loops).
 inline void tile_u4s16_generic(const int16_t* __restrict xq, const float* __restrict gsum,
                                const uint8_t* __restrict tile, const float* __restrict scale,
@@ -480,6 +551,21 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
                        zp + t * groups * kTile, groups, group, step[i], op + i * n + t * kTile);
       }
     }
+#elif defined(__AVX2__)
+    for (; t + 2 <= end; t += 2) {
+      for (int64_t i = 0; i < m; ++i) {
+        tiles_u4s16_avx2<2>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k,
+                            sp + t * groups * kTile, zp + t * groups * kTile, groups, group, step[i],
+                            op + i * n + t * kTile);
+      }
+    }
+    for (; t < end; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        tiles_u4s16_avx2<1>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k,
+                            sp + t * groups * kTile, zp + t * groups * kTile, groups, group, step[i],
+                            op + i * n + t * kTile);
+      }
+    }
 #endif
     for (; t < end; ++t) {
       for (int64_t i = 0; i < m; ++i) {
@@ -502,13 +588,18 @@ int64_t gemv_threads(int64_t tasks) {
   return std::unique(used.begin(), used.end()) - used.begin();
 }
 
-// Which vector code this build of the kernels runs: "avx512-vnni", "avx512" or "generic" (the loops as the
-// compiler vectorizes them for -march=native); the lowering takes the tiled int4 layout only with AVX-512.
+// Which vector code this build of the kernels runs: "avx512-vnni", "avx512", "avx2-vnni", "avx2" or "generic"
+// (the loops as the compiler vectorizes them for -march=native); the lowering takes the tiled int4 layout with
+// AVX-512 or AVX2 (where its intrinsics beat the row layout's vectorized loops).
 std::string gemv_isa() {
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
   return "avx512-vnni";
 #elif defined(__AVX512BW__)
   return "avx512";
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+  return "avx2-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
 #else
   return "generic";
 #endif

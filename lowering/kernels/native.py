@@ -87,7 +87,8 @@ def _register_fakes() -> None:
 
 
 def isa() -> str | None:
-    """The vector code the built kernels run ("avx512-vnni", "avx512" or "generic"), None where they are not built."""
+    """The vector code the built kernels run ("avx512-vnni", "avx512", "avx2-vnni", "avx2" or "generic"), None where
+    they are not built."""
     return None if _build() is not None else str(torch.ops.qcompiler.gemv_isa())
 
 

@@ -97,6 +97,17 @@ def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k
     torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("group", [256, 2048])
+def test_the_tiled_int4_gemv_sums_the_largest_codes_without_overflow(group):
+    # every activation at the largest fixed-point value (32767) and every code 15: each int32 lane's sum is
+    # at its largest before a flush (64 steps of 4 channels: 125.8 M of 2^31), so a missed flush overflows
+    k = 2048
+    q = torch.full((32, k), 15)
+    scale, zero = torch.full((32, k // group), 1e-3), torch.zeros(32, k // group)
+    out = torch.ops.qcompiler.int4_gemv_tiled(torch.ones(2, k), *reference.pack_int4_tiled(q, scale, zero), group)
+    torch.testing.assert_close(out, torch.full((2, 32), 15 * k * 1e-3), rtol=1e-5, atol=0)
+
+
 def test_the_tiled_int4_layout_is_checked():
     with pytest.raises(ValueError, match="multiple of 16"):
         reference.pack_int4_tiled(torch.zeros(8, 64, dtype=torch.long), torch.ones(8, 2), torch.zeros(8, 2))
