@@ -13,7 +13,7 @@ CPUs without VNNI multiply uint8 x int8 into *saturating* int16 pair sums (``vpm
 int8 weights then give wrong results. :func:`saturates` probes each kernel once with a pair that
 overflows int16; where it does, each weight is packed as two parts that add up to it: the weight with
 every pair ``(w[2j], w[2j+1])`` shrunk to ``|a| + |b| <= 128`` (:data:`PAIR_LIMIT`; ``255 * 128`` fits
-int16), which FBGEMM multiplies exactly, and the excess (zero but for the pairs of two large weights: 1-3%
+int16), which FBGEMM multiplies exactly, and the excess (zero but for the pairs of two large weights: 2-3%
 of SmolLM2's pairs), a sparse float matrix multiplied beside it. The product is the exact integer one, so
 the weights stay the recipe's on every CPU (an earlier version shrank them instead, so results and exports
 depended on the machine); it costs 36-60% more time per prefill GEMM on SmolLM2's shapes (AMD EPYC Zen 3,
