@@ -417,13 +417,13 @@ inline __m256i load_widened256(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// tiles_u4s16 for AVX2: a tile's 16 rows are two 256-bit registers of 8 (bytes 0-15 of a step hold rows 0-7,
-// bytes 16-31 rows 8-15), each fed one 16-byte load per step; the same sums and flushes.
+// tiles_u4s16 for AVX2 builds (same name and signature as the AVX-512 one, so one caller serves both): a tile's
+// 16 rows are two 256-bit registers of 8 (bytes 0-15 of a step hold rows 0-7, bytes 16-31 rows 8-15), each fed
+// one 16-byte load per step; the same sums and flushes.
 template <int TILES>
-inline void tiles_u4s16_avx2(const int16_t* __restrict xq, const float* __restrict gsum,
-                             const uint8_t* __restrict tile, int64_t tile_bytes, const float* __restrict scale,
-                             const float* __restrict zero, int64_t groups, int64_t group, float step,
-                             float* __restrict out) {
+inline void tiles_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* __restrict tile,
+                        int64_t tile_bytes, const float* __restrict scale, const float* __restrict zero,
+                        int64_t groups, int64_t group, float step, float* __restrict out) {
   const int64_t steps = group / 4, tile_params = groups * kTile;
   const __m256i low_mask = _mm256_set1_epi16(15);
   __m256 acc[TILES][2];
@@ -538,7 +538,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
   float* op = out.data_ptr<float>();
   at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytes / (8 * k)), [&](int64_t begin, int64_t end) {
     int64_t t = begin;
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || defined(__AVX2__)  // tiles_u4s16: the AVX-512 or the AVX2 one
     for (; t + 2 <= end; t += 2) {  // two tiles per pass over the activations
       for (int64_t i = 0; i < m; ++i) {
         tiles_u4s16<2>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k, sp + t * groups * kTile,
@@ -549,21 +549,6 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
       for (int64_t i = 0; i < m; ++i) {
         tiles_u4s16<1>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k, sp + t * groups * kTile,
                        zp + t * groups * kTile, groups, group, step[i], op + i * n + t * kTile);
-      }
-    }
-#elif defined(__AVX2__)
-    for (; t + 2 <= end; t += 2) {
-      for (int64_t i = 0; i < m; ++i) {
-        tiles_u4s16_avx2<2>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k,
-                            sp + t * groups * kTile, zp + t * groups * kTile, groups, group, step[i],
-                            op + i * n + t * kTile);
-      }
-    }
-    for (; t < end; ++t) {
-      for (int64_t i = 0; i < m; ++i) {
-        tiles_u4s16_avx2<1>(xq.data() + i * k, gsum.data() + i * groups, wp + t * 8 * k, 8 * k,
-                            sp + t * groups * kTile, zp + t * groups * kTile, groups, group, step[i],
-                            op + i * n + t * kTile);
       }
     }
 #endif
