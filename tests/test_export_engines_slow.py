@@ -14,8 +14,8 @@ GGUF file, so these also show that a GGUF-loaded model exports.
   prompt logprobs give on windows of wiki.test.raw within 1% of qcompiler's reference kernels', or of the
   span of its two kernels' (reference and fast) where it is not.
 - llama.cpp (``LLAMA_CPP_BIN``, built by CI for its CPU) runs ``llama-perplexity`` on chunks of 512 tokens
-  of each GGUF: our Q8_0 within 0.5% of F32 (40 chunks), our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0
-  of the same model (16 chunks: they are 9% apart).
+  of each GGUF (16 chunks): our Q8_0 within 0.4% of ``llama-quantize``'s own Q8_0 of the same model (and 1%
+  of F32), our GPTQ Q4_0 below ``llama-quantize``'s own Q4_0.
 
 Every number is printed (``pytest -s``) and the README quotes a run. ``QCOMPILER_SMOLLM2_EXPORTS=DIR``
 keeps the exports in DIR between runs (made there when absent).
@@ -301,21 +301,21 @@ def _perplexity(path: Path, chunks: int) -> float:
 def test_llama_cpp_runs_the_smollm2_gguf_exports(exports, tmp_path):
     source = models.gguf_path("smollm2-135m")
     made = {}
-    for kind in ("F32", "Q4_0"):  # llama.cpp's own files of the same model, from the same Q4_1 source
+    for kind in ("F32", "Q8_0", "Q4_0"):  # llama.cpp's own files of the same model, from the same Q4_1 source
         made[kind] = tmp_path / f"llama-quantize-{kind}.gguf"
         subprocess.run([str(LLAMA_BIN / "llama-quantize"), "--allow-requantize", str(source), str(made[kind]), kind],
                        check=True, capture_output=True, timeout=600)
-    # 40 chunks where the bound is tight (Q8_0 within 0.5% of F32), 16 for the 4-bit files (9% apart)
-    chunks = {"F32": 40, "Q8_0": 40, "Q4_0": 16, "Q4_1": 16}
-    ppl = {f"llama-quantize {kind}": (_perplexity(path, chunks[kind]), chunks[kind]) for kind, path in made.items()}
+    chunks = 16  # 16 x 512 tokens: the 4-bit files are 9% apart, the Q8_0 files 0.1% (the same grid, rounded apart)
+    ppl = {f"llama-quantize {kind}": _perplexity(path, chunks) for kind, path in made.items()}
     for kind, recipe in GGUFS.items():
-        ppl[f"qcompiler {recipe} {kind}"] = (_perplexity(exports / "gguf" / kind / f"model-{kind}.gguf", chunks[kind]),
-                                             chunks[kind])
-    print("\nllama-perplexity on chunks of 512 tokens of wiki.test.raw, 2 threads:\n" + "\n".join(
-        f"  {name}: {value:.4f} ({n} chunks)" for name, (value, n) in ppl.items()), file=sys.stderr)
-    ppl = {name: value for name, (value, _) in ppl.items()}
+        ppl[f"qcompiler {recipe} {kind}"] = _perplexity(exports / "gguf" / kind / f"model-{kind}.gguf", chunks)
+    print(f"\nllama-perplexity on {chunks} chunks of 512 tokens of wiki.test.raw, 2 threads:\n" + "\n".join(
+        f"  {name}: {value:.4f}" for name, value in ppl.items()), file=sys.stderr)
     f32 = ppl["llama-quantize F32"]
-    assert ppl["qcompiler w8a16-q8_0 Q8_0"] <= 1.005 * f32
+    # Q8_0 against F32 depends on the CPU (llama.cpp quantizes the activations to 8 bits too, each instruction
+    # set its own way: +0.35% on 40 chunks on a Zen 4, +0.42% for llama-quantize's own Q8_0 on a Zen 3 with AVX2):
+    # ours is held to llama.cpp's own Q8_0 of the same model, which carries the same engine error
+    assert ppl["qcompiler w8a16-q8_0 Q8_0"] <= 1.004 * ppl["llama-quantize Q8_0"], ppl
+    assert ppl["qcompiler w8a16-q8_0 Q8_0"] <= 1.01 * f32, ppl
     assert ppl["qcompiler w4a16-q4_0-gptq Q4_0"] < ppl["llama-quantize Q4_0"]
-    # loads and runs as a sane 4-bit model (F32 on its first 16 chunks is lower than on 40: not compared exactly)
-    assert ppl["qcompiler w4a16-q4_1-hqq Q4_1"] < 1.5 * f32
+    assert ppl["qcompiler w4a16-q4_1-hqq Q4_1"] < 1.5 * f32  # loads and runs as a sane 4-bit model
