@@ -140,6 +140,30 @@ def test_alpha_search_returns_the_grid_minimum():
     assert best is not None and errors[best] < errors[None]  # smoothing helps an outlier channel
 
 
+def test_alpha_search_answers_again_from_its_memo_only_for_the_same_inputs(monkeypatch):
+    from qcompiler.passes import smoothquant as sq
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 16, generator=gen)
+    x[:, 5] *= 40
+    w = torch.randn(8, 16, generator=gen)
+    scheme, grid = RECIPE.scheme_for("layer"), (0.25, 0.5, 0.75)
+    first = search_alpha(x, x.amin(0), x.amax(0), [w], [scheme], grid)
+    searched = []
+
+    def counted(*args):
+        searched.append(args)
+        return 0.5, {0.5: 0.0}
+
+    monkeypatch.setattr(sq, "_search_alpha", counted)
+    assert search_alpha(x.clone(), x.amin(0), x.amax(0), [w.clone()], [scheme], grid) == first and not searched
+    w2 = w.clone()
+    w2[0, 0] += 1e-3  # any input that differs: searched again
+    search_alpha(x, x.amin(0), x.amax(0), [w2], [scheme], grid)
+    search_alpha(x, x.amin(0), x.amax(0), [w], [scheme], (0.25, 0.5))
+    assert len(searched) == 2
+
+
 def test_alpha_search_keeps_s_equal_to_one_when_nothing_helps():
     gen = torch.Generator().manual_seed(0)
     # Activations of 0 or 1 on every channel are exact on the asymmetric per-tensor grid; a weight column that is 64x
