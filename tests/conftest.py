@@ -1,3 +1,4 @@
+import copy
 import fcntl
 import os
 import sys
@@ -48,3 +49,28 @@ def _alone_when_timing(request):
         finally:
             torch.set_num_threads(threads)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Loading a model is slow where it comes from a GGUF file (SmolLM2-135M: about 20 s, most of it the gguf package
+# parsing the file's metadata three times over), and the model tests load it often (the export tests alone, through
+# the CLI, eight times). Each test process loads a model once: every later load_model() of the same arguments gets
+# a deep copy of that first, untouched load (the same weights, config and tokenizer; nothing a test does to its copy
+# reaches another test). Only the packaged models (the aliases): a path's files may change between loads. What
+# loading itself does is tested by the first load of each test process.
+@pytest.fixture(autouse=True, scope="session")
+def _each_model_loaded_once_per_process():
+    from qcompiler.tools import models
+
+    real, loaded = models.load_model, {}
+
+    def load_model(*args, **kwargs):
+        if not args or args[0] not in models.ALIASES:
+            return real(*args, **kwargs)
+        key = repr((args, sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = real(*args, **kwargs)
+        return copy.deepcopy(loaded[key])
+
+    models.load_model = load_model
+    yield
+    models.load_model = real

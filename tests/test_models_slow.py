@@ -42,7 +42,9 @@ def test_no_graph_breaks_on_smollm2_and_at_most_two_compiles_for_three_lengths(s
     assert _graph_breaks(smollm2.model, input_ids=ids, use_cache=False) == 0
     torch._dynamo.reset()
     qcompiler.clear_reports()
-    compiled = torch.compile(smollm2.model, backend="qcompiler", fullgraph=True)
+    # the passes and kernels without Inductor's code generation (Inductor compiles SmolLM2 whole in the generation,
+    # eval and demo tests; a dynamic-length Inductor compile is tested on stories260K in the fast tier)
+    compiled = torch.compile(smollm2.model, backend="qcompiler", fullgraph=True, options={"compiler": EAGER})
     with torch.inference_mode():
         outs = [compiled(input_ids=torch.randint(0, 1000, (1, n)), use_cache=False).logits for n in (16, 23, 40)]
     assert len(qcompiler.reports()) <= 2
@@ -320,14 +322,16 @@ def test_rotation_brings_minilm_w8a8_close_to_float(minilm):
 
 
 def test_demo_runs_as_the_readme_says(tmp_path):
+    """``qcompiler demo`` without its latency part (``--no-speed``: the same measurement of the same model and
+    recipe is the eval test's, timed alone there), on 2,048 tokens: the evaluation, then the generation."""
     out = tmp_path / "demo.json"
-    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "demo", "--tokens", "2048", "--repeats", "3", "--json", str(out)]
+    cmd = [sys.executable, "-m", "qcompiler.tools.cli", "demo", "--tokens", "2048", "--no-speed", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["model"] == "smollm2-135m" and result["recipe"] == "w8a8-dynamic"
     assert result["quantized"]["perplexity"] < 1.05 * result["float"]["perplexity"]
-    assert "perplexity" in proc.stdout and "decode" in proc.stdout, proc.stdout
+    assert "perplexity" in proc.stdout and "decode" in proc.stdout, proc.stdout  # "decode": the generation's
     # it ends with a short generation by the quantized model, streamed and timed
     generation = result["generation"]
     assert generation["new_tokens"] >= 8 and generation["text"].strip() and generation["decode_tokens_per_s"] > 0
