@@ -95,7 +95,8 @@ class CompiledForward:
 
 
 def compile(model: torch.nn.Module, recipe=None, *, stats=None, artifact=None, kernels: str = "fast",
-            debug=None, max_cache_len: int | None = None, lm_head: str = "int8") -> torch.nn.Module:
+            debug=None, max_cache_len: int | None = None, lm_head: str = "int8", compiler: str = "inductor"
+            ) -> torch.nn.Module:
     """``model`` with its forward compiled by the qcompiler backend and a ``generate()`` that runs the
     quantized graphs (see the module docstring). ``recipe``/``stats``/``artifact``/``kernels``/``debug``
     are the backend's options; the statistics or artifact folder is loaded (and checked) now.
@@ -104,7 +105,8 @@ def compile(model: torch.nn.Module, recipe=None, *, stats=None, artifact=None, k
     head of a recipe that keeps it float to int8 weights per channel, float activations
     (:func:`qcompiler.config.with_int8_lm_head`: lossless on SmolLM2, a quarter of the bytes of the
     largest layer of a decode step; GPTQ/AWQ/HQQ recipes keep theirs); "recipe" leaves the recipe as it
-    is. An artifact is used as saved."""
+    is. An artifact is used as saved. ``compiler``: "inductor" (default) or "eager" (the quantized graphs run
+    op by op: no Inductor compile, quicker to start, not qcompiler's speed; see BackendOptions)."""
     if artifact is not None and (recipe is not None or stats is not None):
         raise ConfigError("an artifact brings its own recipe and statistics: do not pass recipe or stats with it")
     if lm_head not in ("int8", "recipe"):
@@ -113,10 +115,10 @@ def compile(model: torch.nn.Module, recipe=None, *, stats=None, artifact=None, k
         recipe = resolve_recipe(recipe)
         recipe = with_int8_lm_head(recipe) if lm_head == "int8" else recipe
     options = BackendOptions(**({"recipe": recipe} if recipe is not None else {}), kernels=kernels, stats=stats,
-                             debug=debug, artifact=artifact)
+                             debug=debug, artifact=artifact, compiler=compiler)
     resolved = backend.resolve(options)  # load and check the folders now, before anything is compiled
     options = BackendOptions(recipe=resolved.recipe, kernels=kernels, stats=resolved.stats, debug=debug,
-                             artifact=resolved.artifact)
+                             artifact=resolved.artifact, compiler=compiler)
     max_cache_len = resolve_max_cache_len(model, max_cache_len)
     return with_static_generate(model, CompiledForward(model.forward, options), max_cache_len)
 

@@ -46,6 +46,25 @@ def test_generate_runs_the_quantized_kernels_and_compiles_two_graphs(stories):
     assert stories.model.forward.__func__ is type(stories.model).forward  # the user's model is untouched
 
 
+def test_eager_compiler_generates_on_the_same_kernels_without_inductor(stories, monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    def no_inductor(*args, **kwargs):
+        raise AssertionError("Inductor compiled a graph of compiler='eager'")
+
+    monkeypatch.setattr(inductor, "compile_fx", no_inductor)
+    torch._dynamo.reset()
+    qcompiler.clear_reports()
+    quantized = qcompiler.compile(stories.model, "w8a8-dynamic", max_cache_len=48, compiler="eager")
+    ids = _prompt(stories)
+    with torch.inference_mode():
+        ops = _ops_run(lambda: quantized.generate(ids, max_new_tokens=16, do_sample=False))
+    assert {"qcompiler::int8_gemm", "qcompiler::int8_gemv", "qcompiler::int8_weight_gemv"} <= ops, sorted(ops)
+    assert len(qcompiler.reports()) == 2
+    with pytest.raises(ConfigError, match="compiler"):
+        qcompiler.compile(stories.model, "w8a8-dynamic", compiler="tvm")
+
+
 def test_lm_head_recipe_leaves_the_recipe_as_it_is(stories):
     torch._dynamo.reset()
     qcompiler.clear_reports()
