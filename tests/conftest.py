@@ -1,5 +1,6 @@
 import copy
 import fcntl
+import gc
 import os
 import sys
 import tempfile
@@ -74,3 +75,18 @@ def _each_model_loaded_once_per_process():
     models.load_model = load_model
     yield
     models.load_model = real
+
+
+# A model test leaves its compiled graphs in Dynamo's caches (quantized copies of every weight, packed kernels,
+# Inductor's constants: gigabytes for SmolLM2) until something resets them; a test process of the slow tier ran
+# out of memory (16 GB, on a 24 GB machine with the other process at 8 GB) after the in-process export tests.
+# After each slow test: Dynamo's caches and the compile reports cleared, the garbage collected.
+@pytest.fixture(autouse=True)
+def _release_compiled_graphs_after_slow_tests(request):
+    yield
+    if request.node.get_closest_marker("slow") is not None:
+        import qcompiler
+
+        torch._dynamo.reset()
+        qcompiler.clear_reports()
+        gc.collect()
