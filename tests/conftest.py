@@ -53,7 +53,7 @@ def _alone_when_timing(request):
 
 
 # Loading a model is slow where it comes from a GGUF file (SmolLM2-135M: about 20 s, most of it the gguf package
-# parsing the file's metadata three times over), and the model tests load it often (the export tests alone, through
+# parsing the file's metadata four times over), and the model tests load it often (the export tests alone, through
 # the CLI, eight times). Each test process loads a model once: every later load_model() of the same arguments gets
 # a deep copy of that first, untouched load (the same weights, config and tokenizer; nothing a test does to its copy
 # reaches another test). Only the packaged models (the aliases): a path's files may change between loads. What
