@@ -60,6 +60,8 @@ def _prepare_int8(gm: fx.GraphModule, spec: QLinearSpec, layer: Layer) -> Prepar
         prepared.constants.update(handle=ops.prepare_weight(w_q, w_scale), gemv=False)
     if spec.x_scale is not None:
         _static_constants(gm, spec, prepared)
+    if spec.weight_bits < 8:  # W4A8: the kernels hold the 4-bit integers a byte each
+        prepared.stored_bytes = sum(gm.get_buffer(b).nbytes for b in prepared.buffers.values())
     return prepared
 
 

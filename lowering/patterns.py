@@ -19,6 +19,8 @@ from qcompiler.lowering.key import Lowering, QLinearKey
 
 LOWERINGS: dict[QLinearKey, Lowering] = {
     QLinearKey(8, True, "per_channel", "dynamic_per_token", 8, True): INT8,
+    # W4A8: 4-bit symmetric weights held as int8 on the same kernels (their pair sums never saturate int16)
+    QLinearKey(4, True, "per_channel", "dynamic_per_token", 8, True): INT8,
     QLinearKey(8, True, "per_channel", "static_per_tensor", 8, False): INT8_STATIC,
     QLinearKey(8, True, "per_channel", "static_per_tensor", 8, True): INT8_STATIC,
     QLinearKey(8, True, "per_channel", None, None, None): W8A16,

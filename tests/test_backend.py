@@ -154,7 +154,7 @@ def test_a_layer_that_cannot_be_quantized_stays_float_and_is_reported():
 def test_unknown_options_and_presets_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid options are: recipe, kernels, stats"):
         BackendOptions.from_user({"recipie": "w8a8-dynamic"})
-    with pytest.raises(ValueError, match="the presets are: llm-int8, w4a16-awq, w4a16-gptq, w4a16-hqq, w4a16-q4_0-awq, w4a16-q4_0-gptq, w4a16-q4_1-gptq, w4a16-q4_1-hqq, w4a16-rotated-gptq, w4a16-rtn, w8a16-q8_0, w8a8-dynamic"):
+    with pytest.raises(ValueError, match="the presets are: llm-int8, w4a16-awq, w4a16-gptq, w4a16-hqq, w4a16-q4_0-awq, w4a16-q4_0-gptq, w4a16-q4_1-gptq, w4a16-q4_1-hqq, w4a16-rotated-gptq, w4a16-rtn, w4a8-dynamic-rotated-gptq, w8a16-q8_0, w8a8-dynamic"):
         BackendOptions.from_user({"recipe": "w4a4-magic"})
     with pytest.raises(Exception, match="valid options are"):
         with torch.inference_mode():
