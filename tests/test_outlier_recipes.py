@@ -11,7 +11,8 @@ from qcompiler.config import SmoothQuant
 from qcompiler.core.errors import StatsError
 
 PRESETS = ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8", "w8a8-dynamic-smoothquant",
-           "w8a8-dynamic-smoothquant-auto", "w8a8-smoothquant-gptq", "w8a8-dynamic-smoothquant-gptq"]
+           "w8a8-dynamic-smoothquant-auto", "w8a8-smoothquant-gptq", "w8a8-dynamic-smoothquant-gptq",
+           "w8a8-rotated-ocs-llm-int8"]
 
 
 def _batches():
@@ -74,6 +75,7 @@ def test_outlier_handling_beats_naive_static_on_an_outlier_model(model):
         "smoothquant-0.5-norms": replace(qcompiler.PRESETS["w8a8-smoothquant"], smoothquant=SmoothQuant(groups=("norm",))),
         "w8a8-smoothquant-auto": "w8a8-smoothquant-auto",
         "llm-int8": "llm-int8",
+        "w8a8-rotated-ocs-llm-int8": "w8a8-rotated-ocs-llm-int8",
     }
     errors = {}
     for name, recipe in recipes.items():
@@ -83,7 +85,7 @@ def test_outlier_handling_beats_naive_static_on_an_outlier_model(model):
         with torch.inference_mode():
             out = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(ids).logits
             errors[name] = float((out - model(ids).logits).pow(2).mean())
-    for name in ("smoothquant-0.5-norms", "w8a8-smoothquant-auto", "llm-int8"):
+    for name in ("smoothquant-0.5-norms", "w8a8-smoothquant-auto", "llm-int8", "w8a8-rotated-ocs-llm-int8"):
         assert errors[name] < errors["w8a8-static"] / 10, errors
 
 

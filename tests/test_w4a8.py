@@ -110,3 +110,11 @@ def test_the_artifact_stores_4_bits_per_weight_and_loads_bit_identical(tmp_path,
         torch._dynamo.reset()
         loaded = qcompiler.load(folder, model)(ids).logits
     assert torch.equal(direct, loaded)
+
+
+def test_export_refuses_w4a8_before_any_work_and_says_why():
+    from qcompiler.core.errors import ExportError
+    from qcompiler.tools.export.build import refuse_transforms
+
+    with pytest.raises(ExportError, match="rotation"):
+        refuse_transforms(qcompiler.PRESETS[PRESET])

@@ -50,6 +50,14 @@ PRESETS.update({
 PRESETS.update({  # the residual stream rotated (data-free), then per-token dynamic W8A8: no calibration
     "w8a8-dynamic-rotated": replace(PRESETS["w8a8-dynamic"], name="w8a8-dynamic-rotated", rotation=Rotation()),
 })
+PRESETS.update({
+    # static per-tensor W8A8 after the residual-stream rotation with the down projections' inputs left unrotated
+    # (their massive activations stay in a few channels), then OCS and LLM.int8() as in w8a8-ocs-llm-int8: the
+    # rotation makes static ranges fit q/k/v/o/gate/up, the float columns take down_proj's outliers; MSE-chosen
+    # ranges (README)
+    "w8a8-rotated-ocs-llm-int8": replace(_static("w8a8-rotated-ocs-llm-int8", "mse"), split_outliers=OutlierSplit(),
+                                         mixed_int8=MixedInt8(threshold=4.0), rotation=Rotation(online=False)),
+})
 PRESETS.update({  # llm-compressor's W8A8 recipe: SmoothQuant, then GPTQ rounds the smoothed weights
     "w8a8-smoothquant-gptq": replace(PRESETS["w8a8-smoothquant"], name="w8a8-smoothquant-gptq", rounding=GPTQ()),
     "w8a8-dynamic-smoothquant-gptq": replace(PRESETS["w8a8-dynamic-smoothquant-auto"],
