@@ -87,10 +87,9 @@ PRESETS.update({
                                        rotation=Rotation()),
     # W4A8: the rotation, then GPTQ rounds 4-bit weights per output channel on all 16 levels (one scale per
     # channel: the int8 GEMM applies it after the integer sum), per-token int8 activations on the int8 kernels
-    "w4a8-dynamic-rotated-gptq": Recipe(
-        name="w4a8-dynamic-rotated-gptq",
+    "w4a8-dynamic-rotated-gptq": replace(
+        PRESETS["w8a8-dynamic"], name="w4a8-dynamic-rotated-gptq",
         weight=WeightScheme(bits=4, granularity="per_channel", symmetric=True, full_range=True),
-        activation=ActivationScheme(bits=8, granularity="per_token", symmetric=True),
         rounding=GPTQ(act_order=True, clip_grid=20), rotation=Rotation()),
 })
 
