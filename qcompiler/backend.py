@@ -101,10 +101,14 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
     module = fx.GraphModule(gm, gm.graph)
     if opts.compiler == "eager":  # the quantized graph op by op (BackendOptions.compiler)
         return _for_these_weights(module.forward, example_inputs, bound)
+    return _for_these_weights(compile_with_inductor(module, example_inputs), example_inputs, bound)
+
+
+def compile_with_inductor(module: fx.GraphModule, example_inputs):
+    """The quantized graph compiled by Inductor (``compiler="inductor"``, the default)."""
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(module, example_inputs, config_patches=INDUCTOR_CONFIG)
-    return _for_these_weights(compiled, example_inputs, bound)
+    return compile_fx(module, example_inputs, config_patches=INDUCTOR_CONFIG)
 
 
 # Inductor's wrapper checks every input's and kernel output's size and stride on each call (some 1,000

@@ -52,6 +52,22 @@ def _alone_when_timing(request):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Inductor compiles C++ for every new kernel it generates: about 1,000 shared libraries for the fast tier, most of
+# its time on 2 cores with cold caches (a clean CI machine: 25 to 51 minutes). The quantized graph is the same with
+# or without Inductor (the passes, lowering and kernels run before it), so the fast tier runs it op by op (the
+# backend's `compiler="eager"`) except in tests marked `inductor` or `timing`: those compile with Inductor as users
+# do, at least one for each kind of lowered kernel, the generation path and the saved artifacts' logits. The slow
+# tier is not changed: each of its tests chooses.
+@pytest.fixture(autouse=True)
+def _inductor_only_where_marked(request, monkeypatch):
+    node = request.node
+    if not any(node.get_closest_marker(m) for m in ("inductor", "slow", "timing")):
+        from qcompiler import backend
+
+        monkeypatch.setattr(backend, "compile_with_inductor", lambda module, example_inputs: module.forward)
+    yield
+
+
 # Loading a model is slow where it comes from a GGUF file (SmolLM2-135M: about 20 s, most of it the gguf package
 # parsing the file's metadata four times over), and the model tests load it often (the export tests alone, through
 # the CLI, eight times). Each test process loads a model once: every later load_model() of the same arguments gets

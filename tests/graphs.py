@@ -34,6 +34,12 @@ def tiny_bert(seed: int = 0):
     return BertModel(cfg).eval()
 
 
+def token_batches(count: int = 3, length: int = 16, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` seeded batches of one row of ``length`` random token ids: calibration data for the tiny models."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(count)]
+
+
 def capture_graph(model, *args, **kwargs) -> tuple[fx.GraphModule, list]:
     """The Dynamo graph and example inputs the backend would get (one graph, parameters bound)."""
     gm, calls = capture.capture(model, [capture.Batch(args, kwargs)], fullgraph=True, what="the test")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from graphs import tiny_llama
+from graphs import tiny_llama, token_batches
 
 import qcompiler
 from qcompiler import artifact
@@ -17,11 +17,6 @@ def _fresh():
     qcompiler.clear_reports()
 
 
-def _batches():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 128, (1, 32), generator=gen) for _ in range(4)]
-
-
 @pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-smoothquant", "w4a16-gptq-g32"])
 def test_save_and_load_give_bit_identical_logits(tmp_path, recipe):
     model = tiny_llama()
@@ -30,7 +25,8 @@ def test_save_and_load_give_bit_identical_logits(tmp_path, recipe):
                                   weight=qcompiler.WeightScheme(bits=4, granularity="per_group", group_size=32,
                                                                 symmetric=False))
     resolved = qcompiler.config.resolve_recipe(recipe)
-    stats = qcompiler.calibrate(model, _batches(), resolved, progress=False) if resolved.needs_calibration else None
+    batches = token_batches(4, 32)
+    stats = qcompiler.calibrate(model, batches, resolved, progress=False) if resolved.needs_calibration else None
     ids = torch.randint(0, 128, (2, 24))
     folder = quantize.quantize(model, resolved, ids[:1], tmp_path / "art", stats)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -146,8 +142,9 @@ def test_the_artifact_is_the_counted_bits_plus_what_transforms_add(tmp_path, rec
 
     model = tiny_llama()
     resolved = qcompiler.config.resolve_recipe(recipe)
-    stats = qcompiler.calibrate(model, _batches(), resolved, progress=False) if resolved.needs_calibration else None
-    folder = quantize.quantize(model, resolved, _batches()[0], tmp_path / "art", stats, errors=False)
+    batches = token_batches(4, 32)
+    stats = qcompiler.calibrate(model, batches, resolved, progress=False) if resolved.needs_calibration else None
+    folder = quantize.quantize(model, resolved, batches[0], tmp_path / "art", stats, errors=False)
     manifest = json.loads((folder / "manifest.json").read_text())
     size, tensors = manifest["size"], load_file(str(folder / "weights.safetensors"))
     assert size["tensor_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())

@@ -54,6 +54,7 @@ def test_qdq_graph_is_per_token_activations_times_per_channel_weights():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.inductor
 def test_lowered_kernels_match_the_qdq_reference_on_a_tiny_llama():
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 24))
@@ -69,6 +70,7 @@ def test_lowered_kernels_match_the_qdq_reference_on_a_tiny_llama():
     assert (fast - float_logits).abs().max() > 0  # it is quantized
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-static", "w4a16-rtn"])
 def test_the_eager_compiler_runs_the_same_quantized_graph_without_inductor(recipe, monkeypatch):
     """compiler="eager": the same passes, lowering and kernels, run op by op; Inductor is never called."""
@@ -111,6 +113,7 @@ def test_gpt2_conv1d_layers_are_quantized_and_lowered():
     assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.inductor
 def test_three_sequence_lengths_compile_at_most_twice_and_reuse_quantized_weights():
     model = tiny_llama()
     misses_before = WEIGHTS.misses

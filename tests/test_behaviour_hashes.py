@@ -228,6 +228,7 @@ def _check(alias: str, recipe: str, tmp_path) -> None:
                 f"{alias} {recipe} {kernels}: no hash recorded for {machine}: compared by the logits' sum")
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_stories260k_artifacts_give_the_logits_of_before(recipe, tmp_path, one_thread):
     _check("stories260k", recipe, tmp_path)

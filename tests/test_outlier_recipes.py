@@ -4,20 +4,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from graphs import tiny_llama
+from graphs import tiny_llama, token_batches
 
 import qcompiler
 from qcompiler.config import SmoothQuant
 from qcompiler.core.errors import StatsError
 
-PRESETS = ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs", "llm-int8", "w8a8-dynamic-smoothquant",
+PRESETS = ["w8a8-smoothquant", "w8a8-smoothquant-auto", "w8a8-ocs",
+           pytest.param("llm-int8", marks=pytest.mark.inductor), "w8a8-dynamic-smoothquant",
            "w8a8-dynamic-smoothquant-auto", "w8a8-smoothquant-gptq", "w8a8-dynamic-smoothquant-gptq",
            "w8a8-rotated-ocs-llm-int8"]
-
-
-def _batches():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 128, (1, 16), generator=gen) for _ in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def model():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_outlier_preset_compiles_whole_and_matches_its_reference(model, preset):
     torch._dynamo.reset()
-    stats = qcompiler.calibrate(model, _batches(), preset, progress=False)
+    stats = qcompiler.calibrate(model, token_batches(), preset, progress=False)
     recipe = qcompiler.PRESETS[preset]
     # static ranges are observed after the transforms (a second pass); dynamic ones are not observed at all
     after = recipe.transform_fingerprint() if recipe.has_static_activations else repr(((), recipe.skip))
@@ -67,7 +63,7 @@ def test_outlier_preset_compiles_whole_and_matches_its_reference(model, preset):
 
 
 def test_outlier_handling_beats_naive_static_on_an_outlier_model(model):
-    ids = torch.cat(_batches(), dim=0)
+    ids = torch.cat(token_batches(), dim=0)
     # the injected outliers sit before the norm groups; a fixed alpha on this random MLP's up -> down
     # group is not expected to help (alpha="auto" may decline a group), so alpha 0.5 smooths norms only
     recipes = {
@@ -80,7 +76,7 @@ def test_outlier_handling_beats_naive_static_on_an_outlier_model(model):
     errors = {}
     for name, recipe in recipes.items():
         torch._dynamo.reset()
-        stats = qcompiler.calibrate(model, _batches(), recipe, progress=False)
+        stats = qcompiler.calibrate(model, token_batches(), recipe, progress=False)
         torch._dynamo.reset()
         with torch.inference_mode():
             out = torch.compile(model, backend="qcompiler", options={"recipe": recipe, "stats": stats})(ids).logits
@@ -91,7 +87,7 @@ def test_outlier_handling_beats_naive_static_on_an_outlier_model(model):
 
 def test_stats_gathered_without_the_transforms_are_rejected(model):
     torch._dynamo.reset()
-    plain = qcompiler.calibrate(model, _batches(), "w8a8-static", progress=False)
+    plain = qcompiler.calibrate(model, token_batches(), "w8a8-static", progress=False)
     with pytest.raises(Exception, match="not gathered with the same transforms"):
         with torch.inference_mode():
             torch._dynamo.reset()
@@ -108,7 +104,7 @@ def test_smoothquant_survives_dynamic_shapes_in_calibration_and_compile(model):
         plain = torch.compile(model, backend="eager")
         for length in (8, 12):  # the frame is now marked dynamic for whatever compiles it next
             plain(torch.randint(0, 128, (1, length)))
-    stats = qcompiler.calibrate(model, _batches(), "w8a8-smoothquant", progress=False)
+    stats = qcompiler.calibrate(model, token_batches(), "w8a8-smoothquant", progress=False)
     qcompiler.clear_reports()
     with torch.inference_mode():
         compiled = torch.compile(model, backend="qcompiler", options={"recipe": "w8a8-smoothquant", "stats": stats})
@@ -145,7 +141,7 @@ def test_gptq_rounds_the_smoothed_weights_on_the_smoothed_inputs(model, preset):
     from qcompiler.core.ir import weight_checksum
 
     torch._dynamo.reset()
-    stats = qcompiler.calibrate(model, _batches(), preset, progress=False)
+    stats = qcompiler.calibrate(model, token_batches(), preset, progress=False)
     assert len(stats.weights) == 14 and stats.raw is not None  # the float inputs SmoothQuant is computed from
     q = model.model.layers[0].self_attn.q_proj.weight
     entry = stats.weights["model.layers.0.self_attn.q_proj"]
@@ -158,7 +154,7 @@ def test_gptq_rounds_the_smoothed_weights_on_the_smoothed_inputs(model, preset):
     rep = qcompiler.last_report()
     assert all(d.reason.startswith("GPTQ") for d in rep.quantized) and rep.transforms["smoothquant"]
     # statistics of the same recipe without GPTQ hold no rounded weights: refused, with what to do
-    plain = qcompiler.calibrate(model, _batches(), preset.replace("-gptq", "-auto" if "dynamic" in preset else ""),
+    plain = qcompiler.calibrate(model, token_batches(), preset.replace("-gptq", "-auto" if "dynamic" in preset else ""),
                                 progress=False)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="not calibrated with recipe"), torch.inference_mode():  # in Dynamo's error

@@ -3,7 +3,7 @@ activations, on the int8 kernels (prefill GEMM, decode GEMV)."""
 
 import pytest
 import torch
-from graphs import tiny_llama
+from graphs import tiny_llama, token_batches
 
 import qcompiler
 from qcompiler.lowering.kernels import cpu
@@ -12,17 +12,13 @@ from qcompiler.tools import models
 PRESET = "w4a8-dynamic-rotated-gptq"
 
 
-def _batches():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 128, (1, 16), generator=gen) for _ in range(3)]
-
-
 @pytest.fixture(scope="module")
 def llama():
     model = tiny_llama()
-    return model, qcompiler.calibrate(model, _batches(), PRESET, progress=False)
+    return model, qcompiler.calibrate(model, token_batches(), PRESET, progress=False)
 
 
+@pytest.mark.inductor
 def test_w4a8_runs_whole_on_the_int8_kernels_and_matches_its_reference(llama):
     model, stats = llama
     ids = torch.randint(0, 128, (2, 10))

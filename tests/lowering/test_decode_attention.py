@@ -116,6 +116,7 @@ def test_prompts_and_other_attention_are_left_alone():
         assert not result.modified and result.counts == {"decode_attention": 0} and graph.code == code
 
 
+@pytest.mark.inductor
 def test_the_backend_lowers_decode_attention_and_matches_the_reference_kernels():
     model = tiny_llama()
     fast, rep = decode_step(model, kernels="fast")

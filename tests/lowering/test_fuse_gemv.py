@@ -129,6 +129,7 @@ def test_tiled_int4_layers_are_stacked_by_whole_tiles():
     assert all(torch.equal(g, e) for g, e in zip(gm(x), expected, strict=True))
 
 
+@pytest.mark.inductor
 def test_a_decode_step_calls_four_gemvs_per_block_and_keeps_its_logits():
     model = tiny_llama()
     fast, rep = decode_step(model, kernels="fast")

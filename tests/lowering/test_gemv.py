@@ -119,6 +119,7 @@ def test_the_tiled_int4_layout_is_checked():
         torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 32), tiled, scale, zero, 32)
 
 
+@pytest.mark.inductor
 def test_a_decode_shaped_graph_runs_the_gemv_and_matches_the_reference():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 1))  # one fixed row: the decode step's shape

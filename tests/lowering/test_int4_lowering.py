@@ -105,7 +105,8 @@ def _run(model, ids, recipe, kernels):
     return out, qcompiler.last_report()
 
 
-@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (3, False), (2, True)])
+@pytest.mark.parametrize("bits,symmetric", [pytest.param(4, False, marks=pytest.mark.inductor), (4, True), (3, False),
+                                            (2, True)])
 def test_weight_only_layers_are_lowered_and_match_the_qdq_reference(bits, symmetric):
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 16))

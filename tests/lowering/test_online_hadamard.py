@@ -28,6 +28,7 @@ def test_the_op_is_x_times_the_normalized_hadamard(n, rows):
                                x[..., :b.shape[0]] @ b.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.inductor
 @needs_native
 def test_a_rotated_decode_step_calls_the_op_and_a_prompt_keeps_the_gemms():
     model = tiny_llama()  # intermediate 96: H12 x H8, online on both down projections

@@ -159,6 +159,7 @@ def test_the_shared_model_computes_what_its_qdq_graph_computes():
     assert (outputs["fast"] - outputs["reference"]).abs().max() < 0.02 * outputs["reference"].abs().max()
 
 
+@pytest.mark.inductor
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the C++ GEMV kernels are not built here")
 def test_a_decode_step_gathers_from_the_gemv_layout():
     model = _stories()

@@ -27,6 +27,7 @@ def test_help_lists_the_commands(capsys):
     assert all(command in out for command in ("eval", "demo", "calibrate"))
 
 
+@pytest.mark.inductor
 def test_eval_runs_the_quantized_graph_eagerly_when_asked(tmp_path, monkeypatch):
     import json
 

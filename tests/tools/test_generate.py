@@ -24,6 +24,7 @@ def _ops_run(fn) -> set[str]:
     return {event.key for event in prof.key_averages()}
 
 
+@pytest.mark.inductor
 def test_generate_runs_the_quantized_kernels_and_compiles_two_graphs(stories):
     torch._dynamo.reset()
     qcompiler.clear_reports()
@@ -93,6 +94,7 @@ def test_a_calibrated_gptq_recipe_generates_with_its_statistics(stories):
     assert not decisions["lm_head"].quantized and decisions["model.layers.0.self_attn.q_proj"].quantized
 
 
+@pytest.mark.inductor
 def test_greedy_tokens_of_the_fast_kernels_are_the_reference_kernels_tokens(stories):
     ids = _prompt(stories)
     tokens = {}
