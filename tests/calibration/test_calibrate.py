@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from graphs import tiny_llama
+from graphs import tiny_llama, token_batches
 
 import qcompiler
 from qcompiler.calibration.stats import JSON_FILE, TENSORS_FILE, CalibrationStats
@@ -19,16 +19,11 @@ def _fresh():
     qcompiler.clear_reports()
 
 
-def _batches(n=3, length=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (1, length), generator=gen) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def llama_and_stats():
     torch._dynamo.reset()
     model = tiny_llama()
-    return model, qcompiler.calibrate(model, _batches(), progress=False)
+    return model, qcompiler.calibrate(model, token_batches(), progress=False)
 
 
 def _linear_inputs_by_hooks(model, batches):
@@ -52,7 +47,7 @@ def _linear_inputs_by_hooks(model, batches):
 
 def test_calibration_min_max_matches_eager_hooks(llama_and_stats):
     model, stats = llama_and_stats
-    expected = _linear_inputs_by_hooks(model, _batches())
+    expected = _linear_inputs_by_hooks(model, token_batches())
     assert set(stats.activations) == set(expected) - {"lm_head"}  # the recipe skips lm_head
     for name, r in stats.activations.items():
         assert (float(r.min), float(r.max)) == pytest.approx(expected[name], rel=1e-6), name
@@ -67,7 +62,7 @@ def test_calibration_changes_neither_weights_nor_outputs():
     ids = torch.randint(0, 128, (1, 12))
     with torch.inference_mode():
         before = model(ids).logits
-    qcompiler.calibrate(model, _batches(), progress=False)
+    qcompiler.calibrate(model, token_batches(), progress=False)
     with torch.inference_mode():
         after = model(ids).logits
     assert torch.equal(before, after)

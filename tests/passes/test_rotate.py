@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from graphs import tiny_bert, tiny_gpt2, tiny_llama
+from graphs import tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 import qcompiler
 from qcompiler import Recipe, Rotation
@@ -125,8 +125,7 @@ def test_rotation_lowers_w8a8_error_on_an_outlier_model():
 def test_rotation_composes_with_calibrated_recipes(preset):
     """Statistics, SmoothQuant's migration and GPTQ/AWQ rounding are all computed on the rotated model."""
     model = tiny_llama()
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 128, (1, 16), generator=gen) for _ in range(3)]
+    batches = token_batches()
     recipe = replace(qcompiler.PRESETS[preset], name=f"{preset}-rotated", rotation=Rotation(seed=1))
     stats = qcompiler.calibrate(model, batches, recipe, progress=False)
     assert stats.info["rotation"] == repr(Rotation(seed=1))
