@@ -1,5 +1,5 @@
-"""The decode step's int4 GEMV on its two weight layouts: rows (``qcompiler::int4_gemv``) against tiles of 16
-output channels (``qcompiler::int4_gemv_tiled``, what AVX-512 builds take), in one process, interleaved, medians.
+"""The decode step's int4 GEMV on its two weight layouts: rows (``qcompiler::int4_gemv``) against tiles of 32
+output channels (``qcompiler::int4_gemv_tiled``, what AVX-512 and AVX2 builds take), in one process, interleaved, medians.
 
 First the kernels alone on SmolLM2's decode shapes (one row of activations; q/k/v and gate/up stacked as
 ``fuse_gemv`` stacks them), then whole decode steps of ``w4a16-rtn`` through ``qcompiler.compile(...).generate()``:

@@ -106,8 +106,8 @@ def rows_from_linear(ids, codes, scale, zero, *, packed: bool, group: int, dim: 
 
 def rows_from_tiled(ids, tiled, scale, zero, *, group: int, dim: int, dtype):
     """The rows ``ids`` of a linear layer's weight ``(q - zero) * scale`` stored in the tiled int4 layout of the
-    C++ decode GEMV (``kernels/reference.pack_int4_tiled``: ``[N / 16, 8 K]`` bytes, scales and zeros
-    ``[N / 16, G, 16]``): tile ``ids // 16``, row ``ids % 16`` of it, a gather (nothing else is unpacked)."""
+    C++ decode GEMV (``kernels/reference.pack_int4_tiled``: ``[N / 32, 16 K]`` bytes, scales and zeros
+    ``[N / 32, G, 32]``): tile ``ids // 32``, row ``ids % 32`` of it, a gather (nothing else is unpacked)."""
     tile, row = ids // reference.INT4_TILE, ids % reference.INT4_TILE
     pairs = tiled.view(tiled.shape[0], dim // 4, reference.INT4_TILE, 2)[tile, :, row, :]  # [..., K / 4, 2]
     values = torch.stack([pairs & 0xF, pairs >> 4], dim=-2).flatten(-3).to(torch.float32)  # k, k+1, k+2, k+3

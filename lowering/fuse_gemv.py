@@ -27,14 +27,15 @@ import torch.fx as fx
 
 from qcompiler.core.ir import PassResult
 from qcompiler.lowering.fuse import drop_unused_buffers, erase_dead
+from qcompiler.lowering.kernels import reference
 
 _OPS = {  # kernel -> (positions of its activation/constant arguments, positions of its weight buffers)
     "int8_gemv": ((0, 1), (2, 3, 4)),  # x_q, x_zero_point | w_q [N, K], w_rowsum [N], w_scale [N]
     "int8_weight_gemv": ((0,), (1, 2)),  # x | w_q [N, K], w_scale [N]
     "int4_gemv": ((0, 4), (1, 2, 3)),  # x, group | w_packed [N, K / 2], scale [N, G], zero [N, G]
-    "int4_gemv_tiled": ((0, 4), (1, 2, 3)),  # x, group | w_tiled [N / 16, 8 K], scale/zero [N / 16, G, 16]
+    "int4_gemv_tiled": ((0, 4), (1, 2, 3)),  # x, group | w_tiled [N / 32, 16 K], scale/zero [N / 32, G, 32]
 }
-_ROWS_PER_ENTRY = {"int4_gemv_tiled": 16}  # output channels per entry of a weight buffer's first dimension
+_ROWS_PER_ENTRY = {"int4_gemv_tiled": reference.INT4_TILE}  # output channels per entry of a weight buffer's dim 0
 
 # operations that compute a value from their inputs and nothing else: the quantization of an activation is
 # built from these (anything else, e.g. an in-place update of a KV cache, is compared by identity)

@@ -3,7 +3,7 @@
 CPU: for graphs with a fixed small row count (the decode step) the C++ ``qcompiler::int4_gemv`` of
 ``kernels/cpu_gemv.cpp`` (activations in int16 fixed point, integer sums per group: more exact than bf16,
 and stacked for q/k/v and gate/up by ``fuse_gemv``; on AVX-512 ``int4_gemv_tiled``, the same arithmetic on
-weights in tiles of 16 rows where N is a multiple of 16); otherwise ATen's int4 kernel
+weights in tiles of 32 rows where N is a multiple of 32); otherwise ATen's int4 kernel
 (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 CPU layout uses) on weights packed once in its
 tile layout, called straight from the graph (an aten op: no Python runs per layer); it computes in bf16
 (its fp32 path is not vectorized). CUDA: the Triton int4 GEMM. A layer the
@@ -61,8 +61,8 @@ def _choose_int4(layer: Layer) -> tuple[str, str]:
 
 
 def _tiled(layer: Layer) -> bool:
-    """Whether the decode GEMV of ``layer`` takes the tiled layout (``qcompiler::int4_gemv_tiled``: 16 rows in
-    one AVX-512 register or two AVX2 ones; on builds with either, where it is faster than the row layout's
+    """Whether the decode GEMV of ``layer`` takes the tiled layout (``qcompiler::int4_gemv_tiled``: 32 rows in
+    two AVX-512 registers or four AVX2 ones; on builds with either, where it is faster than the row layout's
     kernel; a "generic" build keeps the rows)."""
     return (layer.n % reference.INT4_TILE == 0 and layer.k % 4 == 0 and layer.group % 4 == 0
             and native.isa() not in (None, "generic"))

@@ -4,7 +4,7 @@ first use for this machine.
 ``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
 ``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights), ``qcompiler::int4_gemv``
 (float32 activations x packed 4-bit weights with group scales and zeros) and ``qcompiler::int4_gemv_tiled`` (the
-same on weights in tiles of 16 rows, for AVX-512), ``qcompiler::decode_attention``
+same on weights in tiles of 32 rows, for AVX-512 and AVX2), ``qcompiler::decode_attention``
 (one query position over the filled part of a static KV cache) and ``qcompiler::kron_hadamard`` (a rotated
 model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops: a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
@@ -27,6 +27,8 @@ import hashlib
 from pathlib import Path
 
 import torch
+
+from qcompiler.lowering.kernels.reference import INT4_TILE
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp"))
 OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "int4_gemv_tiled", "gemv_threads", "gemv_isa", "decode_attention",
@@ -75,7 +77,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("qcompiler::int4_gemv_tiled")
     def _(x, w_tiled, scale, zero, group_size):
-        return x.new_empty((*x.shape[:-1], w_tiled.shape[0] * 16))
+        return x.new_empty((*x.shape[:-1], w_tiled.shape[0] * INT4_TILE))
 
     @torch.library.register_fake("qcompiler::decode_attention")
     def _(q, k, v, mask, scale):

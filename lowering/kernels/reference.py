@@ -34,15 +34,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
-INT4_TILE = 16  # output channels per tile of the tiled int4 layout
+INT4_TILE = 32  # output channels per tile of the tiled int4 layout (64 bytes, a cache line, per 4 input channels)
 
 
 def pack_int4_tiled(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     """``q [N, K]`` integers in [0, 15] with per-group ``scale``/``zero [N, G]`` -> the layout of the C++
-    ``qcompiler::int4_gemv_tiled`` (N a multiple of 16, K of 4): ``[N / 16, 8 K]`` uint8, where tile ``t``
-    holds, for each step ``s`` of 4 input channels (``k = 4 s``) and each of its 16 rows ``r``, the bytes
+    ``qcompiler::int4_gemv_tiled`` (N a multiple of 32, K of 4): ``[N / 32, 16 K]`` uint8, where tile ``t``
+    holds, for each step ``s`` of 4 input channels (``k = 4 s``) and each of its 32 rows ``r``, the bytes
     ``q[r, k] | q[r, k + 2] << 4`` and ``q[r, k + 1] | q[r, k + 3] << 4``; and ``scale``/``zero`` as
-    ``[N / 16, G, 16]``. Stacking layers along dim 0 stacks their output channels, as for :func:`pack_int4`."""
+    ``[N / 32, G, 32]``. Stacking layers along dim 0 stacks their output channels, as for :func:`pack_int4`."""
     n, k = q.shape
     if q.dim() != 2 or n % INT4_TILE or k % 4:
         raise ValueError(f"pack_int4_tiled: expected [N, K] with N a multiple of {INT4_TILE} and K of 4, "
@@ -51,7 +51,7 @@ def pack_int4_tiled(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         raise ValueError("pack_int4_tiled: values must lie in [0, 15] (store symmetric int4 as q + 8)")
     steps = q.to(torch.uint8).reshape(n // INT4_TILE, INT4_TILE, k // 4, 4)  # [T, r, s, j]
     pairs = torch.stack([steps[..., 0] | (steps[..., 2] << 4), steps[..., 1] | (steps[..., 3] << 4)], dim=-1)
-    tiled = pairs.permute(0, 2, 1, 3).reshape(n // INT4_TILE, 8 * k).contiguous()
+    tiled = pairs.permute(0, 2, 1, 3).reshape(n // INT4_TILE, INT4_TILE * k // 2).contiguous()
 
     def per_tile(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32).reshape(n // INT4_TILE, INT4_TILE, -1).transpose(1, 2).contiguous()
@@ -60,9 +60,9 @@ def pack_int4_tiled(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
 
 
 def unpack_int4_tiled(tiled: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`pack_int4_tiled` for the weights: ``[N / 16, 8 K]`` -> ``[N, K]`` uint8."""
+    """The inverse of :func:`pack_int4_tiled` for the weights: ``[N / 32, 16 K]`` -> ``[N, K]`` uint8."""
     tiles, width = tiled.shape
-    pairs = tiled.reshape(tiles, width // 32, INT4_TILE, 2).permute(0, 2, 1, 3)  # [T, r, s, 2]
+    pairs = tiled.reshape(tiles, width // (2 * INT4_TILE), INT4_TILE, 2).permute(0, 2, 1, 3)  # [T, r, s, 2]
     lo, hi = pairs & 0xF, pairs >> 4
     return torch.stack([lo[..., 0], lo[..., 1], hi[..., 0], hi[..., 1]], dim=-1).reshape(tiles * INT4_TILE, -1)
 

@@ -101,7 +101,7 @@ def test_int4_layers_are_stacked_too():
 
 
 class _TiledInt4Layers(torch.nn.Module):
-    def __init__(self, widths=(32, 16), k=64, group=32) -> None:
+    def __init__(self, widths=(64, 32), k=64, group=32) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(2)
         self.group = group
@@ -118,12 +118,12 @@ class _TiledInt4Layers(torch.nn.Module):
 
 
 def test_tiled_int4_layers_are_stacked_by_whole_tiles():
-    # a buffer's first dimension counts tiles of 16 output channels: each layer's slice of the stacked
-    # output is 16 x its tiles wide
+    # a buffer's first dimension counts tiles of 32 output channels: each layer's slice of the stacked
+    # output is 32 x its tiles wide
     gm = fx.symbolic_trace(_TiledInt4Layers())
     x = torch.randn(1, 64)
     expected = gm(x)
-    assert [e.shape[-1] for e in expected] == [32, 16]
+    assert [e.shape[-1] for e in expected] == [64, 32]
     result = fuse_gemv(gm)
     assert result.counts == {"stacked_gemv_calls": 1, "gemv_calls_stacked": 2}
     assert all(torch.equal(g, e) for g, e in zip(gm(x), expected, strict=True))

@@ -75,8 +75,8 @@ def test_int4_gemv_matches_the_reference(m, n, k, group):
     assert (out - expected).abs().max() < 0.01 * (x.double().abs().amax() * w.abs().sum(1).max() * 2**-9)
 
 
-@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 32, 576, 32), (2, 48, 576, 64), (8, 64, 256, 256),
-                                         (1, 64, 1536, 128), (2, 16, 2048, 2048), (1, 32, 36, 12)])
+@pytest.mark.parametrize("m,n,k,group", [(1, 32, 64, 32), (3, 64, 576, 32), (2, 96, 576, 64), (8, 64, 256, 256),
+                                         (1, 64, 1536, 128), (2, 32, 2048, 2048), (1, 32, 36, 12)])
 def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k, group):
     # the same fixed-point arithmetic (int16 activations with 32767 levels, exact integer sums, one float
     # multiply-add per group or per 256 channels): equal to the row kernel up to float32 summation order;
@@ -108,11 +108,35 @@ def test_the_tiled_int4_gemv_sums_the_largest_codes_without_overflow(group):
     torch.testing.assert_close(out, torch.full((2, 32), 15 * k * 1e-3), rtol=1e-5, atol=0)
 
 
+def _op_cases():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (64, 128), generator=gen)
+    scale, zero = torch.rand(64, 4, generator=gen) * 0.01, torch.full((64, 4), 8.0)
+    w8 = torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=gen)
+    x = torch.randn(2, 1, 128, generator=gen)
+    return {
+        "int8_gemv": (torch.randint(0, 256, (2, 1, 128), dtype=torch.uint8, generator=gen), 128, w8,
+                      w8.sum(1, dtype=torch.int32), torch.rand(48, generator=gen)),
+        "int8_weight_gemv": (x, w8, torch.rand(48, generator=gen)),
+        "int4_gemv": (x, reference.pack_int4(q), scale, zero, 32),
+        "int4_gemv_tiled": (x, *reference.pack_int4_tiled(q, scale, zero), 32),
+        "decode_attention": (torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 8, 16, generator=gen),
+                             torch.randn(1, 2, 8, 16, generator=gen), torch.ones(1, 1, 1, 8, dtype=torch.bool), 0.25),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_op_cases()))
+def test_the_fake_kernels_give_the_real_outputs_shapes(op):
+    # Inductor plans its buffers from the fake (meta) kernels: a wrong width there breaks the compiled graph
+    # (the tiled layout's tile height is read from reference.INT4_TILE, not written twice)
+    torch.library.opcheck(getattr(torch.ops.qcompiler, op).default, _op_cases()[op], test_utils=("test_faketensor",))
+
+
 def test_the_tiled_int4_layout_is_checked():
-    with pytest.raises(ValueError, match="multiple of 16"):
-        reference.pack_int4_tiled(torch.zeros(8, 64, dtype=torch.long), torch.ones(8, 2), torch.zeros(8, 2))
-    tiled, scale, zero = reference.pack_int4_tiled(torch.zeros(16, 64, dtype=torch.long), torch.ones(16, 2),
-                                                   torch.zeros(16, 2))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        reference.pack_int4_tiled(torch.zeros(16, 64, dtype=torch.long), torch.ones(16, 2), torch.zeros(16, 2))
+    tiled, scale, zero = reference.pack_int4_tiled(torch.zeros(32, 64, dtype=torch.long), torch.ones(32, 2),
+                                                   torch.zeros(32, 2))
     with pytest.raises(RuntimeError, match="group 6 does not fit"):
         torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 64), tiled, scale, zero, 6)
     with pytest.raises(RuntimeError, match="x has K=32"):
