@@ -18,6 +18,8 @@ vocabulary and false otherwise); a Hugging Face folder's tokenizer as it tokeniz
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -94,13 +96,48 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Within the block, ``gguf.GGUFReader(path)`` parses each file once and hands out that reader again, and
+    ``gguf.get_tensor_name_map(arch, blocks)`` builds each name map once.
 
+    Loading a GGUF model read its metadata four times: transformers' tokenizer, its config and its weights each
+    construct a ``GGUFReader`` (``load_gguf_checkpoint`` imports the class from ``gguf`` at each call), and
+    :func:`gguf_adds_bos` a fourth; parsing SmolLM2's 49,152-token vocabulary takes seconds each time. A reader
+    only maps the file read-only and lists its fields and tensors, so one serves every call of a load. And
+    transformers' ``get_gguf_hf_weights_map`` builds gguf's tensor-name map (thousands of entries) once per
+    submodule of the model, 397 times for SmolLM2; the map depends only on the architecture and block count and
+    is only read. SmolLM2's load on a Zen 4: 17.4 -> 5.3 s (the reader alone: -> 10.8 s)."""
+    import gguf
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
+
+
+def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise InputFileError(f"{path} is not a GGUF file (it does not begin with the bytes 'GGUF')")
+    with _one_gguf_parse():
+        return _load_gguf_parts(path, name, dtype)
+
+
+def _load_gguf_parts(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, file = str(path.parent), path.name
     try:  # the gguf reader reads the header and maps every tensor: a cut file fails here
         add_bos = gguf_adds_bos(path)

@@ -3,6 +3,7 @@ not be read is an error naming the file (item 9)."""
 
 import gguf
 import pytest
+import torch
 
 from qcompiler.core.errors import InputFileError
 from qcompiler.tools import cli, models
@@ -92,3 +93,32 @@ def test_gguf_files_that_can_not_be_read_are_named(tmp_path, capsys):
         assert last.startswith(f"qcompiler: {path}") and words in last, last
         if path in (truncated, header_cut):
             assert "truncated or damaged" in last
+
+
+def test_a_gguf_load_parses_the_file_once_and_loads_what_separate_parses_load(tmp_path, monkeypatch):
+    # transformers' tokenizer, config and weights each construct a GGUFReader, and gguf_adds_bos a fourth; the
+    # load shares one (and one tensor-name map per architecture), then puts gguf's own functions back
+    whole = _whole_gguf(tmp_path / "whole.gguf")
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed = []
+
+    def counting_reader(path, mode="r"):
+        parsed.append(path)
+        return original_reader(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    shared = models.load_model(str(whole))
+    assert len(parsed) == 1 and gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is original_map
+    separate = models._load_gguf_parts(whole, "whole", torch.float32)  # each part parses for itself
+    assert len(parsed) >= 4
+    assert shared.add_bos == separate.add_bos
+    assert shared.tokenizer("ab a")["input_ids"] == separate.tokenizer("ab a")["input_ids"]
+    mine, theirs = shared.model.state_dict(), separate.model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(InputFileError):
+        models.load_model(str(truncated))
+    assert gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is original_map
+    monkeypatch.undo()
+    assert gguf.GGUFReader is original_reader
