@@ -19,7 +19,6 @@ import types
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 from qcompiler.lowering.kernels import native, reference
 from qcompiler.tools.timing import machine_name
@@ -36,17 +35,10 @@ def _at_revision(rev: str, path: str) -> str:
 
 def _old_kernels(rev: str, folder: Path):
     """The ``int4_gemv_tiled`` op and ``pack_int4_tiled`` of revision ``rev``."""
-    source = _at_revision(rev, "lowering/kernels/cpu_gemv.cpp")
-    namespace = "qcompiler_before"
-    source = source.replace("TORCH_LIBRARY_FRAGMENT(qcompiler,", f"TORCH_LIBRARY_FRAGMENT({namespace},")
-    source = source.replace("TORCH_LIBRARY_IMPL(qcompiler,", f"TORCH_LIBRARY_IMPL({namespace},")
-    cpp = folder / "cpu_gemv_before.cpp"
-    cpp.write_text(source)
-    load(name=f"qcompiler_gemv_{rev}", sources=[str(cpp)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=str(folder))
+    ops = native.build_renamed(_at_revision(rev, "lowering/kernels/cpu_gemv.cpp"), "qcompiler_before", folder)
     module = types.ModuleType("reference_before")
     exec(compile(_at_revision(rev, "lowering/kernels/reference.py"), "reference_before", "exec"), module.__dict__)
-    return getattr(torch.ops, namespace).int4_gemv_tiled, module.pack_int4_tiled
+    return ops.int4_gemv_tiled, module.pack_int4_tiled
 
 
 def main(argv=None) -> int:

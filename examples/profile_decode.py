@@ -23,7 +23,8 @@ import qcompiler
 from qcompiler.tools import models
 from qcompiler.tools.timing import machine_name
 
-DECODE_LINEAR_OPS = ("qcompiler::int8_gemv", "qcompiler::int4_gemv", "qcompiler::int4_gemv_tiled")  # the kernels of fixed-shape (decode) graphs
+# the kernels of fixed-shape (decode) graphs' linear layers
+DECODE_LINEAR_OPS = ("qcompiler::int8_gemv", "qcompiler::int4_gemv", "qcompiler::int4_gemv_tiled")
 
 
 def _step_ms(model, ctx, new: int, repeats: int) -> float:

@@ -501,7 +501,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
   TORCH_CHECK(w_tiled.scalar_type() == at::kByte && w_tiled.dim() == 2 && w_tiled.is_contiguous() &&
                   w_tiled.size(1) % kStepBytes == 0,
               "int4_gemv_tiled takes a contiguous uint8 tiled weight [N / 32, 16 K]");
-  const int64_t tiles = w_tiled.size(0), n = tiles * kTile, k = w_tiled.size(1) / 16;
+  const int64_t tiles = w_tiled.size(0), n = tiles * kTile, k = w_tiled.size(1) * 2 / kTile;
   TORCH_CHECK(x.size(-1) == k, "int4_gemv_tiled: x has K=", x.size(-1), ", the tiled weight ", k);
   TORCH_CHECK(group >= 4 && group % 4 == 0 && k % group == 0, "int4_gemv_tiled: group ", group, " does not fit K=", k);
   const int64_t groups = k / group;
@@ -532,7 +532,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
   const float* sp = sc.data_ptr<float>();
   const float* zp = zc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t tile_bytes = 16 * k, tile_params = groups * kTile;
+  const int64_t tile_bytes = kTile * k / 2, tile_params = groups * kTile;
   at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytes / tile_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t i = 0; i < m; ++i) {

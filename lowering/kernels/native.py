@@ -54,12 +54,31 @@ def _build() -> str | None:
         from torch.utils.cpp_extension import load
 
         load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=False)
+             extra_cflags=_cflags("native"), extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
         return f"the C++ GEMV kernels could not be built ({type(exc).__name__}: {str(exc)[:200]})"
     _register_fakes()
     return None
+
+
+def _cflags(march: str) -> list[str]:
+    return ["-O3", f"-march={march}", "-fopenmp"]
+
+
+def build_renamed(source: str, namespace: str, folder: Path, march: str = "native"):
+    """``source``, the text of a kernel file such as ``cpu_gemv.cpp`` (this one, or another revision's), built for
+    ``-march=march`` in ``folder`` with its ops registered under ``namespace`` instead of ``qcompiler``, so that it
+    loads beside the package's own build; returns ``torch.ops.<namespace>``. For tests and benchmarks that compare
+    builds (``tests/lowering/test_gemv_isas.py``, ``examples/bench_int4_revisions.py``)."""
+    from torch.utils.cpp_extension import load
+
+    for macro in ("TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
+        source = source.replace(f"{macro}(qcompiler,", f"{macro}({namespace},")
+    cpp = folder / f"{namespace}.cpp"
+    cpp.write_text(source)
+    load(name=namespace, sources=[str(cpp)], extra_cflags=_cflags(march), extra_ldflags=["-fopenmp"],
+         is_python_module=False, build_directory=str(folder))
+    return getattr(torch.ops, namespace)
 
 
 def _register_fakes() -> None:

@@ -37,24 +37,11 @@ def _cpu_flags() -> set[str]:
 TARGETS = [("haswell", "avx2", {"avx2", "fma", "f16c", "bmi2"}), ("x86-64", "generic", set())]
 
 
-def _build(march: str, folder: Path):
-    from torch.utils.cpp_extension import load
-
-    namespace = "qcompiler_" + re.sub(r"\W", "_", march)
-    text = SOURCE.read_text().replace("TORCH_LIBRARY_FRAGMENT(qcompiler,", f"TORCH_LIBRARY_FRAGMENT({namespace},")
-    text = text.replace("TORCH_LIBRARY_IMPL(qcompiler,", f"TORCH_LIBRARY_IMPL({namespace},")
-    cpp = folder / f"cpu_gemv_{namespace}.cpp"
-    cpp.write_text(text)
-    load(name=f"test_gemv_{namespace}", sources=[str(cpp)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=str(folder))
-    return getattr(torch.ops, namespace)
-
-
 @pytest.mark.parametrize("march,isa,needs", TARGETS, ids=[t[0] for t in TARGETS])
 def test_every_vector_branch_builds_and_computes_what_the_native_build_does(march, isa, needs, tmp_path):
     if not needs <= _cpu_flags():
         pytest.skip(f"this CPU can not run code built for {march} (needs {sorted(needs - _cpu_flags())})")
-    ops = _build(march, tmp_path)
+    ops = native.build_renamed(SOURCE.read_text(), "qcompiler_" + re.sub(r"\W", "_", march), tmp_path, march)
     assert ops.gemv_isa() == isa
     gen = torch.Generator().manual_seed(11)
     for m, n, k, group in [(1, 32, 64, 32), (3, 64, 576, 32), (2, 96, 576, 64), (8, 64, 256, 256),
@@ -63,13 +50,12 @@ def test_every_vector_branch_builds_and_computes_what_the_native_build_does(marc
         q = torch.randint(0, 16, (n, k), generator=gen)
         scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
         zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
-        expected = torch.ops.qcompiler.int4_gemv_tiled(x, *reference.pack_int4_tiled(q, scale, zero), group)
+        tiled, rows = reference.pack_int4_tiled(q, scale, zero), reference.pack_int4(q)
+        expected = torch.ops.qcompiler.int4_gemv_tiled(x, *tiled, group)
         atol = 1e-5 * float(expected.abs().max())  # float32 sums in another order (the plain loops)
-        torch.testing.assert_close(ops.int4_gemv_tiled(x, *reference.pack_int4_tiled(q, scale, zero), group),
-                                   expected, rtol=1e-5, atol=atol)
-        torch.testing.assert_close(ops.int4_gemv(x, reference.pack_int4(q), scale, zero, group),
-                                   torch.ops.qcompiler.int4_gemv(x, reference.pack_int4(q), scale, zero, group),
-                                   rtol=1e-5, atol=atol)
+        torch.testing.assert_close(ops.int4_gemv_tiled(x, *tiled, group), expected, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(ops.int4_gemv(x, rows, scale, zero, group),
+                                   torch.ops.qcompiler.int4_gemv(x, rows, scale, zero, group), rtol=1e-5, atol=atol)
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
         rowsum, w_scale = w8.sum(1, dtype=torch.int32), torch.rand(n, generator=gen)
