@@ -69,7 +69,7 @@ def build_renamed(source: str, namespace: str, folder: Path, march: str = "nativ
     """``source``, the text of a kernel file such as ``cpu_gemv.cpp`` (this one, or another revision's), built for
     ``-march=march`` in ``folder`` with its ops registered under ``namespace`` instead of ``qcompiler``, so that it
     loads beside the package's own build; returns ``torch.ops.<namespace>``. For tests and benchmarks that compare
-    builds (``tests/lowering/test_gemv_isas.py``, ``examples/bench_int4_revisions.py``)."""
+    builds (``tests/lowering/test_gemv_isas.py``, ``examples/bench_gemv_revisions.py``)."""
     from torch.utils.cpp_extension import load
 
     for macro in ("TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
