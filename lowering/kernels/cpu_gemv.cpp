@@ -187,6 +187,8 @@ at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tens
               "int8_gemv takes a contiguous int8 weight [N, K]");
   const int64_t n = w_q.size(0), k = w_q.size(1);
   TORCH_CHECK(x_q.size(-1) == k, "int8_gemv: x has K=", x_q.size(-1), ", the weight ", k);
+  TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 255, "int8_gemv: the uint8 activations' zero point must be in "
+              "[0, 255], got ", x_zero_point);
   TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.numel() == n, "int8_gemv: w_rowsum must be int32 [N]");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == n, "int8_gemv: w_scale must be float32 [N]");
   const auto x2 = x_q.reshape({-1, k}).contiguous();

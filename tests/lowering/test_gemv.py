@@ -36,6 +36,23 @@ def test_int8_gemv_is_exact(m, n, k, zero_point):
     assert torch.equal(out, reference.int8_gemm(x, zero_point, w, scale))
 
 
+@pytest.mark.parametrize("x_value,zero_point,w_value", [(255, 0, -128), (0, 255, -128), (255, 0, 127), (0, 255, 127)])
+def test_int8_gemv_is_exact_at_the_extremes(x_value, zero_point, w_value):
+    # the largest products and sums the kernel can meet (CPUs without VNNI sum (x - zero_point) as int16 pairs)
+    x = torch.full((2, 1536), x_value, dtype=torch.uint8)
+    w = torch.full((40, 1536), w_value, dtype=torch.int8)
+    scale = torch.ones(40)
+    out = torch.ops.qcompiler.int8_gemv(x, zero_point, w, w.sum(1, dtype=torch.int32), scale)
+    assert torch.equal(out, reference.int8_gemm(x, zero_point, w, scale))
+    assert out[0, 0] == (x_value - zero_point) * w_value * 1536
+
+
+def test_int8_gemv_refuses_a_zero_point_outside_uint8():
+    x, w = torch.zeros(1, 64, dtype=torch.uint8), torch.zeros(32, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"zero point must be in \[0, 255\], got 300"):
+        torch.ops.qcompiler.int8_gemv(x, 300, w, w.sum(1, dtype=torch.int32), torch.ones(32))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 32, 64), (2, 7, 576), (8, 49, 100)])
 def test_int8_weight_gemv_is_the_float_product(m, n, k):
     gen = torch.Generator().manual_seed(k)
