@@ -1,12 +1,13 @@
-"""The C++ kernels of the decode step (``cpu_gemv.cpp``, ``cpu_attention.cpp``, ``cpu_hadamard.cpp``), built at
-first use for this machine.
+"""The C++ kernels of the decode step (``cpu_gemv.cpp``, ``cpu_attention.cpp``, ``cpu_hadamard.cpp``) and of
+calibration (``cpu_histogram.cpp``), built at first use for this machine.
 
 ``qcompiler::int8_gemv`` (uint8 activations with a zero point x int8 weights, exact int32 sums),
 ``qcompiler::int8_weight_gemv`` (float32 activations x int8 weights), ``qcompiler::int4_gemv``
 (float32 activations x packed 4-bit weights with group scales and zeros) and ``qcompiler::int4_gemv_tiled`` (the
 same on weights in tiles of 32 rows, for AVX-512 and AVX2), ``qcompiler::decode_attention``
 (one query position over the filled part of a static KV cache) and ``qcompiler::kron_hadamard`` (a rotated
-model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops: a compiled
+model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops (and ``qcompiler::histogram_bins``, the bin
+counts of a calibration histogram, which the observers call on every batch): a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
 takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
 is fixed and small); larger products keep the library kernels of ``cpu.py``.
@@ -30,9 +31,10 @@ import torch
 
 from qcompiler.lowering.kernels.reference import INT4_TILE
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp", "cpu_histogram.cpp"))
 OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "int4_gemv_tiled", "gemv_threads", "gemv_isa", "decode_attention",
-       "kron_hadamard")
+       "kron_hadamard", "histogram_bins")
 
 
 def _machine_tag() -> str:
@@ -105,6 +107,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qcompiler::kron_hadamard")
     def _(x, a, b):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("qcompiler::histogram_bins")
+    def _(x, shift, bins):
+        return x.new_empty((bins,), dtype=torch.int64)
 
 
 def isa() -> str | None:

@@ -16,8 +16,19 @@ import torch
 from qcompiler.core.errors import CalibrationError
 from qcompiler.core.histogram import DEFAULT_BINS, Histogram
 from qcompiler.core.ranges import OBSERVERS, clip_range
+from qcompiler.lowering.kernels import native
 
 DEFAULT_EMA_MOMENTUM = 0.1
+
+
+MAX_NATIVE_BINS = 1 << 16  # qcompiler::histogram_bins keeps per-thread partial counts of every bin
+
+
+def _native_count_bins(bins: int):
+    """The C++ bin counter (``qcompiler::histogram_bins``: one pass over the values instead of the torch ops'
+    seven, the same counts) for histograms of ``bins`` bins, None where the native kernels cannot be built."""
+    usable = bins <= MAX_NATIVE_BINS and native.unavailable_reason() is None
+    return torch.ops.qcompiler.histogram_bins if usable else None
 
 
 @dataclass(frozen=True)
@@ -116,17 +127,16 @@ class ActivationObserver:
         self.batches = 0
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if not torch.isfinite(x).all():
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if flat.numel() == 0:
+            return
+        cmin, cmax = flat.amin(0), flat.amax(0)  # NaN where a channel holds one, +-inf where it holds one
+        bmin, bmax = cmin.min(), cmax.max()
+        if not (torch.isfinite(bmin) and torch.isfinite(bmax)):
             raise CalibrationError(
                 f"calibration: the input of layer {self.name!r} holds inf/NaN on batch {self.batches}; "
                 "check the calibration data and the model in float, or skip this layer in the recipe"
             )
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if flat.numel() == 0:
-            return
-        cmin, cmax = flat.amin(0), flat.amax(0)
-        bmin, bmax = cmin.min(), cmax.max()
         if self.batches == 0:
             self.min, self.max, self.ema_min, self.ema_max = bmin, bmax, bmin, bmax
             self.channel_min, self.channel_max = cmin, cmax
@@ -147,9 +157,9 @@ class ActivationObserver:
             self.channel_max = torch.maximum(self.channel_max, cmax)
             self.channel_ema_min = (1 - m) * self.channel_ema_min + m * cmin
             self.channel_ema_max = (1 - m) * self.channel_ema_max + m * cmax
-        self.hist.update(flat)
+        self.hist.update(flat, torch.maximum(-bmin, bmax).reshape(1), count_bins=_native_count_bins(self.hist.bins))
         if self.channel_hist is not None:
-            self.channel_hist.update(flat)
+            self.channel_hist.update(flat, torch.maximum(-cmin, cmax))
         if self.sample_rows:
             self._keep_samples(flat)
         self.batches += 1

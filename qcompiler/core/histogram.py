@@ -8,6 +8,7 @@ one row; per input channel: one row per channel).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -69,15 +70,38 @@ class Histogram:
         e = torch.floor(torch.log2(safe)).to(torch.int64) + 1
         return e.clamp_min(-126)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add the values of ``x`` (``[..., channels]``, or any shape for one channel)."""
-        x = x.detach().double()
-        x = x.reshape(-1, self.channels) if self.channels > 1 else x.reshape(1, -1).t()
-        absmax = x.abs().amax(0) if x.numel() else torch.zeros(self.channels, dtype=torch.float64)
+    def update(self, x: torch.Tensor, absmax: torch.Tensor | None = None,
+               count_bins: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None) -> None:
+        """Add the values of ``x`` (``[..., channels]``, or any shape for one channel); ``absmax``, the largest
+        ``|x|`` per channel, when the caller has it (else it is computed). ``count_bins(values, shift, bins)``,
+        where given, counts one channel's float32 values into its bins (the calibration observers pass the C++
+        ``qcompiler::histogram_bins``) and must count as the torch ops below do.
+
+        A value's bin is ``floor(x * 2**shift) + bins/2`` with ``2**shift = bins / (2R)``. For float32 (and
+        half) inputs with ``-100 <= shift <= 126`` that product is taken in float32: a power-of-two scaling is
+        exact there unless the result is subnormal, and the only such result whose floor could change is a
+        negative value flushed to -0.0 (its floor is -1), which is put right; otherwise in float64. Either
+        way the counts are those of the exact product."""
+        x = x.detach()
+        x = x.reshape(-1, self.channels) if self.channels > 1 else x.reshape(-1, 1)
+        if absmax is None:
+            absmax = x.abs().amax(0) if x.numel() else torch.zeros(self.channels)
         self._coarsen(torch.maximum(self.exponent, self.exponent_for(absmax)))
-        inv_width = self.bins / 2 / torch.pow(2.0, self.exponent.double())  # a power of two
-        index = torch.floor(x * inv_width).to(torch.int64) + self.bins // 2
-        index = index.clamp(0, self.bins - 1) + torch.arange(self.channels) * self.bins
+        shift = int(math.log2(self.bins)) - 1 - self.exponent  # x * 2**shift lies in [-bins/2, bins/2)
+        if count_bins is not None and self.channels == 1 and x.dtype == torch.float32:
+            self.counts[0] += count_bins(x, int(shift[0]), self.bins).to(torch.float64)
+            return
+        lowest, highest = int(shift.min()), int(shift.max())
+        if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and -100 <= lowest <= highest <= 126:
+            y = x.float() * torch.pow(2.0, shift.float())
+            if lowest < 0:
+                y = torch.where((y == 0) & (x < 0), -1.0, y)
+            y = y.floor_()
+        else:
+            y = torch.floor(x.double() * torch.pow(2.0, shift.double()))
+        index = y.add_(self.bins // 2).clamp_(0, self.bins - 1).to(torch.int64)
+        if self.channels > 1:
+            index = index + torch.arange(self.channels) * self.bins
         self.counts += torch.bincount(index.flatten(), minlength=self.channels * self.bins).reshape(
             self.channels, self.bins).to(torch.float64)
 
