@@ -44,6 +44,19 @@ def _batches(batches) -> list:
         raise CalibrationError(f"calibration: {exc}") from None
 
 
+def _last_logits_only(model: torch.nn.Module, recipe: Recipe, batches: list) -> list:
+    """The batches with ``logits_to_keep=1`` where the model takes it (Hugging Face causal LMs) and the recipe
+    keeps its output layer in float: calibration reads no logits and observes nothing after that layer's input,
+    so the model computes the last position's logits only (the LM head is a fifth of SmolLM2-135M's forward).
+    The observed inputs are the same values."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None or recipe.skip_pattern_for(name) is None or not capture.accepts(model, "logits_to_keep"):
+        return batches
+    return [b if "logits_to_keep" in b.kwargs else capture.Batch(b.args, {**b.kwargs, "logits_to_keep": 1})
+            for b in batches]
+
+
 def calibrate(
     model: torch.nn.Module,
     batches: Iterable,
@@ -79,6 +92,7 @@ def calibrate(
     start = time.perf_counter()
     if recipe.data_driven_rounding:
         return _calibrate_rounding(model, batches, recipe, bins, progress, start, channel_bins, sample_rows)
+    batches = _last_logits_only(model, recipe, batches)
     raw, count, tokens = _observe(model, batches, lambda: pipeline.base_steps(recipe),
                                   bins, sample_rows, progress, "calibrating", channel_bins)
     info = {
@@ -107,8 +121,9 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
     when the recipe also has static activation ranges). With SmoothQuant the float inputs are observed
     first, and the smoothed weights are rounded on the smoothed inputs."""
     raw = None
+    observed = _last_logits_only(model, recipe, batches)
     if recipe.transforms:  # the transforms' own statistics, from the float model
-        raw, _, _ = _observe(model, batches, lambda: pipeline.base_steps(recipe), bins, sample_rows,
+        raw, _, _ = _observe(model, observed, lambda: pipeline.base_steps(recipe), bins, sample_rows,
                              progress, "calibrating", channel_bins)
         steps = pipeline.transform_steps(recipe, raw)  # canonicalize, the plan, the transforms
     else:
@@ -132,7 +147,7 @@ def _calibrate_rounding(model, batches, recipe: Recipe, bins: int, progress: boo
         )
     activations = {}
     if recipe.has_static_activations:
-        activations, _, _ = _observe(model, batches, lambda: steps, bins, 0, progress, "calibrating", channel_bins)
+        activations, _, _ = _observe(model, observed, lambda: steps, bins, 0, progress, "calibrating", channel_bins)
     info = {
         "batches": len(batches), "tokens": sum(capture.batch_tokens(b) for b in batches), "recipe": recipe.name,
         "bins": bins, "channel_bins": channel_bins, "rotation": repr(recipe.rotation),
@@ -154,9 +169,12 @@ def _observe(model, batches: list, steps, bins: int, sample_rows: int, progress:
     the plan quantizes."""
     observers: dict[str, ActivationObserver] = {}
 
-    def observer_for(module: str):
-        return observers.setdefault(module, ActivationObserver(module, bins, sample_rows=sample_rows,
-                                                                          channel_bins=channel_bins)).observe
+    def observer_for(modules: tuple[str, ...]):
+        # the layers that read one value share its observer (each gets its own frozen copy below)
+        observer = observers.get(modules[0]) or ActivationObserver(", ".join(modules), bins, sample_rows=sample_rows,
+                                                                   channel_bins=channel_bins)
+        observers.update(dict.fromkeys(modules, observer))
+        return observer.observe
 
     def calibration_backend(gm, example_inputs, **_):
         capture.bind_parameters(gm, example_inputs)

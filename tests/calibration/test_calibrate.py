@@ -299,3 +299,48 @@ def test_nan_activations_in_one_batch_name_that_batch(recipe):
     with pytest.raises(CalibrationError, match=r"layer 'model\.layers\.0\.self_attn\.[qkv]_proj' holds inf/NaN "
                                                r"on batch 1;"):
         qcompiler.calibrate(model, batches, recipe, progress=False)
+
+
+def test_layers_that_read_one_value_are_observed_once_and_keep_their_own_statistics(monkeypatch):
+    from qcompiler.calibration.observers import ActivationObserver
+
+    calls = []
+    observe = ActivationObserver.observe
+    monkeypatch.setattr(ActivationObserver, "observe", lambda self, x: (calls.append(self.name), observe(self, x)))
+    stats = qcompiler.calibrate(tiny_llama(), token_batches(), progress=False)
+    # 3 batches x 2 blocks x 4 values: the attention's input (q, k, v), o_proj's, the MLP's (gate, up), down_proj's
+    assert len(calls) == 3 * 2 * 4 and len(stats.activations) == 2 * 7
+    q, k, v = (stats.activations[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
+    for field in ("channel_min", "channel_max", "hist_counts", "ema_max"):
+        assert torch.equal(getattr(q, field), getattr(k, field)) and torch.equal(getattr(q, field), getattr(v, field))
+        assert getattr(q, field).data_ptr() != getattr(k, field).data_ptr()  # each layer's own copy (saved apart)
+
+
+def test_calibration_computes_the_last_logits_only_where_no_layer_reads_the_others(monkeypatch):
+    from qcompiler.calibration import calibrate as calibration
+
+    kwargs = []
+    call = calibration.capture.call
+    monkeypatch.setattr(calibration.capture, "call", lambda model, batch: (kwargs.append(dict(batch.kwargs)),
+                                                                            call(model, batch))[1])
+    model = tiny_llama()
+    fast = qcompiler.calibrate(model, token_batches(), progress=False)  # the recipe keeps lm_head in float
+    assert kwargs and all(k.get("logits_to_keep") == 1 for k in kwargs)
+    kwargs.clear()
+    torch._dynamo.reset()
+    monkeypatch.setattr(calibration, "_last_logits_only", lambda model, recipe, batches: batches)
+    full = qcompiler.calibrate(model, token_batches(), progress=False)
+    assert kwargs and not any("logits_to_keep" in k for k in kwargs)
+    assert fast.activations.keys() == full.activations.keys()
+    for name, ranges in fast.activations.items():
+        assert torch.equal(ranges.hist_counts, full.activations[name].hist_counts), name
+        assert torch.equal(ranges.channel_max, full.activations[name].channel_max), name
+
+    monkeypatch.undo()
+    kwargs.clear()
+    torch._dynamo.reset()
+    monkeypatch.setattr(calibration.capture, "call", lambda model, batch: (kwargs.append(dict(batch.kwargs)),
+                                                                            call(model, batch))[1])
+    head_too = qcompiler.calibrate(model, token_batches(), qcompiler.Recipe(skip=("*embed*",)), progress=False)
+    assert not any("logits_to_keep" in k for k in kwargs)  # lm_head is quantized: its input is observed whole
+    assert head_too.activations["lm_head"].channel_max.shape == (64,) and float(head_too.info["tokens"]) == 48
