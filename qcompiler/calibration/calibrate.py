@@ -53,8 +53,7 @@ def _last_logits_only(model: torch.nn.Module, recipe: Recipe, batches: list) -> 
     name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     if name is None or recipe.skip_pattern_for(name) is None or not capture.accepts(model, "logits_to_keep"):
         return batches
-    return [b if "logits_to_keep" in b.kwargs else capture.Batch(b.args, {**b.kwargs, "logits_to_keep": 1})
-            for b in batches]
+    return [capture.with_default(b, "logits_to_keep", 1) for b in batches]
 
 
 def calibrate(

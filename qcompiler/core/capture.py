@@ -133,9 +133,12 @@ def as_batch(batch, use_cache_off: bool = False) -> Batch:
             f"a batch of type {type(batch).__name__} is not supported: give input-id tensors, dicts of model "
             "keyword inputs, or tuples of positional input tensors"
         )
-    if use_cache_off and "use_cache" not in out.kwargs:
-        out = Batch(out.args, {**out.kwargs, "use_cache": False})
-    return out
+    return with_default(out, "use_cache", False) if use_cache_off else out
+
+
+def with_default(batch: Batch, name: str, value) -> Batch:
+    """``batch`` with the keyword input ``name=value`` unless it gives ``name`` itself."""
+    return batch if name in batch.kwargs else Batch(batch.args, {**batch.kwargs, name: value})
 
 
 def call(model, batch: Batch):
