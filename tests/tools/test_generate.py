@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler.core.errors import ConfigError
+from qcompiler.core.errors import ConfigError, QCompilerError
 from qcompiler.tools import models
 
 
@@ -38,6 +38,8 @@ def test_generate_runs_the_quantized_kernels_and_compiles_two_graphs(stories):
     assert {"qcompiler::int8_gemm", "qcompiler::int8_gemv", "qcompiler::int8_weight_gemv"} <= ops, sorted(ops)
     assert out.shape == (1, ids.shape[1] + 100)
     assert len(qcompiler.reports()) == 2  # one graph for the prompt, one for every decode step
+    # of each generate's 99 decode steps, two went through Dynamo and 97 called the graph directly
+    assert quantized.forward.replayed == 2 * 97
     # every linear layer, and the LM head the recipe keeps float gets int8 weights (lm_head="int8")
     assert all(len(report.quantized) == 36 for report in qcompiler.reports())
     # quantized, and not the float model under another name
@@ -64,6 +66,28 @@ def test_eager_compiler_generates_on_the_same_kernels_without_inductor(stories, 
     assert len(qcompiler.reports()) == 2
     with pytest.raises(ConfigError, match="compiler"):
         qcompiler.compile(stories.model, "w8a8-dynamic", compiler="tvm")
+
+
+def test_replayed_decode_steps_give_the_tokens_of_steps_through_dynamo(stories, monkeypatch):
+    from qcompiler.tools import replay
+
+    ids = _prompt(stories)
+    tokens = {}
+    for mode in ("replay", "dynamo"):
+        if mode == "dynamo":
+            monkeypatch.setattr(replay.Recorder, "record", lambda self, call, kwargs: (call(**kwargs), None))
+        torch._dynamo.reset()
+        quantized = qcompiler.compile(stories.model, "w8a8-dynamic", max_cache_len=128, compiler="eager")
+        with torch.inference_mode():
+            tokens[mode] = quantized.generate(ids, max_new_tokens=100, do_sample=False)
+        assert quantized.forward.replayed == (97 if mode == "replay" else 0)
+    assert torch.equal(tokens["replay"], tokens["dynamo"])
+    # replayed steps skip the check that the weights are unchanged; the next generate() still makes it
+    weight = stories.model.lm_head.weight
+    with torch.no_grad():
+        weight.mul_(1.0)
+    with torch.inference_mode(), pytest.raises(QCompilerError, match="weight was changed in place"):
+        quantized.generate(ids, max_new_tokens=4, do_sample=False)
 
 
 def test_lm_head_recipe_leaves_the_recipe_as_it_is(stories):
