@@ -8,6 +8,9 @@
 // (lowering/kernels/native.py); the decode_attention lowering (lowering/attention.py) calls it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -52,6 +55,54 @@ inline void axpy_f32(float alpha, const float* __restrict x, float* __restrict y
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
+
+#if defined(__AVX512F__)
+// One query head's scores and weighted values for a head dimension of 16 * V floats (64, 128) on AVX-512:
+// the query and the output row stay in registers, each key's dot product is a tree of two accumulators
+// (short dependency chains, so consecutive positions overlap), and the softmax runs as in the generic loop.
+template <int V>
+void head_avx512(const float* __restrict qrow, const float* __restrict kbase, int64_t kl, const float* __restrict vbase,
+                 int64_t vl, const bool* row, int64_t ml, int64_t n, float fscale, float* __restrict sc, float* orow) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  __m512 qv[V];
+  for (int t = 0; t < V; ++t) qv[t] = _mm512_loadu_ps(qrow + 16 * t);
+  float best = kMasked;
+  for (int64_t j = 0; j < n; ++j) {
+    if (row && !row[j * ml]) {
+      sc[j] = kMasked;
+      continue;
+    }
+    const float* kr = kbase + j * kl;
+    __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr)), a1 = _mm512_mul_ps(qv[1], _mm512_loadu_ps(kr + 16));
+    for (int t = 2; t < V; t += 2) {
+      a0 = _mm512_fmadd_ps(qv[t], _mm512_loadu_ps(kr + 16 * t), a0);
+      a1 = _mm512_fmadd_ps(qv[t + 1], _mm512_loadu_ps(kr + 16 * t + 16), a1);
+    }
+    sc[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * fscale;
+    best = std::max(best, sc[j]);
+  }
+  __m512 ov[V];
+  for (int t = 0; t < V; ++t) ov[t] = _mm512_setzero_ps();
+  if (best != kMasked) {
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = sc[j] == kMasked ? 0.f : exp_nonpositive(sc[j] - best);
+      sc[j] = e;
+      total += e;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (sc[j] == 0.f) continue;
+      const __m512 w = _mm512_set1_ps(sc[j]);
+      const float* vr = vbase + j * vl;
+      for (int t = 0; t < V; ++t) ov[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * t), ov[t]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / total);
+    for (int t = 0; t < V; ++t) ov[t] = _mm512_mul_ps(ov[t], inv);
+  }
+  for (int t = 0; t < V; ++t) _mm512_storeu_ps(orow + 16 * t, ov[t]);
+}
+#endif
 
 }  // namespace
 
@@ -106,6 +157,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* kbase = kp + bi * kb + kvi * kh;
       const float* vbase = vp + bi * vb + kvi * vh;
       float* orow = op + bh * d;
+#if defined(__AVX512F__)
+      if (d == 64 || d == 128) {
+        (d == 64 ? head_avx512<4> : head_avx512<8>)(qrow, kbase, kl, vbase, vl, row, ml, n, fscale, sc, orow);
+        continue;
+      }
+#endif
       float best = kMasked;
       for (int64_t j = 0; j < n; ++j) {
         sc[j] = (row && !row[j * ml]) ? kMasked : dot_f32(qrow, kbase + j * kl, d) * fscale;
