@@ -51,6 +51,19 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
+// scores sc[0, n) (masked ones -inf, best their largest, finite) -> exp(score - best) in place; returns their sum
+inline float softmax_weights(float* __restrict sc, int64_t n, float best) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = sc[j] == kMasked ? 0.f : exp_nonpositive(sc[j] - best);
+    sc[j] = e;
+    total += e;
+  }
+  return total;
+}
+
 inline void axpy_f32(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -84,13 +97,7 @@ void head_avx512(const float* __restrict qrow, const float* __restrict kbase, in
   __m512 ov[V];
   for (int t = 0; t < V; ++t) ov[t] = _mm512_setzero_ps();
   if (best != kMasked) {
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = sc[j] == kMasked ? 0.f : exp_nonpositive(sc[j] - best);
-      sc[j] = e;
-      total += e;
-    }
+    const float total = softmax_weights(sc, n, best);
     for (int64_t j = 0; j < n; ++j) {
       if (sc[j] == 0.f) continue;
       const __m512 w = _mm512_set1_ps(sc[j]);
@@ -170,13 +177,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       }
       for (int64_t i = 0; i < d; ++i) orow[i] = 0.f;
       if (best == kMasked) continue;  // nothing to attend to: zeros
-      float total = 0.f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < n; ++j) {
-        const float e = sc[j] == kMasked ? 0.f : exp_nonpositive(sc[j] - best);
-        sc[j] = e;
-        total += e;
-      }
+      const float total = softmax_weights(sc, n, best);
       for (int64_t j = 0; j < n; ++j) {
         if (sc[j] != 0.f) axpy_f32(sc[j], vbase + j * vl, orow, d);
       }
