@@ -4,20 +4,20 @@ Compiles ``--model`` with ``--recipe`` once (``qcompiler.compile``, static cache
 bench generate``), then times a decode step both ways in turn, ``--repeats`` rounds, medians: "dynamo" records
 nothing, so every step enters the ``torch.compile``-d forward through Dynamo (its guards and input fetches, and
 qcompiler's per-call weight check); "replay" is the default, where steps after the first two call the graph
-directly. A step's time is that of a (64+1)-token generate less a 1-token one, over 64, after a random
-128-token context. Both ways give the same tokens (checked).
+directly. A step's time is what ``qcompiler bench generate`` measures (``chat.generate_timed``: the time
+from the first new token to the last over the steps between, greedy, after a random 128-token context).
+Both ways give the same text (checked).
 
     python examples/bench_replay.py --model smollm2-135m --recipe w4a16-rtn
 """
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import qcompiler
-from qcompiler.tools import models
+from qcompiler.tools import chat, models
 from qcompiler.tools.timing import machine_name
 
 
@@ -38,32 +38,21 @@ def main(argv=None) -> int:
     def through_dynamo(call, kwargs):
         return call(**kwargs), None
 
-    def generate(new):
-        return model.generate(ctx, max_new_tokens=new, eos_token_id=None, do_sample=False)
-
-    def step_ms():
-        t0 = time.perf_counter()
-        generate(1)
-        t1 = time.perf_counter()
-        generate(args.new + 1)
-        t2 = time.perf_counter()
-        return ((t2 - t1) - (t1 - t0)) / args.new * 1e3
-
-    times, tokens = {"dynamo": [], "replay": []}, {}
-    with torch.inference_mode():
-        generate(4)  # compiles the prompt's and the decode step's graphs
-        for _ in range(args.repeats):
-            for way in times:
-                forward.recorder.record = record if way == "replay" else through_dynamo
-                forward.replay = forward.recorded = None
-                times[way].append(step_ms())
-                tokens[way] = generate(args.new + 1)
-    if not torch.equal(tokens["dynamo"], tokens["replay"]):
-        raise SystemExit("the two ways gave different tokens")
+    times, texts = {"dynamo": [], "replay": []}, {}
+    chat.generate_timed(model, loaded, ctx, 4, 0.0, echo=False)  # compiles the prompt's and the decode step's graphs
+    for _ in range(args.repeats):
+        for way in times:
+            forward.recorder.record = record if way == "replay" else through_dynamo
+            forward.replay = forward.recorded = None
+            timed = chat.generate_timed(model, loaded, ctx, args.new + 1, 0.0, echo=False, stop_at_eos=False)
+            times[way].append(1e3 / timed.decode_tokens_per_s)
+            texts[way] = timed.text
+    if texts["dynamo"] != texts["replay"]:
+        raise SystemExit("the two ways gave different text")
     dynamo, replay = (statistics.median(times[way]) for way in ("dynamo", "replay"))
     print(f"{args.model} {args.recipe} on {machine_name()}, {torch.get_num_threads()} threads, medians of "
           f"{args.repeats}: decode step through Dynamo {dynamo:.2f} ms, replayed {replay:.2f} ms "
-          f"({replay / dynamo:.2f}x); same tokens")
+          f"({replay / dynamo:.2f}x); same text")
     return 0
 
 
