@@ -9,7 +9,8 @@ a preallocated (static) KV cache of ``max_cache_len`` positions:
 - the prompt (any length up to the cache) and the decode steps compile exactly two graphs per batch
   size and dtype: one for prompts (their length is marked dynamic) and one for single-token steps
   (fixed shapes, so its linear layers take the C++ GEMV kernels);
-- sampling options, streamers, stop tokens, batches with (left) padding are Hugging Face's;
+- sampling options, streamers, stop tokens, batches with (left) padding are Hugging Face's; its greedy
+  and sampling loop runs with leaner per-step input preparation (:mod:`qcompiler.tools.decode_loop`);
 - a prompt that is empty or does not fit the cache with its ``max_new_tokens``, ``max_new_tokens``
   below 1, or a model with no generation head are errors that say what to do, before anything runs.
 """
@@ -25,6 +26,7 @@ import torch
 from qcompiler import backend
 from qcompiler.config import BackendOptions, resolve_recipe, with_int8_lm_head
 from qcompiler.core.errors import ConfigError
+from qcompiler.tools.decode_loop import DecodeLoopStats, with_decode_loop
 from qcompiler.tools.replay import Recorder, Replay
 
 DEFAULT_MAX_CACHE_LEN = 1024
@@ -157,6 +159,8 @@ def with_static_generate(model: torch.nn.Module, forward, max_cache_len: int) ->
     """A shallow copy of ``model`` (sharing its modules and parameters; ``model`` keeps its own forward)
     with ``forward`` and a checked ``generate()`` on a static KV cache of ``max_cache_len`` positions."""
     copied = copy.copy(model)
+    copied.__class__ = with_decode_loop(type(model))  # Hugging Face's greedy/sampling loop, leaner steps
+    copied.decode_loop = DecodeLoopStats()
     copied.forward = forward
     copied.generate = _Generate(copied, type(model), max_cache_len)
     return copied

@@ -40,6 +40,8 @@ def test_generate_runs_the_quantized_kernels_and_compiles_two_graphs(stories):
     assert len(qcompiler.reports()) == 2  # one graph for the prompt, one for every decode step
     # of each generate's 99 decode steps, two went through Dynamo and 97 called the graph directly
     assert quantized.forward.replayed == 2 * 97
+    # and of those, 97 had their inputs built by qcompiler's decode loop, two by Hugging Face (decode_loop.py)
+    assert quantized.decode_loop.fast_steps == 2 * 97 and quantized.decode_loop.fallback is None
     # every linear layer, and the LM head the recipe keeps float gets int8 weights (lm_head="int8")
     assert all(len(report.quantized) == 36 for report in qcompiler.reports())
     # quantized, and not the float model under another name
