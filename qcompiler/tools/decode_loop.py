@@ -26,6 +26,8 @@ import functools
 
 import torch
 
+_CHUNK = 32  # decode steps whose masks and position ids are made at once
+
 # inputs that change from step to step in Hugging Face's loop and that this loop does not build
 _PER_STEP_KWARGS = ("inputs_embeds", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 
@@ -103,17 +105,18 @@ class _StepInputs:
         self.fast = False
         self.buildable = False
 
-    def next(self, input_ids: torch.Tensor) -> dict:
+    def next(self, input_ids: torch.Tensor, next_tokens: torch.Tensor) -> dict:
+        """The inputs of the step that feeds ``next_tokens``, the last column of ``input_ids``."""
         if self.fast:
             self.built += 1
-            self.last = self._build(input_ids)
+            self.last = self._build(input_ids, next_tokens)
             return self.last
         inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **self.model_kwargs)
         self.prepared += 1
         if self.prepared == 1:
             self.buildable = self._setup(inputs, input_ids)
         elif self.prepared == 2 and self.buildable:
-            self.fast = _same_inputs(self._build(input_ids), inputs)
+            self.fast = _same_inputs(self._build(input_ids, next_tokens), inputs)
         self.last = inputs
         return inputs
 
@@ -135,17 +138,35 @@ class _StepInputs:
         padding = torch.ones(batch, length, dtype=torch.bool, device=mask.device)
         if given is not None:
             padding[:, :given.shape[1]] = given.bool()
-        self.padding = padding.view(batch, 1, 1, length)
-        self.positions = torch.arange(length, device=mask.device).view(1, 1, 1, length)
+        self.padding = padding.view(1, batch, 1, 1, length)
+        self.positions = torch.arange(length, device=mask.device).view(1, 1, 1, 1, length)
+        self.chunk_start, self.masks, self.position_ids = 0, None, None
         return True
 
-    def _build(self, input_ids: torch.Tensor) -> dict:
+    def _build(self, input_ids: torch.Tensor, next_tokens: torch.Tensor) -> dict:
+        """The step's inputs: the token (a view of ``next_tokens``), and the mask and position ids of the step
+        as views into the next :data:`_CHUNK` steps' (made in one go: after a step's weight stream every
+        small torch op between two graph calls costs 50-200 us, its code and data out of the caches)."""
+        position = input_ids.shape[1] - 1
+        index = position - self.chunk_start
+        if self.masks is None or not 0 <= index < _CHUNK:
+            self._make_chunk(position)
+            index = 0
         inputs = dict(self.last)
-        inputs["input_ids"] = input_ids[:, -1:].clone(memory_format=torch.contiguous_format)
-        inputs["attention_mask"] = (self.positions <= input_ids.shape[1] - 1) & self.padding
-        if inputs.get("position_ids") is not None:
-            inputs["position_ids"] = self.last["position_ids"] + 1
+        inputs["input_ids"] = next_tokens[:, None]
+        inputs["attention_mask"] = self.masks[index]
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids[index]
         return inputs
+
+    def _make_chunk(self, position: int) -> None:
+        """Masks and position ids of the steps at cache positions ``position`` .. ``position + _CHUNK - 1``."""
+        ahead = torch.arange(_CHUNK, device=self.positions.device)
+        self.masks = (self.positions <= (position + ahead).view(_CHUNK, 1, 1, 1, 1)) & self.padding
+        last = self.last.get("position_ids")
+        if last is not None:
+            self.position_ids = last.unsqueeze(0) + (ahead + 1).view(_CHUNK, *[1] * last.dim()).to(last.dtype)
+        self.chunk_start = position
 
 
 def _same_inputs(ours: dict, theirs: dict) -> bool:
@@ -175,8 +196,10 @@ def _decode(model, input_ids, logits_processor, stopping_criteria, generation_co
     steps = _StepInputs(model, model_kwargs)
     with model._optimize_model_for_decode():
         while True:
-            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-            del outputs
+            logits = outputs.logits[:, -1]
+            if logits.dtype != torch.float32 or logits.device != input_ids.device:
+                logits = logits.to(dtype=torch.float32, device=input_ids.device)
+            del outputs  # (Hugging Face copies the logits to drop the prompt's; a decode step's are the step's own)
             scores = logits_processor(input_ids, logits)
             if generation_config.do_sample:
                 next_tokens = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -190,7 +213,7 @@ def _decode(model, input_ids, logits_processor, stopping_criteria, generation_co
                 streamer.put(next_tokens.cpu())
             if unfinished.max() == 0:
                 break
-            inputs = steps.next(input_ids)
+            inputs = steps.next(input_ids, next_tokens)
             outputs = model(**inputs, return_dict=True)
             steps.after(outputs)
     if streamer is not None:

@@ -102,8 +102,8 @@ def test_when_its_inputs_differ_from_hugging_faces_hugging_face_prepares_every_s
         expected = quantized.generate(ids, max_new_tokens=12, do_sample=False)
     wrong = decode_loop._StepInputs._build
 
-    def every_position_visible(self, input_ids):
-        inputs = wrong(self, input_ids)
+    def every_position_visible(self, input_ids, next_tokens):
+        inputs = wrong(self, input_ids, next_tokens)
         inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
         return inputs
 
