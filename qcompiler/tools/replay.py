@@ -61,7 +61,9 @@ class Recorder:
 _PLAIN = (type(None), bool, int, float, str)
 
 
-def _spec(value):
+def input_spec(value):
+    """What a replay compares of one keyword input: a plain tensor's layout (type, shape, stride, dtype, device,
+    requires_grad), or another value's type and value."""
     if type(value) is torch.Tensor:
         return ("tensor", value.shape, value.stride(), value.dtype, value.device, value.requires_grad)
     return ("value", type(value), value)
@@ -90,7 +92,7 @@ class Replay:
         specs, objects = {}, {}
         for name, value in kwargs.items():
             if type(value) is torch.Tensor or isinstance(value, _PLAIN):
-                specs[name] = _spec(value)
+                specs[name] = input_spec(value)
             elif isinstance(value, torch.Tensor):
                 return None  # a tensor subclass: its guards are not ours to repeat
             else:
@@ -136,7 +138,7 @@ class Replay:
             if kwargs[name] is not ref():
                 return None
         for name, spec in self.specs.items():
-            if _spec(kwargs[name]) != spec:
+            if input_spec(kwargs[name]) != spec:
                 return None
         if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self.modes:
             return None
