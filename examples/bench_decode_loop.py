@@ -37,19 +37,16 @@ def main(argv=None) -> int:
     def hugging_faces(*args):
         return "Hugging Face's loop (examples/bench_decode_loop.py)"
 
-    times, texts = {"hugging face": [], "qcompiler": []}, {}
-    chat.generate_timed(model, loaded, ctx, 4, 0.0, echo=False)  # compiles the prompt's and the decode step's graphs
+    def switch(way):
+        def to_way():
+            decode_loop._unsupported = ours if way == "qcompiler" else hugging_faces
+        return to_way
+
     try:
-        for _ in range(args.repeats):
-            for way in times:
-                decode_loop._unsupported = ours if way == "qcompiler" else hugging_faces
-                timed = chat.generate_timed(model, loaded, ctx, args.new + 1, 0.0, echo=False, stop_at_eos=False)
-                times[way].append(1e3 / timed.decode_tokens_per_s)
-                texts[way] = timed.text
+        times = chat.alternate_decode_steps(model, loaded, ctx, {way: switch(way) for way in ("hugging face", "qcompiler")},
+                                            args.repeats, args.new)
     finally:
         decode_loop._unsupported = ours
-    if texts["hugging face"] != texts["qcompiler"]:
-        raise SystemExit("the two loops gave different text")
     theirs, mine = (statistics.median(times[way]) for way in times)
     ratio = statistics.median(b / a for a, b in zip(times["hugging face"], times["qcompiler"], strict=True))
     print(f"{args.model} {args.recipe} on {machine_name()}, {torch.get_num_threads()} threads, medians of "

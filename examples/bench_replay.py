@@ -38,17 +38,14 @@ def main(argv=None) -> int:
     def through_dynamo(call, kwargs):
         return call(**kwargs), None
 
-    times, texts = {"dynamo": [], "replay": []}, {}
-    chat.generate_timed(model, loaded, ctx, 4, 0.0, echo=False)  # compiles the prompt's and the decode step's graphs
-    for _ in range(args.repeats):
-        for way in times:
+    def switch(way):
+        def to_way():
             forward.recorder.record = record if way == "replay" else through_dynamo
             forward.replay = forward.recorded = None
-            timed = chat.generate_timed(model, loaded, ctx, args.new + 1, 0.0, echo=False, stop_at_eos=False)
-            times[way].append(1e3 / timed.decode_tokens_per_s)
-            texts[way] = timed.text
-    if texts["dynamo"] != texts["replay"]:
-        raise SystemExit("the two ways gave different text")
+        return to_way
+
+    times = chat.alternate_decode_steps(model, loaded, ctx, {way: switch(way) for way in ("dynamo", "replay")},
+                                        args.repeats, args.new)
     dynamo, replay = (statistics.median(times[way]) for way in ("dynamo", "replay"))
     print(f"{args.model} {args.recipe} on {machine_name()}, {torch.get_num_threads()} threads, medians of "
           f"{args.repeats}: decode step through Dynamo {dynamo:.2f} ms, replayed {replay:.2f} ms "

@@ -104,6 +104,25 @@ def generate_timed(model, loaded, ids: torch.Tensor, max_new_tokens: int, temper
                             decode_s=decode, text=loaded.tokenizer.decode(new, skip_special_tokens=True))
 
 
+def alternate_decode_steps(model, loaded, ctx: torch.Tensor, ways: dict, repeats: int, new: int) -> dict[str, list[float]]:
+    """An A/B of decode steps in one process: ``ways`` maps a name to a call that switches ``model`` to that
+    way; each round runs every way in turn and times a greedy ``new``-step generate after ``ctx`` as
+    ``qcompiler bench generate`` does (:func:`generate_timed`). Returns each way's ms per step, round by
+    round; raises if the ways made different text."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    texts = {}
+    generate_timed(model, loaded, ctx, 4, 0.0, echo=False)  # compiles the prompt's and the decode step's graphs
+    for _ in range(repeats):
+        for name, switch in ways.items():
+            switch()
+            timed = generate_timed(model, loaded, ctx, new + 1, 0.0, echo=False, stop_at_eos=False)
+            times[name].append(1e3 / timed.decode_tokens_per_s)
+            texts[name] = timed.text
+    if len(set(texts.values())) > 1:
+        raise ConfigError(f"the ways {sorted(ways)} made different text: {texts}")
+    return times
+
+
 def format_timings(rows: dict[str, GenerationTiming]) -> str:
     lines = [f"{'model':<22} {'prompt':>6} {'new':>5} {'prefill tok/s':>14} {'decode tok/s':>13}"]
     for name, t in rows.items():

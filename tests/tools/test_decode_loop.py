@@ -137,3 +137,20 @@ def test_the_model_copy_is_still_the_models_class(quantized, stories):
     assert isinstance(quantized, cls) and type(quantized).__name__ == cls.__name__
     assert type(stories.model) is cls and not hasattr(stories.model, "decode_loop")  # the user's model is untouched
     assert quantized.can_generate()
+
+
+def test_an_a_b_of_decode_steps_times_each_way_and_checks_they_made_the_same_text(quantized, stories, monkeypatch):
+    from qcompiler.core.errors import ConfigError
+    from qcompiler.tools import chat
+
+    ids = _prompt(stories)
+    switched = []
+    ways = {name: (lambda name=name: switched.append(name)) for name in ("a", "b")}
+    times = chat.alternate_decode_steps(quantized, stories, ids, ways, repeats=2, new=4)
+    assert switched == ["a", "b", "a", "b"] and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    # a way that changes the tokens (argmax replaced by the runner-up) is refused
+    def other_tokens():
+        monkeypatch.setattr(torch, "argmax", lambda scores, dim: scores.topk(2, dim=dim).indices[..., 1])
+
+    with pytest.raises(ConfigError, match="different text"):
+        chat.alternate_decode_steps(quantized, stories, ids, {"a": lambda: None, "b": other_tokens}, repeats=1, new=4)
