@@ -6,10 +6,13 @@ for bit, and times one decode step's worth of SmolLM2's GEMVs (30 blocks of q/k/
 and down: 120 calls on distinct weights, so they stream from memory as in a real step), the two revisions in
 turn, medians. ``--op int4`` (default): ``int4_gemv_tiled`` (w4a16; 53 MB of 4-bit codes plus their float32
 scales and zeros, packed by each revision's ``reference.pack_int4_tiled``); ``--op int8``: ``int8_gemv``
-(w8a8-dynamic's uint8 activations with a zero point x int8 weights, 106 MB).
+(w8a8-dynamic's uint8 activations with a zero point x int8 weights, 106 MB); ``--op lm-head``:
+``int8_weight_gemv`` on SmolLM2's LM head (49152 x 576, int8 per channel, float activations: the head of every
+recipe by default), four distinct copies per round (113 MB) so that each streams from memory as in a real step.
 
     PYTHONPATH=. python examples/bench_gemv_revisions.py --before 495318b
     PYTHONPATH=. python examples/bench_gemv_revisions.py --before bf08b4a --op int8
+    PYTHONPATH=. python examples/bench_gemv_revisions.py --before HEAD~1 --op lm-head
 """
 
 import argparse
@@ -71,17 +74,34 @@ def _int8_calls(old_ops, old_reference, gen) -> tuple[list, list]:
     return before, now
 
 
+def _lm_head_calls(old_ops, old_reference, gen) -> tuple[list, list]:
+    """Each revision's (op, args) for four copies of SmolLM2's int8 LM head."""
+    before, now = [], []
+    for _ in range(4):
+        call = (torch.randn(1, 576, generator=gen), torch.randint(-127, 128, (49152, 576), generator=gen,
+                                                                  dtype=torch.int8),
+                torch.rand(49152, generator=gen) * 0.01)
+        before.append((old_ops.int8_weight_gemv, call))
+        now.append((torch.ops.qcompiler.int8_weight_gemv, call))
+    return before, now
+
+
+CALLS = {"int4": (_int4_calls, "SmolLM2's 120 decode GEMVs (w4a16, tiled)"),
+         "int8": (_int8_calls, "SmolLM2's 120 decode GEMVs (w8a8-dynamic)"),
+         "lm-head": (_lm_head_calls, "four copies of SmolLM2's int8 LM head")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="git revision whose kernel to compare against")
-    parser.add_argument("--op", choices=("int4", "int8"), default="int4", help="which decode GEMV (default int4)")
+    parser.add_argument("--op", choices=tuple(CALLS), default="int4", help="which decode GEMV (default int4)")
     parser.add_argument("--repeats", type=int, default=31)
     args = parser.parse_args(argv)
     if native.unavailable_reason() is not None:
         raise SystemExit(native.unavailable_reason())
     with tempfile.TemporaryDirectory() as tmp:
         old_ops, old_reference = _old_kernels(args.before, Path(tmp))
-        make = _int4_calls if args.op == "int4" else _int8_calls
+        make, what = CALLS[args.op]
         before, now = make(old_ops, old_reference, torch.Generator().manual_seed(0))
         same = sum(torch.equal(op0(*a0), op1(*a1)) for (op0, a0), (op1, a1) in zip(before, now, strict=True))
         calls = {args.before: before, "this checkout": now}
@@ -93,9 +113,8 @@ def main(argv=None) -> int:
                     op(*call)
                 if r:  # the first round warms up
                     times[name].append(time.perf_counter() - start)
-    what = "w4a16, tiled" if args.op == "int4" else "w8a8-dynamic"
-    print(f"{machine_name()}, {torch.get_num_threads()} threads: SmolLM2's 120 decode GEMVs ({what}), "
-          f"median of {args.repeats}; outputs equal bit for bit in {same} of 120")
+    print(f"{machine_name()}, {torch.get_num_threads()} threads: {what}, median of {args.repeats}; outputs equal "
+          f"bit for bit in {same} of {len(now)}")
     base = statistics.median(times[args.before])
     for name, t in times.items():
         print(f"  {name:<16} {1e3 * statistics.median(t):7.3f} ms  ({statistics.median(t) / base:.2f}x)")

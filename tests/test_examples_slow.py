@@ -45,3 +45,14 @@ def test_weight_only_table_on_stories260k(tmp_path):
     assert all(r["perplexity"] > 1 and r["kl"] >= 0 for r in results.values())
     # GPTQ's integer zero points are stored at 4 bits, RTN's float ones at 32
     assert results["w4a16-gptq"]["bpw"] < results["w4a16-rtn"]["bpw"]
+
+
+def test_gemv_revision_bench_builds_a_revision_beside_this_checkout():
+    # HEAD's kernels built under a namespace of their own beside this checkout's, each op given the same inputs:
+    # the outputs must agree bit for bit (the kernels' changes keep their sums), and both are timed
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gemv_revisions.py"), "--before", "HEAD",
+                           "--op", "lm-head", "--repeats", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "four copies of SmolLM2's int8 LM head" in done.stdout
+    assert "outputs equal bit for bit in 4 of 4" in done.stdout
+    assert "HEAD" in done.stdout and "this checkout" in done.stdout

@@ -4,11 +4,13 @@
 // into the machine's widest integer dot products (vpdpbusd on AVX512-VNNI, vpmaddwd on AVX2; int8_gemv's
 // activations are widened to int16 first on CPUs without VNNI, and AVX2 builds run intrinsics there).
 //
-// All three take activations [M, K] (M small) and a weight [N, K] stored row by row, and split the
-// output channels over torch's threads (at::parallel_for; the build has OpenMP) when the weight is large
-// enough to pay for waking them; every output element is one dot product in one thread, reading its
-// weight row front to back (one sequential stream per thread: a variant that read four rows at a time
-// with explicit VNNI intrinsics reached half the bandwidth of these loops on a Zen 4).
+// They take activations [M, K] (M small) and a weight [N, K] stored row by row (int4_gemv_tiled: in tiles
+// of 32 rows), and split the output channels over torch's threads (at::parallel_for; the build has OpenMP)
+// when the weight is large enough to pay for waking them; every output element is one dot product in one
+// thread. With AVX-512 a thread reads 4 rows (or tiles) side by side, each from another quarter of its
+// share of the weight: 4 sequential streams, which the L2 streamer fetches at once, where one stream a
+// thread leaves the memory bus idle while its own misses are outstanding (kRowStreams, kStreams below).
+// (Four adjacent rows at a time, one stream, reached half the bandwidth of one row at a time on a Zen 4.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512BW__) || defined(__AVX2__)
@@ -37,14 +39,54 @@ inline int64_t grain(int64_t row_bytes) {
 
 // How far ahead of its reads a row-by-row GEMV (int8_gemv with VNNI, int8_weight_gemv) asks for its weight's
 // bytes, into L2: 8 KB, 0.86x the time of the hardware prefetcher alone over SmolLM2's 120 int8 decode GEMVs on
-// an Ice Lake Xeon (1 KB 0.91x, 4 KB 0.87x, 16 KB 0.89x; into L1 0.88-0.91x). Each row asks for the lines of
-// the row that far on, within the thread's part of the weight (`left`: its bytes from `row` on).
+// an Ice Lake Xeon (1 KB 0.91x, 4 KB 0.87x, 16 KB 0.89x; into L1 0.88-0.91x), measured with one stream a
+// thread; with 4 (rows_in_streams) 2, 4 and 8 KB measured the same within the host's noise, into L1 too. Each
+// row asks for the lines of the row that far on, within its run of rows (`left`: the run's bytes from `row` on).
 constexpr int64_t kRowAhead = 8192;
 inline void prefetch_row(const int8_t* row, int64_t k, int64_t left) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   const int64_t stop = std::min<int64_t>(kRowAhead + k, left);
   for (int64_t b = kRowAhead; b < stop; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row + b), _MM_HINT_T1);
 #endif
+}
+
+// How many weight rows a row-by-row GEMV's thread reads side by side (AVX-512), each from another part of its share
+// of the weight: as many sequential streams, which the L2 streamer fetches ahead at once. On an Ice Lake Xeon
+// (examples/bench_gemv_revisions.py, 2 threads, one process against the build before): SmolLM2's 120 int8 decode
+// GEMVs 0.84-0.89x the time with 4 streams a thread (2 streams 0.89x, 8 streams 0.90x), its int8 LM head 0.91x;
+// with dots_s16s8 besides, the LM head 0.75-0.81x. Builds without AVX-512 visit the rows in the same order, one
+// row at a time (as the first of those measurements did; not measured on an AVX2 CPU).
+constexpr int kRowStreams = 4;
+
+// The length of the runs that `count` items of `bytes` each are read in, `streams` runs side by side: count /
+// streams, shortened (up to 16 items; those left over are read one at a time) while two runs' starts lie within
+// 256 bytes of each other modulo 4 KB. Streams at one offset within their pages slowed a thread's reads: 4
+// streams of int8 rows 54 pages apart (SmolLM2's gate/up projections) took 1.65x the time of 4 at other offsets
+// on an Ice Lake Xeon with the weight in its caches (int8_gemv), 1.1x streaming from memory (the LM head).
+inline int64_t run_length(int64_t count, int64_t bytes, int streams) {
+  const int64_t longest = count / streams;
+  auto close = [](int64_t d) { return d % 4096 < 256 || d % 4096 > 4096 - 256; };
+  for (int64_t part = longest; part > 1 && part > longest - 16; --part) {
+    bool apart = true;
+    for (int u = 1; u < streams; ++u) apart = apart && !close(u * part * bytes);
+    if (apart) return part;
+  }
+  return longest;
+}
+
+// A row-by-row GEMV thread's rows [begin, end) in the order it reads them: kRowStreams runs of equal length, one
+// row of each at a time (visit(rows, kRowStreams, left)), then the rows left over one at a time (visit(rows, 1,
+// left)); `left`: the rows from each given row to the end of its run, itself included.
+template <typename F>
+inline void rows_in_streams(int64_t begin, int64_t end, int64_t row_bytes, F&& visit) {
+  const int64_t part = run_length(end - begin, row_bytes, kRowStreams);
+  const int64_t rest = begin + kRowStreams * part;
+  int64_t rows[kRowStreams];
+  for (int64_t p = 0; p < part; ++p) {
+    for (int u = 0; u < kRowStreams; ++u) rows[u] = begin + u * part + p;
+    visit(rows, kRowStreams, part - p);
+  }
+  for (int64_t j = rest; j < end; ++j) visit(&j, 1, end - j);
 }
 
 inline int32_t dot_u8s8(const uint8_t* __restrict a, const int8_t* __restrict b, int64_t n) {
@@ -104,6 +146,54 @@ inline __m512i madd_acc(__m512i sum, __m512i a, __m512i b) {
   return _mm512_add_epi32(sum, _mm512_madd_epi16(a, b));
 #endif
 }
+
+// The exact int32 dot products of R int8 weight rows with one row of int16 activations, the rows read side by
+// side: each 64 activations loaded once for all R rows, two independent sums per row (the compiler's loop of
+// dot_s16s8 keeps one, so vpdpwssd's latency bounds it: 14.6 GB/s on one Ice Lake core with the weight in L2).
+template <int R>
+inline void dots_s16s8(const int16_t* __restrict a, const int8_t* const* rows, int64_t n, int32_t* out) {
+  __m512i s[R][2];
+  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i x0 = _mm512_loadu_si512(a + i), x1 = _mm512_loadu_si512(a + i + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + i)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + i + 32)));
+      s[r][0] = madd_acc(s[r][0], x0, w0);
+      s[r][1] = madd_acc(s[r][1], x1, w1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(s[r][0], s[r][1])) + dot_s16s8(a + i, rows[r] + i, n - i);
+  }
+}
+
+#if defined(__AVX512VNNI__)
+// The exact int32 dot products of R int8 weight rows with one row of uint8 activations (vpdpbusd), the rows read
+// side by side as in dots_s16s8
+template <int R>
+inline void dots_u8s8(const uint8_t* __restrict a, const int8_t* const* rows, int64_t n, int32_t* out) {
+  __m512i s[R][2];
+  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m512i x0 = _mm512_loadu_si512(a + i), x1 = _mm512_loadu_si512(a + i + 64);
+    for (int r = 0; r < R; ++r) {
+      s[r][0] = _mm512_dpbusd_epi32(s[r][0], x0, _mm512_loadu_si512(rows[r] + i));
+      s[r][1] = _mm512_dpbusd_epi32(s[r][1], x1, _mm512_loadu_si512(rows[r] + i + 64));
+    }
+  }
+  if (i + 64 <= n) {
+    const __m512i x0 = _mm512_loadu_si512(a + i);
+    for (int r = 0; r < R; ++r) s[r][0] = _mm512_dpbusd_epi32(s[r][0], x0, _mm512_loadu_si512(rows[r] + i));
+    i += 64;
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(s[r][0], s[r][1])) + dot_u8s8(a + i, rows[r] + i, n - i);
+  }
+}
+#endif
 
 // Weight rows of int4_gemv with AVX-512, for groups that are multiples of 64 channels, ROWS at a time
 // (they share the activations' loads): per 64 weights (32 bytes) the nibbles are widened to int16 and
@@ -223,13 +313,26 @@ at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tens
   const int32_t zp = static_cast<int32_t>(x_zero_point);
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
   at::parallel_for(0, n, grain(k), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      prefetch_row(wp + j * k, k, (end - j) * k);
-      for (int64_t i = 0; i < m; ++i) {
-        const int32_t acc = dot_u8s8(xp + i * k, wp + j * k, k) - zp * rs[j];
-        op[i * n + j] = static_cast<float>(acc) * sp[j];
+    rows_in_streams(begin, end, k, [&](const int64_t* js, int count, int64_t left) {
+      const int8_t* rows[kRowStreams];
+      for (int u = 0; u < count; ++u) {
+        rows[u] = wp + js[u] * k;
+        prefetch_row(rows[u], k, left * k);
       }
-    }
+      for (int64_t i = 0; i < m; ++i) {
+        int32_t dots[kRowStreams];
+#if defined(__AVX512VNNI__)
+        if (count == kRowStreams) {
+          dots_u8s8<kRowStreams>(xp + i * k, rows, k, dots);
+        } else {
+          dots_u8s8<1>(xp + i * k, rows, k, dots);
+        }
+#else
+        for (int u = 0; u < count; ++u) dots[u] = dot_u8s8(xp + i * k, rows[u], k);
+#endif
+        for (int u = 0; u < count; ++u) op[i * n + js[u]] = static_cast<float>(dots[u] - zp * rs[js[u]]) * sp[js[u]];
+      }
+    });
   });
 #else
   // Without VNNI the compiler's uint8 x int8 loop is slow (10 GB/s over SmolLM2's decode GEMVs on a Zen 3, whose
@@ -279,12 +382,26 @@ at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at
   const float* sp = w_scale.contiguous().data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, grain(k), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      prefetch_row(wp + j * k, k, (end - j) * k);
-      for (int64_t i = 0; i < m; ++i) {
-        op[i * n + j] = static_cast<float>(dot_s16s8(xq.data() + i * k, wp + j * k, k)) * (sp[j] * xs[i]);
+    rows_in_streams(begin, end, k, [&](const int64_t* js, int count, int64_t left) {
+      const int8_t* rows[kRowStreams];
+      for (int u = 0; u < count; ++u) {
+        rows[u] = wp + js[u] * k;
+        prefetch_row(rows[u], k, left * k);
       }
-    }
+      for (int64_t i = 0; i < m; ++i) {
+        int32_t dots[kRowStreams];
+#if defined(__AVX512BW__)
+        if (count == kRowStreams) {
+          dots_s16s8<kRowStreams>(xq.data() + i * k, rows, k, dots);
+        } else {
+          dots_s16s8<1>(xq.data() + i * k, rows, k, dots);
+        }
+#else
+        for (int u = 0; u < count; ++u) dots[u] = dot_s16s8(xq.data() + i * k, rows[u], k);
+#endif
+        for (int u = 0; u < count; ++u) op[i * n + js[u]] = static_cast<float>(dots[u]) * (sp[js[u]] * xs[i]);
+      }
+    });
   });
   return out.reshape(out_sizes(x, n));
 }
@@ -408,10 +525,11 @@ namespace {
 constexpr int64_t kTile = 32;
 constexpr int64_t kStepBytes = 2 * kTile;  // bytes of one step of 4 channels in a tile
 constexpr int64_t kFlushSteps = 64;  // steps of 4 channels per int32 sum: 64 x 4 x 32767 x 15 < 2^31
-// how far ahead of its reads a thread asks for its tile's bytes (16 steps into L1: 2-9% faster than the hardware
-// prefetcher alone over SmolLM2's decode GEMVs on a Zen 4; 64 steps into L2 (_MM_HINT_T1): 0.95x the time of 16
-// into L1 on an Ice Lake Xeon, same sums; a prefetch past the weight's end is harmless)
-constexpr int64_t kPrefetch = 64 * kStepBytes;
+// how far ahead of its reads a thread asks for each tile's bytes, into L1 (AVX-512: 32 steps, with kStreams tiles
+// read side by side; 16 to 64 steps measured the same within the host's noise on an Ice Lake Xeon, into L2 the
+// same or slower; one tile at a time, 16 steps into L1 were 2-9% faster than the hardware prefetcher alone on a
+// Zen 4; a prefetch past the weight's end is harmless)
+constexpr int64_t kPrefetch = 32 * kStepBytes;
 constexpr int64_t kPrefetchAvx2 = 16 * kStepBytes;  // the AVX2 tile kernel's, into L1 (as measured on a Zen 4)
 
 #if defined(__AVX512BW__)
@@ -422,60 +540,126 @@ inline __m512i load_widened(const uint8_t* p) {
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// One tile's 32 outputs for one row of activations (xq: int16 [K], gsum: float [G]): rows 0-15 and 16-31 in
-// one register each, two steps per iteration, so 8 independent sums keep vpdpwssd's latency hidden.
-inline void tile_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* __restrict tile,
-                       const float* __restrict scale, const float* __restrict zero, int64_t groups, int64_t group,
-                       float step, float* __restrict out) {
+// How many tiles a thread reads side by side with AVX-512, each from another part of its share of the weight:
+// as many sequential streams, which the L2 streamer fetches ahead at once where one stream waits on its own
+// misses. SmolLM2's 120 w4a16 decode GEMVs on an Ice Lake Xeon (examples/bench_gemv_revisions.py, 2 threads):
+// 4 streams 0.85-0.88x the time of 1, 2 streams 0.92x, 8 streams no faster than 1 (their sums leave the
+// registers); a read-only loop over 256 MB reached 18, 23 and 27 GB/s there with 1, 2 and 4 streams a thread.
+constexpr int kStreams = 4;
+
+// The 32 outputs of each of T tiles for one row of activations (xq: int16 [K], gsum: float [G]), the tiles read
+// side by side: rows 0-15 and 16-31 of a tile in one register each, two steps per iteration, so 8 independent
+// int32 sums (4 per register pair of one tile; 2 when several tiles already interleave) keep vpdpwssd's latency
+// hidden. The same integer sums and float operations in the same order for any T (the outputs equal bit for bit).
+template <int T>
+inline void tiles_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* const* tiles,
+                        const float* const* scales, const float* const* zeros, int64_t groups, int64_t group,
+                        float step, float* const* outs) {
+  constexpr int J = T == 1 ? 4 : 2;
   const int64_t steps = group / 4;
   const __m512i low_mask = _mm512_set1_epi16(15);
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[T][2];
+  for (int u = 0; u < T; ++u) acc[u][0] = acc[u][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t first = g * steps;
     for (int64_t s0 = 0; s0 < steps; s0 += kFlushSteps) {
       const int64_t s1 = std::min(steps, s0 + kFlushSteps);
-      __m512i a[2][4];
-      for (int h = 0; h < 2; ++h) {
-        for (int j = 0; j < 4; ++j) a[h][j] = _mm512_setzero_si512();
-      }
+      __m512i a[T][2][J];
+      for (int u = 0; u < T; ++u)
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < J; ++j) a[u][h][j] = _mm512_setzero_si512();
       int64_t s = s0;
       for (; s + 2 <= s1; s += 2) {
         const int16_t* x = xq + (first + s) * 4;
         const __m512i x0 = broadcast_pair(x), x1 = broadcast_pair(x + 2);
         const __m512i x2 = broadcast_pair(x + 4), x3 = broadcast_pair(x + 6);
-        const uint8_t* w = tile + (first + s) * kStepBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + kStepBytes), _MM_HINT_T1);
-        for (int h = 0; h < 2; ++h) {
-          const __m512i w0 = load_widened(w + 32 * h), w1 = load_widened(w + kStepBytes + 32 * h);
-          a[h][0] = madd_acc(a[h][0], _mm512_and_si512(w0, low_mask), x0);
-          a[h][1] = madd_acc(a[h][1], _mm512_srli_epi16(w0, 4), x1);
-          a[h][2] = madd_acc(a[h][2], _mm512_and_si512(w1, low_mask), x2);
-          a[h][3] = madd_acc(a[h][3], _mm512_srli_epi16(w1, 4), x3);
+        for (int u = 0; u < T; ++u) {
+          const uint8_t* w = tiles[u] + (first + s) * kStepBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + kStepBytes), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            const __m512i w0 = load_widened(w + 32 * h), w1 = load_widened(w + kStepBytes + 32 * h);
+            a[u][h][0] = madd_acc(a[u][h][0], _mm512_and_si512(w0, low_mask), x0);
+            a[u][h][1] = madd_acc(a[u][h][1], _mm512_srli_epi16(w0, 4), x1);
+            a[u][h][2 % J] = madd_acc(a[u][h][2 % J], _mm512_and_si512(w1, low_mask), x2);
+            a[u][h][3 % J] = madd_acc(a[u][h][3 % J], _mm512_srli_epi16(w1, 4), x3);
+          }
         }
       }
       if (s < s1) {
         const int16_t* x = xq + (first + s) * 4;
         const __m512i x0 = broadcast_pair(x), x1 = broadcast_pair(x + 2);
+        for (int u = 0; u < T; ++u)
+          for (int h = 0; h < 2; ++h) {
+            const __m512i w0 = load_widened(tiles[u] + (first + s) * kStepBytes + 32 * h);
+            a[u][h][0] = madd_acc(a[u][h][0], _mm512_and_si512(w0, low_mask), x0);
+            a[u][h][1] = madd_acc(a[u][h][1], _mm512_srli_epi16(w0, 4), x1);
+          }
+      }
+      for (int u = 0; u < T; ++u)
         for (int h = 0; h < 2; ++h) {
-          const __m512i w0 = load_widened(tile + (first + s) * kStepBytes + 32 * h);
-          a[h][0] = madd_acc(a[h][0], _mm512_and_si512(w0, low_mask), x0);
-          a[h][1] = madd_acc(a[h][1], _mm512_srli_epi16(w0, 4), x1);
+          __m512i sum = _mm512_add_epi32(a[u][h][0], a[u][h][1]);
+          if (J == 4) sum = _mm512_add_epi32(sum, _mm512_add_epi32(a[u][h][2 % J], a[u][h][3 % J]));
+          acc[u][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(scales[u] + g * kTile + 16 * h),
+                                      acc[u][h]);
         }
-      }
+    }
+    const __m512 gs = _mm512_set1_ps(gsum[g]);  // the zero points' part: scale * zero * (the group's sum of x_q)
+    for (int u = 0; u < T; ++u)
       for (int h = 0; h < 2; ++h) {
-        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[h][0], a[h][1]), _mm512_add_epi32(a[h][2], a[h][3]));
-        acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(scale + g * kTile + 16 * h), acc[h]);
+        const int64_t at = g * kTile + 16 * h;
+        acc[u][h] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scales[u] + at), _mm512_loadu_ps(zeros[u] + at)),
+                                     gs, acc[u][h]);
       }
-    }
-    // the zero points' part: scale * zero * (the group's sum of x_q)
-    const __m512 gs = _mm512_set1_ps(gsum[g]);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t at = g * kTile + 16 * h;
-      acc[h] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scale + at), _mm512_loadu_ps(zero + at)), gs, acc[h]);
-    }
   }
-  for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(acc[h], _mm512_set1_ps(step)));
+  for (int u = 0; u < T; ++u)
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(outs[u] + 16 * h, _mm512_mul_ps(acc[u][h], _mm512_set1_ps(step)));
+}
+
+// What int4_gemv_tiled's threads share: the activations in fixed point and where the weight, parameters and
+// outputs are
+struct TiledGemv {
+  const int16_t* xq;  // [M, K]
+  const float* gsum;  // [M, G]
+  const float* step;  // [M]
+  const uint8_t* w;
+  const float* scale;
+  const float* zero;
+  float* out;  // [M, N]
+  int64_t m, n, k, groups, group, tile_bytes, tile_params;
+};
+
+// Tiles first, first + stride, ..., first + (T - 1) stride side by side, for every row of activations
+template <int T>
+void tiles_side_by_side(const TiledGemv& a, int64_t first, int64_t stride) {
+  const uint8_t* tiles[T];
+  const float* scales[T];
+  const float* zeros[T];
+  float* outs[T];
+  for (int64_t i = 0; i < a.m; ++i) {
+    for (int u = 0; u < T; ++u) {
+      const int64_t t = first + u * stride;
+      tiles[u] = a.w + t * a.tile_bytes;
+      scales[u] = a.scale + t * a.tile_params;
+      zeros[u] = a.zero + t * a.tile_params;
+      outs[u] = a.out + i * a.n + t * kTile;
+    }
+    tiles_u4s16<T>(a.xq + i * a.k, a.gsum + i * a.groups, tiles, scales, zeros, a.groups, a.group, a.step[i], outs);
+  }
+}
+
+// A thread's tiles [begin, end): kStreams runs of `part` tiles read side by side, then the rest side by side
+void tiles_of_thread(const TiledGemv& a, int64_t begin, int64_t end) {
+  const int64_t part = run_length(end - begin, a.tile_bytes, kStreams);
+  for (int64_t p = 0; p < part; ++p) tiles_side_by_side<kStreams>(a, begin + p, part);
+  int64_t t = begin + kStreams * part;
+  for (; t + kStreams <= end; t += kStreams) tiles_side_by_side<kStreams>(a, t, 1);
+  switch (end - t) {  // fewer than kStreams
+    case 3: tiles_side_by_side<3>(a, t, 1); break;
+    case 2: tiles_side_by_side<2>(a, t, 1); break;
+    case 1: tiles_side_by_side<1>(a, t, 1); break;
+    default: break;
+  }
 }
 #endif
 
@@ -490,7 +674,7 @@ inline __m256i load_widened256(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// tile_u4s16 for AVX2 builds (same name and signature as the AVX-512 one, so one caller serves both): a tile's
+// One tile's 32 outputs for one row of activations with AVX2 (the AVX-512 tiles_u4s16 for one tile): a tile's
 // 32 rows are four 256-bit registers of 8 (bytes 16 q to 16 q + 15 of a step hold rows 8 q to 8 q + 7), each fed
 // one 16-byte load per step; the same sums and flushes.
 inline void tile_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* __restrict tile,
@@ -521,7 +705,7 @@ inline void tile_u4s16(const int16_t* __restrict xq, const float* __restrict gsu
         acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[q]), _mm256_loadu_ps(scale + g * kTile + 8 * q), acc[q]);
       }
     }
-    const __m256 gs = _mm256_set1_ps(gsum[g]);  // the zero points' part, as in the AVX-512 tile_u4s16
+    const __m256 gs = _mm256_set1_ps(gsum[g]);  // the zero points' part, as in the AVX-512 tiles_u4s16
     for (int q = 0; q < 4; ++q) {
       const int64_t at = g * kTile + 8 * q;
       acc[q] = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + at), _mm256_loadu_ps(zero + at)), gs, acc[q]);
@@ -601,9 +785,14 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
   float* op = out.data_ptr<float>();
   const int64_t tile_bytes = kTile * k / 2, tile_params = groups * kTile;
   at::parallel_for(0, tiles, std::max<int64_t>(1, kMinBytes / tile_bytes), [&](int64_t begin, int64_t end) {
+#if defined(__AVX512BW__)
+    const TiledGemv args{xq.data(), gsum.data(), step.data(), wp, sp, zp, op, m, n, k, groups, group, tile_bytes,
+                         tile_params};
+    tiles_of_thread(args, begin, end);
+#else
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t i = 0; i < m; ++i) {
-#if defined(__AVX512BW__) || defined(__AVX2__)  // tile_u4s16: the AVX-512 or the AVX2 one
+#if defined(__AVX2__)  // tile_u4s16: the AVX2 one
         tile_u4s16(xq.data() + i * k, gsum.data() + i * groups, wp + t * tile_bytes, sp + t * tile_params,
                    zp + t * tile_params, groups, group, step[i], op + i * n + t * kTile);
 #else
@@ -612,6 +801,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
 #endif
       }
     }
+#endif
   });
   return out.reshape(out_sizes(x, n));
 }

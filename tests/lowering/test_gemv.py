@@ -25,7 +25,10 @@ def test_the_kernels_run_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (3, 17, 70), (8, 48, 576), (1, 5, 1), (2, 7, 130), (1, 13, 1536)])
+# the larger ones split over threads, each reading 4 runs of rows side by side (their lengths shortened where two
+# runs would start at one offset within a page: 3072 x 576) with the rows left over one at a time
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (3, 17, 70), (8, 48, 576), (1, 5, 1), (2, 7, 130), (1, 13, 1536),
+                                   (2, 3072, 576), (1, 1001, 200)])
 @pytest.mark.parametrize("zero_point", [0, 128, 37])
 def test_int8_gemv_is_exact(m, n, k, zero_point):
     gen = torch.Generator().manual_seed(m * n + k)
@@ -53,7 +56,7 @@ def test_int8_gemv_refuses_a_zero_point_outside_uint8():
         torch.ops.qcompiler.int8_gemv(x, 300, w, w.sum(1, dtype=torch.int32), torch.ones(32))
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (2, 7, 576), (8, 49, 100)])
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (2, 7, 576), (8, 49, 100), (2, 3072, 576), (1, 1001, 200)])
 def test_int8_weight_gemv_is_the_float_product(m, n, k):
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen)
@@ -93,7 +96,8 @@ def test_int4_gemv_matches_the_reference(m, n, k, group):
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 32, 64, 32), (3, 64, 576, 32), (2, 96, 576, 64), (8, 64, 256, 256),
-                                         (1, 64, 1536, 128), (2, 32, 2048, 2048), (1, 32, 36, 12)])
+                                         (1, 64, 1536, 128), (2, 32, 2048, 2048), (1, 32, 36, 12),
+                                         (2, 224, 576, 64), (1, 3072, 576, 64)])
 def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k, group):
     # the same fixed-point arithmetic (int16 activations with 32767 levels, exact integer sums, one float
     # multiply-add per group or per 256 channels): equal to the row kernel up to float32 summation order;
@@ -112,6 +116,24 @@ def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k
     assert ((out - expected).abs() <= bound).all()
     rows = torch.ops.qcompiler.int4_gemv(x, reference.pack_int4(q), scale, zero, group).double()
     torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 224, 576, 64), (3, 480, 1536, 128), (2, 3072, 576, 64),
+                                         (1, 160, 2048, 2048)])
+def test_the_tiled_int4_gemv_gives_each_tile_the_outputs_it_gets_alone(m, n, k, group):
+    # a thread reads several tiles side by side (kStreams, then the 1-3 left over): each tile's 32 outputs are
+    # the same bit for bit as a call on that tile alone, wherever it falls (7 tiles: one run of 4 and 3 left
+    # over; 15 over two threads; 96; flushes within groups of 2048)
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    tiled, scale_t, zero_t = reference.pack_int4_tiled(q, scale, zero)
+    out = torch.ops.qcompiler.int4_gemv_tiled(x, tiled, scale_t, zero_t, group)
+    alone = torch.cat([torch.ops.qcompiler.int4_gemv_tiled(x, tiled[t : t + 1], scale_t[t : t + 1],
+                                                           zero_t[t : t + 1], group) for t in range(n // 32)], dim=1)
+    assert torch.equal(out, alone)
 
 
 @pytest.mark.parametrize("group", [256, 2048])

@@ -45,7 +45,8 @@ def test_every_vector_branch_builds_and_computes_what_the_native_build_does(marc
     assert ops.gemv_isa() == isa
     gen = torch.Generator().manual_seed(11)
     for m, n, k, group in [(1, 32, 64, 32), (3, 64, 576, 32), (2, 96, 576, 64), (8, 64, 256, 256),
-                           (1, 64, 1536, 128), (2, 32, 2048, 2048), (1, 32, 36, 12), (1, 3072, 576, 64)]:
+                           (1, 64, 1536, 128), (2, 32, 2048, 2048), (1, 32, 36, 12), (1, 3072, 576, 64),
+                           (2, 224, 576, 64)]:
         x = torch.randn(m, k, generator=gen)
         q = torch.randint(0, 16, (n, k), generator=gen)
         scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
