@@ -48,8 +48,9 @@ def test_weight_only_table_on_stories260k(tmp_path):
 
 
 def test_gemv_revision_bench_builds_a_revision_beside_this_checkout():
-    # HEAD's kernels built under a namespace of their own beside this checkout's, each op given the same inputs:
-    # the outputs must agree bit for bit (the kernels' changes keep their sums), and both are timed
+    # a smoke test of the A/B script the README's kernel timings come from: HEAD's kernels built under a namespace
+    # of their own beside this checkout's (on a clean checkout the same source), each given the same inputs, the
+    # outputs compared bit for bit, both timed
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gemv_revisions.py"), "--before", "HEAD",
                            "--op", "lm-head", "--repeats", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,15 +1,18 @@
 // Matrix-vector kernels for the decode step on x86 CPUs: a few rows of activations against a weight
 // that is read once from memory, so the time is the weight's bytes over the memory bandwidth. Built at
-// first use with -O3 -march=native (lowering/kernels/native.py): the compiler turns the inner loops
-// into the machine's widest integer dot products (vpdpbusd on AVX512-VNNI, vpmaddwd on AVX2; int8_gemv's
-// activations are widened to int16 first on CPUs without VNNI, and AVX2 builds run intrinsics there).
+// first use with -O3 -march=native (lowering/kernels/native.py): AVX-512 builds run intrinsics (vpdpbusd,
+// vpdpwssd), other builds the compiler's loops as it vectorizes them for the machine (vpdpbusd on
+// AVX-VNNI, vpmaddwd on AVX2; int8_gemv's activations are widened to int16 first on CPUs without VNNI, and
+// AVX2 builds run intrinsics there).
 //
 // They take activations [M, K] (M small) and a weight [N, K] stored row by row (int4_gemv_tiled: in tiles
 // of 32 rows), and split the output channels over torch's threads (at::parallel_for; the build has OpenMP)
 // when the weight is large enough to pay for waking them; every output element is one dot product in one
-// thread. With AVX-512 a thread reads 4 rows (or tiles) side by side, each from another quarter of its
-// share of the weight: 4 sequential streams, which the L2 streamer fetches at once, where one stream a
-// thread leaves the memory bus idle while its own misses are outstanding (kRowStreams, kStreams below).
+// thread. A thread reads its rows (or tiles) in 4 runs, each from another quarter of its share of the
+// weight, one row of each in turn: 4 sequential streams, which the L2 streamer fetches at once, where one
+// stream a thread leaves the memory bus idle while its own misses are outstanding (kRowStreams, kStreams
+// below); with AVX-512 (int8_gemv: AVX512-VNNI) the 4 rows' dot products run interleaved, one row of
+// activations loaded for all 4 (the tiled int4 kernel: AVX-512 only; its AVX2 build reads one tile at a time).
 // (Four adjacent rows at a time, one stream, reached half the bandwidth of one row at a time on a Zen 4.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -50,16 +53,17 @@ inline void prefetch_row(const int8_t* row, int64_t k, int64_t left) {
 #endif
 }
 
-// How many weight rows a row-by-row GEMV's thread reads side by side (AVX-512), each from another part of its share
-// of the weight: as many sequential streams, which the L2 streamer fetches ahead at once. On an Ice Lake Xeon
+// How many weight rows a row-by-row GEMV's thread reads side by side, each from another part of its share of the
+// weight: as many sequential streams, which the L2 streamer fetches ahead at once. On an Ice Lake Xeon
 // (examples/bench_gemv_revisions.py, 2 threads, one process against the build before): SmolLM2's 120 int8 decode
 // GEMVs 0.84-0.89x the time with 4 streams a thread (2 streams 0.89x, 8 streams 0.90x), its int8 LM head 0.91x;
-// with dots_s16s8 besides, the LM head 0.75-0.81x. Builds without AVX-512 visit the rows in the same order, one
-// row at a time (as the first of those measurements did; not measured on an AVX2 CPU).
+// with dots_s16s8 besides, the LM head 0.75-0.81x. Where those interleaved dot products are not built (no
+// AVX-512; int8_gemv without AVX512-VNNI) the rows are visited in the same order one at a time, as the first of
+// those measurements did (not measured on an AVX2 CPU).
 constexpr int kRowStreams = 4;
 
 // The length of the runs that `count` items of `bytes` each are read in, `streams` runs side by side: count /
-// streams, shortened (up to 16 items; those left over are read one at a time) while two runs' starts lie within
+// streams, shortened (by up to 15 items, read after the runs) while two runs' starts lie within
 // 256 bytes of each other modulo 4 KB. Streams at one offset within their pages slowed a thread's reads: 4
 // streams of int8 rows 54 pages apart (SmolLM2's gate/up projections) took 1.65x the time of 4 at other offsets
 // on an Ice Lake Xeon with the weight in its caches (int8_gemv), 1.1x streaming from memory (the LM head).
@@ -321,7 +325,7 @@ at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tens
       }
       for (int64_t i = 0; i < m; ++i) {
         int32_t dots[kRowStreams];
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)  // where dots_u8s8 is built
         if (count == kRowStreams) {
           dots_u8s8<kRowStreams>(xp + i * k, rows, k, dots);
         } else {
@@ -548,9 +552,9 @@ inline __m512i load_widened(const uint8_t* p) {
 constexpr int kStreams = 4;
 
 // The 32 outputs of each of T tiles for one row of activations (xq: int16 [K], gsum: float [G]), the tiles read
-// side by side: rows 0-15 and 16-31 of a tile in one register each, two steps per iteration, so 8 independent
-// int32 sums (4 per register pair of one tile; 2 when several tiles already interleave) keep vpdpwssd's latency
-// hidden. The same integer sums and float operations in the same order for any T (the outputs equal bit for bit).
+// side by side: rows 0-15 and 16-31 of a tile in one register each, two steps per iteration, and independent
+// int32 sums that keep vpdpwssd's latency hidden: 4 per 16-row register for one tile (8 in all), 2 per register
+// when several tiles interleave (4 T). The same integer sums and float operations in the same order for any T (the outputs equal bit for bit).
 template <int T>
 inline void tiles_u4s16(const int16_t* __restrict xq, const float* __restrict gsum, const uint8_t* const* tiles,
                         const float* const* scales, const float* const* zeros, int64_t groups, int64_t group,
@@ -648,7 +652,8 @@ void tiles_side_by_side(const TiledGemv& a, int64_t first, int64_t stride) {
   }
 }
 
-// A thread's tiles [begin, end): kStreams runs of `part` tiles read side by side, then the rest side by side
+// A thread's tiles [begin, end): kStreams runs of `part` tiles read side by side, then the rest kStreams adjacent
+// tiles at a time and the last 1-3 together
 void tiles_of_thread(const TiledGemv& a, int64_t begin, int64_t end) {
   const int64_t part = run_length(end - begin, a.tile_bytes, kStreams);
   for (int64_t p = 0; p < part; ++p) tiles_side_by_side<kStreams>(a, begin + p, part);
@@ -754,6 +759,7 @@ at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const
               "int4_gemv_tiled takes a contiguous uint8 tiled weight [N / 32, 16 K]");
   const int64_t tiles = w_tiled.size(0), n = tiles * kTile, k = w_tiled.size(1) * 2 / kTile;
   TORCH_CHECK(x.size(-1) == k, "int4_gemv_tiled: x has K=", x.size(-1), ", the tiled weight ", k);
+  TORCH_CHECK(k > 0, "int4_gemv_tiled: the tiled weight has no input channels (K=0)");
   TORCH_CHECK(group >= 4 && group % 4 == 0 && k % group == 0, "int4_gemv_tiled: group ", group, " does not fit K=", k);
   const int64_t groups = k / group;
   TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat &&

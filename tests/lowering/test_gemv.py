@@ -119,11 +119,21 @@ def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 224, 576, 64), (3, 480, 1536, 128), (2, 3072, 576, 64),
-                                         (1, 160, 2048, 2048)])
+                                         (1, 160, 2048, 2048), (2, 224, 576, 12), (1, 96, 36, 12)])
 def test_the_tiled_int4_gemv_gives_each_tile_the_outputs_it_gets_alone(m, n, k, group):
     # a thread reads several tiles side by side (kStreams, then the 1-3 left over): each tile's 32 outputs are
-    # the same bit for bit as a call on that tile alone, wherever it falls (7 tiles: one run of 4 and 3 left
-    # over; 15 over two threads; 96; flushes within groups of 2048)
+    # the same bit for bit as a call on that tile alone, wherever it falls (two threads: 7 tiles on one, a run
+    # of 4 and 3 left over; 15 tiles as 8 + 7; 96 as 48 + 48; flushes within groups of 2048; groups of 3 steps
+    # of 4 channels, the odd step, with 4 and with 3 tiles side by side)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _each_tile_alone(m, n, k, group)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _each_tile_alone(m, n, k, group):
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(m, k, generator=gen)
     q = torch.randint(0, 16, (n, k), generator=gen)
@@ -180,6 +190,9 @@ def test_the_tiled_int4_layout_is_checked():
         torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 64), tiled, scale, zero, 6)
     with pytest.raises(RuntimeError, match="x has K=32"):
         torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 32), tiled, scale, zero, 32)
+    with pytest.raises(RuntimeError, match="no input channels"):  # not a division by zero in the thread split
+        torch.ops.qcompiler.int4_gemv_tiled(torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.uint8),
+                                            torch.zeros(1, 0, 32), torch.zeros(1, 0, 32), 4)
 
 
 @pytest.mark.inductor
