@@ -73,14 +73,20 @@ def test_int8_weight_gemv_is_the_float_product(m, n, k):
     assert (out - expected).abs().max() > 0 or k == 1  # it is the fixed-point kernel, not a float copy
 
 
-@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 7, 576, 32), (3, 9, 576, 64), (8, 32, 256, 256),
-                                         (1, 40, 1536, 128), (2, 7, 192, 192)])
-def test_int4_gemv_matches_the_reference(m, n, k, group):
-    gen = torch.Generator().manual_seed(k + group)
+def _int4_case(m: int, n: int, k: int, group: int, seed: int):
+    """Activations [m, k], 4-bit codes [n, k] and their group scales and integer zero points."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen)
     q = torch.randint(0, 16, (n, k), generator=gen)
     scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
     zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    return x, q, scale, zero
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 16, 64, 32), (3, 7, 576, 32), (3, 9, 576, 64), (8, 32, 256, 256),
+                                         (1, 40, 1536, 128), (2, 7, 192, 192)])
+def test_int4_gemv_matches_the_reference(m, n, k, group):
+    x, q, scale, zero = _int4_case(m, n, k, group, seed=k + group)
     packed = reference.pack_int4(q)
     out = torch.ops.qcompiler.int4_gemv(x, packed, scale, zero, group).double()
     w = (q.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
@@ -102,11 +108,7 @@ def test_int4_gemv_on_the_tiled_layout_computes_what_the_row_layout_does(m, n, k
     # the same fixed-point arithmetic (int16 activations with 32767 levels, exact integer sums, one float
     # multiply-add per group or per 256 channels): equal to the row kernel up to float32 summation order;
     # groups wider than 256 channels (2048) and a group of 3 steps of 4 (12) take the flush and odd-step paths
-    gen = torch.Generator().manual_seed(k + group + n)
-    x = torch.randn(m, k, generator=gen)
-    q = torch.randint(0, 16, (n, k), generator=gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    x, q, scale, zero = _int4_case(m, n, k, group, seed=k + group + n)
     tiled, scale_t, zero_t = reference.pack_int4_tiled(q, scale, zero)
     out = torch.ops.qcompiler.int4_gemv_tiled(x, tiled, scale_t, zero_t, group).double()
     w = (q.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
@@ -134,11 +136,7 @@ def test_the_tiled_int4_gemv_gives_each_tile_the_outputs_it_gets_alone(m, n, k, 
 
 
 def _each_tile_alone(m, n, k, group):
-    gen = torch.Generator().manual_seed(n + k)
-    x = torch.randn(m, k, generator=gen)
-    q = torch.randint(0, 16, (n, k), generator=gen)
-    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
-    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    x, q, scale, zero = _int4_case(m, n, k, group, seed=n + k)
     tiled, scale_t, zero_t = reference.pack_int4_tiled(q, scale, zero)
     out = torch.ops.qcompiler.int4_gemv_tiled(x, tiled, scale_t, zero_t, group)
     alone = torch.cat([torch.ops.qcompiler.int4_gemv_tiled(x, tiled[t : t + 1], scale_t[t : t + 1],
