@@ -78,19 +78,30 @@ inline int64_t run_length(int64_t count, int64_t bytes, int streams) {
   return longest;
 }
 
-// A row-by-row GEMV thread's rows [begin, end) in the order it reads them: kRowStreams runs of equal length, one
-// row of each at a time (visit(rows, kRowStreams, left)), then the rows left over one at a time (visit(rows, 1,
-// left)); `left`: the rows from each given row to the end of its run, itself included.
+// A row-by-row GEMV thread's rows [begin, end) of the weight `w` ([N, k] int8), in the order it reads them:
+// kRowStreams runs of equal length, one row of each at a time (visit(js, rows, kRowStreams): their indices and
+// their bytes), then the rows left over one at a time (visit(js, rows, 1)). Each row asks for its run's bytes
+// kRowAhead on (prefetch_row) before it is visited.
 template <typename F>
-inline void rows_in_streams(int64_t begin, int64_t end, int64_t row_bytes, F&& visit) {
-  const int64_t part = run_length(end - begin, row_bytes, kRowStreams);
-  const int64_t rest = begin + kRowStreams * part;
-  int64_t rows[kRowStreams];
+inline void rows_in_streams(const int8_t* w, int64_t k, int64_t begin, int64_t end, F&& visit) {
+  const int64_t part = run_length(end - begin, k, kRowStreams);
+  int64_t js[kRowStreams];
+  const int8_t* rows[kRowStreams];
+  auto take = [&](int count, int64_t left) {  // left: the rows from js[u] to the end of its run, itself included
+    for (int u = 0; u < count; ++u) {
+      rows[u] = w + js[u] * k;
+      prefetch_row(rows[u], k, left * k);
+    }
+    visit(js, rows, count);
+  };
   for (int64_t p = 0; p < part; ++p) {
-    for (int u = 0; u < kRowStreams; ++u) rows[u] = begin + u * part + p;
-    visit(rows, kRowStreams, part - p);
+    for (int u = 0; u < kRowStreams; ++u) js[u] = begin + u * part + p;
+    take(kRowStreams, part - p);
   }
-  for (int64_t j = rest; j < end; ++j) visit(&j, 1, end - j);
+  for (int64_t j = begin + kRowStreams * part; j < end; ++j) {
+    js[0] = j;
+    take(1, end - j);
+  }
 }
 
 inline int32_t dot_u8s8(const uint8_t* __restrict a, const int8_t* __restrict b, int64_t n) {
@@ -317,12 +328,7 @@ at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tens
   const int32_t zp = static_cast<int32_t>(x_zero_point);
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
   at::parallel_for(0, n, grain(k), [&](int64_t begin, int64_t end) {
-    rows_in_streams(begin, end, k, [&](const int64_t* js, int count, int64_t left) {
-      const int8_t* rows[kRowStreams];
-      for (int u = 0; u < count; ++u) {
-        rows[u] = wp + js[u] * k;
-        prefetch_row(rows[u], k, left * k);
-      }
+    rows_in_streams(wp, k, begin, end, [&](const int64_t* js, const int8_t* const* rows, int count) {
       for (int64_t i = 0; i < m; ++i) {
         int32_t dots[kRowStreams];
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)  // where dots_u8s8 is built
@@ -386,12 +392,7 @@ at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at
   const float* sp = w_scale.contiguous().data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, grain(k), [&](int64_t begin, int64_t end) {
-    rows_in_streams(begin, end, k, [&](const int64_t* js, int count, int64_t left) {
-      const int8_t* rows[kRowStreams];
-      for (int u = 0; u < count; ++u) {
-        rows[u] = wp + js[u] * k;
-        prefetch_row(rows[u], k, left * k);
-      }
+    rows_in_streams(wp, k, begin, end, [&](const int64_t* js, const int8_t* const* rows, int count) {
       for (int64_t i = 0; i < m; ++i) {
         int32_t dots[kRowStreams];
 #if defined(__AVX512BW__)
