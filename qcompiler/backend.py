@@ -106,9 +106,15 @@ def qcompiler_backend(gm: fx.GraphModule, example_inputs, options=None, mode=Non
 
 def compile_with_inductor(module: fx.GraphModule, example_inputs):
     """The quantized graph compiled by Inductor (``compiler="inductor"``, the default)."""
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(module, example_inputs, config_patches=INDUCTOR_CONFIG)
+    from qcompiler.lowering.kernels import direct_calls
+
+    patches = dict(INDUCTOR_CONFIG)
+    if config.post_grad_custom_post_pass is None:  # (a user's own pass stays; their cache key is theirs)
+        patches["post_grad_custom_post_pass"] = direct_calls.CACHE_KEY
+    return compile_fx(module, example_inputs, config_patches=patches)
 
 
 # Inductor's wrapper checks every input's and kernel output's size and stride on each call (some 1,000

@@ -9,7 +9,9 @@ same on weights in tiles of 32 rows, for AVX-512 and AVX2), ``qcompiler::decode_
 model's online Hadamard transform, ``x @ kron(A, B)``) are C++ ops (and ``qcompiler::histogram_bins``, the bin
 counts of a calibration histogram, which the observers call on every batch): a compiled
 graph calls them without running any Python, which matters in the decode step where each of them
-takes tens of microseconds. They are for a few rows (the lowering uses them when a graph's row count
+takes tens of microseconds. ``cpu_calls.cpp`` gives the decode ops direct Python entry points (:func:`direct`),
+which Inductor's wrapper calls instead of the dispatcher (``direct_calls.py``), and the greedy choice of a token
+(``greedy_tokens``: ``torch.argmax`` over a step's logits, vectorized) that the decode loop calls. They are for a few rows (the lowering uses them when a graph's row count
 is fixed and small); larger products keep the library kernels of ``cpu.py``.
 
 The source is compiled with ``-O3 -march=native -fopenmp`` by ``torch.utils.cpp_extension`` (the same
@@ -32,7 +34,7 @@ import torch
 from qcompiler.lowering.kernels.reference import INT4_TILE
 
 SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp", "cpu_histogram.cpp"))
+                for f in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_hadamard.cpp", "cpu_histogram.cpp", "cpu_calls.cpp"))
 OPS = ("int8_gemv", "int8_weight_gemv", "int4_gemv", "int4_gemv_tiled", "gemv_threads", "gemv_isa", "decode_attention",
        "kron_hadamard", "histogram_bins")
 
@@ -47,20 +49,32 @@ def _machine_tag() -> str:
     return digest
 
 
+_module = None  # the built extension: the ops' direct Python entry points (cpu_calls.cpp)
+
+
 @functools.cache
 def _build() -> str | None:
     """Build and load the ops; None on success, else why not."""
-    if all(hasattr(torch.ops.qcompiler, op) for op in OPS):
-        return None
+    global _module
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
-             extra_cflags=_cflags("native"), extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _module = load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
+                       extra_cflags=_cflags("native"), extra_ldflags=["-fopenmp"], is_python_module=True,
+                       verbose=False)
     except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
         return f"the C++ GEMV kernels could not be built ({type(exc).__name__}: {str(exc)[:200]})"
     _register_fakes()
+    from qcompiler.lowering.kernels import direct_calls
+
+    direct_calls.register(_module)
     return None
+
+
+def direct(op: str):
+    """The direct Python entry point of op (``cpu_calls.cpp``: same arguments, no dispatcher), building the ops
+    first; None where they cannot be built."""
+    return None if _build() is not None else getattr(_module, op)
 
 
 def _cflags(march: str) -> list[str]:

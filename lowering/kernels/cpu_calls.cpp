@@ -1,0 +1,219 @@
+// Direct Python entry points to the decode kernels, for the wrapper code Inductor generates.
+//
+// A compiled graph calls a custom op as torch.ops.qcompiler.<op>.default(...): PyTorch's dispatcher
+// parses every argument against the schema into a boxed stack, dispatches on the keys and unboxes it again
+// for the kernel, about 2.5 us a call on a 2-core Xeon. A decode step of SmolLM2 makes about 150 such
+// calls. These functions take the same arguments in the same order (METH_FASTCALL: no tuple, no keyword
+// parsing), check their count and types, and call the same C++ functions that the ops register, so the
+// results are the same bit for bit. lowering/kernels/direct_calls.py makes Inductor's wrapper call them.
+// Each records itself under the op's name when torch.profiler is on (as the dispatcher does for the op; a flag
+// test when it is off), so profiles read the same either way.
+
+#include <ATen/record_function.h>
+#include <torch/extension.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <limits>
+#include <optional>
+
+at::Tensor int8_gemv(const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& w_q, const at::Tensor& w_rowsum,
+                     const at::Tensor& w_scale);
+at::Tensor int8_weight_gemv(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale);
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale, const at::Tensor& zero,
+                     int64_t group);
+at::Tensor int4_gemv_tiled(const at::Tensor& x, const at::Tensor& w_tiled, const at::Tensor& scale,
+                           const at::Tensor& zero, int64_t group);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale);
+at::Tensor kron_hadamard(const at::Tensor& x, const std::optional<at::Tensor>& a, const at::Tensor& b);
+
+namespace {
+
+// The arguments of one call, checked as they are read; a wrong one raises TypeError naming the function.
+struct Args {
+  const char* name;
+  PyObject* const* args;
+
+  void count(Py_ssize_t given, Py_ssize_t expected) const {
+    if (given != expected) {
+      throw torch::TypeError(c10::str(name, "() takes ", expected, " arguments (", given, " given)"));
+    }
+  }
+  const at::Tensor& tensor(int i) const {
+    if (!THPVariable_Check(args[i])) {
+      throw torch::TypeError(c10::str(name, "(): argument ", i, " must be a Tensor, not ", Py_TYPE(args[i])->tp_name));
+    }
+    return THPVariable_Unpack(args[i]);
+  }
+  std::optional<at::Tensor> optional_tensor(int i) const {
+    if (args[i] == Py_None) return std::nullopt;
+    return tensor(i);
+  }
+  int64_t integer(int i) const {
+    if (!PyLong_Check(args[i])) {
+      throw torch::TypeError(c10::str(name, "(): argument ", i, " must be an int, not ", Py_TYPE(args[i])->tp_name));
+    }
+    const long long value = PyLong_AsLongLong(args[i]);
+    if (value == -1 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+  double real(int i) const {
+    if (!PyFloat_Check(args[i]) && !PyLong_Check(args[i])) {
+      throw torch::TypeError(c10::str(name, "(): argument ", i, " must be a float, not ", Py_TYPE(args[i])->tp_name));
+    }
+    const double value = PyFloat_AsDouble(args[i]);
+    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+};
+
+PyObject* call_int8_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::int8_gemv", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"int8_gemv", args};
+  a.count(n, 5);
+  return THPVariable_Wrap(int8_gemv(a.tensor(0), a.integer(1), a.tensor(2), a.tensor(3), a.tensor(4)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_int8_weight_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::int8_weight_gemv", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"int8_weight_gemv", args};
+  a.count(n, 3);
+  return THPVariable_Wrap(int8_weight_gemv(a.tensor(0), a.tensor(1), a.tensor(2)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_int4_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::int4_gemv", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"int4_gemv", args};
+  a.count(n, 5);
+  return THPVariable_Wrap(int4_gemv(a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_int4_gemv_tiled(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::int4_gemv_tiled", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"int4_gemv_tiled", args};
+  a.count(n, 5);
+  return THPVariable_Wrap(int4_gemv_tiled(a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_decode_attention(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::decode_attention", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"decode_attention", args};
+  a.count(n, 5);
+  return THPVariable_Wrap(decode_attention(a.tensor(0), a.tensor(1), a.tensor(2), a.optional_tensor(3), a.real(4)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_kron_hadamard(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::kron_hadamard", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"kron_hadamard", args};
+  a.count(n, 3);
+  return THPVariable_Wrap(kron_hadamard(a.tensor(0), a.optional_tensor(1), a.tensor(2)));
+  END_HANDLE_TH_ERRORS
+}
+
+// The index of each row's largest value, as torch.argmax(x, -1) gives it (the first of equal maxima; where a row
+// has NaN, its first NaN), for the greedy choice of a decode step. torch.argmax does not vectorize this
+// reduction: about 70 us over SmolLM2's 49152 logits on a 2-core Xeon (Ice Lake), where these two passes (the
+// maximum, then the first position that holds it) take 7 us with AVX-512.
+int64_t row_argmax(const float* p, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 top0 = _mm512_set1_ps(top), top1 = top0;
+  __mmask16 unordered = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(p + i), b = _mm512_loadu_ps(p + i + 16);
+    top0 = _mm512_max_ps(top0, a);
+    top1 = _mm512_max_ps(top1, b);
+    unordered |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);  // a NaN in either
+  }
+  top = _mm512_reduce_max_ps(_mm512_max_ps(top0, top1));
+  nan = unordered != 0;
+#elif defined(__AVX2__)
+  __m256 top0 = _mm256_set1_ps(top), unordered = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(p + i);
+    top0 = _mm256_max_ps(top0, a);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top0);
+  for (float v : lanes) top = v > top ? v : top;
+  nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+  for (; i < n; ++i) top = p[i] > top ? p[i] : top, nan |= p[i] != p[i];
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 wanted = _mm512_set1_ps(top);
+  for (; k + 16 <= n; k += 16) {
+    const __m512 a = _mm512_loadu_ps(p + k);
+    const __mmask16 hit = nan ? _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(a, wanted, _CMP_EQ_OQ);
+    if (hit) return k + __builtin_ctz(hit);
+  }
+#elif defined(__AVX2__)
+  const __m256 wanted = _mm256_set1_ps(top);
+  for (; k + 8 <= n; k += 8) {
+    const __m256 a = _mm256_loadu_ps(p + k);
+    const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(a, a, _CMP_UNORD_Q) : _mm256_cmp_ps(a, wanted, _CMP_EQ_OQ));
+    if (hit) return k + __builtin_ctz(hit);
+  }
+#endif
+  for (; k < n; ++k) {
+    if (nan ? p[k] != p[k] : p[k] == top) return k;
+  }
+  return 0;  // (not reached: a value equals the maximum, or is the NaN found)
+}
+
+PyObject* call_greedy_tokens(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("qcompiler::greedy_tokens", c10::ArrayRef<const c10::IValue>{});
+  const Args a{"greedy_tokens", args};
+  a.count(n, 1);
+  const at::Tensor& x = a.tensor(0);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0 &&
+                  x.stride(1) == 1, "greedy_tokens takes float32 CPU logits [rows, n > 0] with rows contiguous, got ",
+              x.scalar_type(), " ", x.sizes(), " strides ", x.strides());
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* base = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  {
+    pybind11::gil_scoped_release no_gil;
+    for (int64_t r = 0; r < x.size(0); ++r) o[r] = row_argmax(base + r * x.stride(0), x.size(1));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+#define QC_FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)), METH_FASTCALL
+
+PyMethodDef methods[] = {
+    {"int8_gemv", QC_FASTCALL(call_int8_gemv), "int8_gemv(x_q, x_zero_point, w_q, w_rowsum, w_scale)"},
+    {"int8_weight_gemv", QC_FASTCALL(call_int8_weight_gemv), "int8_weight_gemv(x, w_q, w_scale)"},
+    {"int4_gemv", QC_FASTCALL(call_int4_gemv), "int4_gemv(x, w_packed, scale, zero, group_size)"},
+    {"int4_gemv_tiled", QC_FASTCALL(call_int4_gemv_tiled), "int4_gemv_tiled(x, w_tiled, scale, zero, group_size)"},
+    {"decode_attention", QC_FASTCALL(call_decode_attention), "decode_attention(q, k, v, mask, scale)"},
+    {"kron_hadamard", QC_FASTCALL(call_kron_hadamard), "kron_hadamard(x, a, b)"},
+    {"greedy_tokens", QC_FASTCALL(call_greedy_tokens), "greedy_tokens(logits): torch.argmax(logits, -1)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
+}
