@@ -148,9 +148,25 @@ def test_an_a_b_of_decode_steps_times_each_way_and_checks_they_made_the_same_tex
     ways = {name: (lambda name=name: switched.append(name)) for name in ("a", "b")}
     times = chat.alternate_decode_steps(quantized, stories, ids, ways, repeats=2, new=4)
     assert switched == ["a", "b", "a", "b"] and all(len(v) == 2 and min(v) > 0 for v in times.values())
-    # a way that changes the tokens (argmax replaced by the runner-up) is refused
+    # a way that changes the tokens (the greedy choice replaced by the runner-up) is refused
     def other_tokens():
-        monkeypatch.setattr(torch, "argmax", lambda scores, dim: scores.topk(2, dim=dim).indices[..., 1])
+        monkeypatch.setattr(decode_loop, "_greedy", lambda scores: scores.topk(2, dim=-1).indices[..., 1])
 
     with pytest.raises(ConfigError, match="different text"):
         chat.alternate_decode_steps(quantized, stories, ids, {"a": lambda: None, "b": other_tokens}, repeats=1, new=4)
+
+
+def test_the_greedy_choice_is_argmax_by_the_kernel_where_it_applies(monkeypatch):
+    from qcompiler.lowering.kernels import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(native.unavailable_reason())
+    asked = []
+    real = native.direct
+    monkeypatch.setattr(native, "direct", lambda op: asked.append(op) or real(op))
+    scores = torch.randn(3, 700)
+    scores[1, 5] = scores[1, 9] = 50.0  # a tie: the first one
+    assert torch.equal(decode_loop._greedy(scores), torch.argmax(scores, dim=-1)) and asked == ["greedy_tokens"]
+    for other in (scores.double(), scores.t().contiguous().t(), scores[0]):  # float64, strided columns, 1-D
+        asked.clear()
+        assert torch.equal(decode_loop._greedy(other), torch.argmax(other, dim=-1)) and asked == []
