@@ -6,8 +6,9 @@
 // calls. These functions take the same arguments in the same order (METH_FASTCALL: no tuple, no keyword
 // parsing), check their count and types, and call the same C++ functions that the ops register, so the
 // results are the same bit for bit. lowering/kernels/direct_calls.py makes Inductor's wrapper call them.
-// Each records itself under the op's name when torch.profiler is on (as the dispatcher does for the op; a flag
-// test when it is off), so profiles read the same either way.
+// Each records itself under the op's name when torch.profiler is on (as the dispatcher does for the op, though
+// without the inputs' shapes; a flag test when it is off), so profiles name the same ops either way. Unlike the
+// dispatcher, they keep the GIL while the kernel runs (as Inductor's own generated kernels do).
 
 #include <ATen/record_function.h>
 #include <torch/extension.h>
@@ -48,7 +49,10 @@ struct Args {
     if (!THPVariable_Check(args[i])) {
       throw torch::TypeError(c10::str(name, "(): argument ", i, " must be a Tensor, not ", Py_TYPE(args[i])->tp_name));
     }
-    return THPVariable_Unpack(args[i]);
+    const at::Tensor& t = THPVariable_Unpack(args[i]);
+    // (the dispatcher would refuse another device's tensor for a CPU-only op; the kernels read data_ptr)
+    TORCH_CHECK(t.device().is_cpu(), name, "(): argument ", i, " must be a CPU tensor, got one on ", t.device());
+    return t;
   }
   std::optional<at::Tensor> optional_tensor(int i) const {
     if (args[i] == Py_None) return std::nullopt;

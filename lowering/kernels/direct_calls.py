@@ -14,13 +14,16 @@ The ops stay what the graphs hold (tracing, fake tensors, eager runs and exports
 only the line of wrapper code that calls them changes, and the kernel computes the same numbers bit for bit.
 The hook is Inductor's table of custom wrapper code for extern kernels (``CUSTOM_EXTERN_KERNEL_CODEGEN``,
 keyed by the op's name as the wrapper spells it); where a torch version lacks it, or a call needs the wrapper's
-own code (keyword arguments, intermediate hooks for debugging), the wrapper calls the op as before. Inductor's
-C++ wrapper (``cpp_wrapper``) does not read this table and keeps its own calls.
+own code (keyword arguments, intermediate hooks for debugging, the FX wrapper), the wrapper calls the op as
+before. Inductor's C++ wrapper (``cpp_wrapper``) does not read this table and keeps its own calls. The table is
+the process's: a graph with these ops that plain ``torch.compile(backend="inductor")`` compiles after the
+kernels are built calls them directly too (without :data:`CACHE_KEY` in its cache key).
 
 Inductor caches the code it generates (on disk, across processes) under a key of the graph and its config, which
 does not see this table: :data:`CACHE_KEY`, a graph pass that changes nothing, puts the direct calls (these
 sources, and whether they are registered) into that key, so that code cached without them is not reused with
-them, nor the other way round (``qcompiler.backend.compile_with_inductor`` passes it to Inductor).
+them, nor the other way round (``qcompiler.backend.compile_with_inductor`` passes it to Inductor; where the user
+has set ``post_grad_custom_post_pass`` already, theirs stays and their cache key is theirs).
 """
 
 from __future__ import annotations
@@ -81,11 +84,12 @@ def register(module) -> bool:
 def _codegen(op: str):
     def write(node, writeline) -> None:
         from torch._inductor import config
+        from torch._inductor.codegen.wrapper import ExternKernelAllocLine
         from torch._inductor.virtualized import V
 
         args, kwargs = node.codegen_args(), node.codegen_kwargs()
-        if kwargs or config.generate_intermediate_hooks:  # the wrapper's own call, which handles both
-            V.graph.wrapper_code._generate_extern_kernel_alloc_helper(node, [*args, *kwargs])
+        if kwargs or config.generate_intermediate_hooks or V.graph.fx_wrapper:
+            writeline(ExternKernelAllocLine(V.graph.wrapper_code, node))  # the wrapper's own call, as without us
             return
         writeline(f"{node.get_name()} = extern_kernels.{PREFIX}{op}({', '.join(args)})")
 

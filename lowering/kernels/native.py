@@ -11,8 +11,9 @@ counts of a calibration histogram, which the observers call on every batch): a c
 graph calls them without running any Python, which matters in the decode step where each of them
 takes tens of microseconds. ``cpu_calls.cpp`` gives the decode ops direct Python entry points (:func:`direct`),
 which Inductor's wrapper calls instead of the dispatcher (``direct_calls.py``), and the greedy choice of a token
-(``greedy_tokens``: ``torch.argmax`` over a step's logits, vectorized) that the decode loop calls. They are for a few rows (the lowering uses them when a graph's row count
-is fixed and small); larger products keep the library kernels of ``cpu.py``.
+(``greedy_tokens``: ``torch.argmax`` over a step's logits, vectorized) that the decode loop calls. The GEMVs are
+for a few rows (the lowering uses them when a graph's row count is fixed and small); larger products keep the
+library kernels of ``cpu.py``.
 
 The source is compiled with ``-O3 -march=native -fopenmp`` by ``torch.utils.cpp_extension`` (the same
 C++ toolchain Inductor needs for CPU code; without OpenMP, ATen's ``parallel_for`` compiles to a plain
@@ -59,22 +60,25 @@ def _build() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        _module = load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
-                       extra_cflags=_cflags("native"), extra_ldflags=["-fopenmp"], is_python_module=True,
-                       verbose=False)
+        module = load(name=f"qcompiler_cpu_gemv_{_machine_tag()}", sources=[str(p) for p in SOURCES],
+                      extra_cflags=_cflags("native"), extra_ldflags=["-fopenmp"], is_python_module=True,
+                      verbose=False)
     except Exception as exc:  # a missing compiler or headers: the library kernels stay, and the report says why
         return f"the C++ GEMV kernels could not be built ({type(exc).__name__}: {str(exc)[:200]})"
     _register_fakes()
     from qcompiler.lowering.kernels import direct_calls
 
-    direct_calls.register(_module)
+    direct_calls.register(module)
+    _module = module
     return None
 
 
-def direct(op: str):
+def direct(op: str, build: bool = True):
     """The direct Python entry point of op (``cpu_calls.cpp``: same arguments, no dispatcher), building the ops
-    first; None where they cannot be built."""
-    return None if _build() is not None else getattr(_module, op)
+    first (with ``build=False``, only where they are built already); None where they are not."""
+    if _module is None and (not build or _build() is not None):
+        return None
+    return getattr(_module, op)
 
 
 def _cflags(march: str) -> list[str]:

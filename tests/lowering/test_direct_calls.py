@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from qcompiler.lowering.kernels import direct_calls, native
+from qcompiler.core import hadamard
+from qcompiler.lowering.kernels import direct_calls, native, reference
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
                                 reason=f"no C++ toolchain here: {native.unavailable_reason()}")
@@ -27,11 +28,31 @@ def _attention_args(mask: bool):
     return q, k, v, m, 0.25
 
 
+def _int4_args(tiled: bool, n=64, k=128, group=32):
+    gen = torch.Generator().manual_seed(3)
+    x, q = torch.randn(1, k, generator=gen), torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    if tiled:
+        return (x, *reference.pack_int4_tiled(q, scale, zero), group)
+    return x, reference.pack_int4(q), scale, zero, group
+
+
+def _hadamard_args(first: bool):
+    a, b = hadamard.kron_parts(576)
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(4))
+    return (x, a.float(), b.float()) if first else (x[:, :b.shape[0]], None, b.float())
+
+
 @pytest.mark.parametrize("op, args", [
     ("int8_gemv", _int8_args()),
     ("int8_weight_gemv", (torch.randn(1, 32), _int8_args()[2], torch.rand(40))),
+    ("int4_gemv", _int4_args(tiled=False)),
+    ("int4_gemv_tiled", _int4_args(tiled=True)),
     ("decode_attention", _attention_args(mask=True)),
     ("decode_attention", _attention_args(mask=False)),
+    ("kron_hadamard", _hadamard_args(first=True)),
+    ("kron_hadamard", _hadamard_args(first=False)),
 ])
 def test_a_direct_call_returns_the_ops_result_bit_for_bit(op, args):
     expected = getattr(torch.ops.qcompiler, op).default(*args)
@@ -59,6 +80,8 @@ def test_bad_arguments_raise_errors_that_name_the_call():
         call(x, zp, [1], rowsum, scale)
     with pytest.raises(RuntimeError, match="int8_gemv takes uint8 activations"):  # the kernel's own check
         call(x.float(), zp, w, rowsum, scale)
+    with pytest.raises(RuntimeError, match=r"int8_gemv\(\): argument 4 must be a CPU tensor, got one on meta"):
+        call(x, zp, w, rowsum, scale.to("meta"))
     with pytest.raises(TypeError, match=r"decode_attention\(\): argument 4 must be a float, not NoneType"):
         native.direct("decode_attention")(*_attention_args(mask=False)[:4], None)
 
@@ -82,10 +105,12 @@ class _Step(torch.nn.Module):
 
 
 def test_inductors_wrapper_calls_the_entry_points_with_the_same_results():
+    from torch._inductor.utils import fresh_cache
+
     torch._dynamo.reset()
     model = _Step()
     x, k, v = torch.randn(1, 64), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
-    with torch.no_grad():
+    with torch.no_grad(), fresh_cache():  # (code from the on-disk cache would not show what is generated now)
         expected = model(x, k, v)
         got, (code, *_) = run_and_get_code(torch.compile(model, backend="inductor", fullgraph=True), x, k, v)
     assert "extern_kernels.qcompiler_int8_gemv(" in code
@@ -130,3 +155,35 @@ def test_greedy_tokens_refuses_what_it_does_not_take():
         greedy(torch.randn(8, 2).t())  # columns not contiguous
     with pytest.raises(RuntimeError, match="greedy_tokens takes float32"):
         greedy(torch.randn(2, 0))
+
+
+@pytest.mark.inductor  # (elsewhere the test suite swaps compile_with_inductor out: tests/conftest.py)
+def test_the_backend_puts_the_direct_calls_in_inductors_cache_key(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from qcompiler import backend
+
+    given = {}
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches: given.update(config_patches))
+    backend.compile_with_inductor(torch.fx.symbolic_trace(torch.nn.ReLU()), [torch.randn(2)])
+    assert given["post_grad_custom_post_pass"] is direct_calls.CACHE_KEY and given["size_asserts"] is False
+    on = direct_calls.CACHE_KEY.uuid()
+    assert on.endswith(":on") and direct_calls.registered()
+    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN
+
+    monkeypatch.delitem(CUSTOM_EXTERN_KERNEL_CODEGEN, direct_calls.op_name("int8_gemv"))
+    assert direct_calls.CACHE_KEY.uuid() == on[:-len(":on")] + ":off"
+
+
+def test_where_the_wrapper_needs_its_own_call_it_calls_the_op_as_before():
+    from torch._inductor import config
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    model = _Step()
+    x, k, v = torch.randn(1, 64), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    with torch.no_grad(), fresh_cache(), config.patch(generate_intermediate_hooks=True):
+        expected = model(x, k, v)
+        got, (code, *_) = run_and_get_code(torch.compile(model, backend="inductor", fullgraph=True), x, k, v)
+    assert "= torch.ops.qcompiler.int8_gemv.default(" in code and "extern_kernels.qcompiler_" not in code
+    assert torch.equal(got, expected)

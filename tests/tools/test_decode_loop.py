@@ -163,7 +163,7 @@ def test_the_greedy_choice_is_argmax_by_the_kernel_where_it_applies(monkeypatch)
         pytest.skip(native.unavailable_reason())
     asked = []
     real = native.direct
-    monkeypatch.setattr(native, "direct", lambda op: asked.append(op) or real(op))
+    monkeypatch.setattr(native, "direct", lambda op, build=True: asked.append(op) or real(op, build))
     scores = torch.randn(3, 700)
     scores[1, 5] = scores[1, 9] = 50.0  # a tie: the first one
     assert torch.equal(decode_loop._greedy(scores), torch.argmax(scores, dim=-1)) and asked == ["greedy_tokens"]
