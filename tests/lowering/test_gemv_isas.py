@@ -1,10 +1,11 @@
 """The decode GEMVs' code for the vector extensions this machine does not build for.
 
-``lowering/kernels/cpu_gemv.cpp`` is built with ``-march=native``, so a test run compiles only the branch of its
-``#if`` that this CPU takes (AVX-512 on most CI hosts): the AVX2 branch and the plain loops would first be
-compiled, and could first fail, on a user's machine. Here the same source is built for Haswell (AVX2 and FMA,
-no AVX-512) and for baseline x86-64 (the plain loops), its ops renamed into namespaces of their own, and each
-build's results are compared with the native build's on the same inputs. Slow: two builds of about 40 s.
+``lowering/kernels/cpu_gemv.cpp`` (and ``cpu_argmax.h``) is built with ``-march=native``, so a test run compiles
+only the branch of its ``#if`` that this CPU takes (AVX-512 on most CI hosts): the AVX2 branch and the plain loops
+would first be compiled, and could first fail, on a user's machine. Here the same source is built for Haswell
+(AVX2 and FMA, no AVX-512) and for baseline x86-64 (the plain loops), its ops renamed into namespaces of their
+own, and each build's results are compared with the native build's on the same inputs (the argmax header's with
+``torch.argmax``). Slow: two builds of about 40 s each, and two small ones.
 """
 
 import re
@@ -64,3 +65,33 @@ def test_every_vector_branch_builds_and_computes_what_the_native_build_does(marc
                            torch.ops.qcompiler.int8_gemv(x_q, 128, w8, rowsum, w_scale))
         torch.testing.assert_close(ops.int8_weight_gemv(x, w8, w_scale),
                                    torch.ops.qcompiler.int8_weight_gemv(x, w8, w_scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("march,isa,needs", TARGETS, ids=[t[0] for t in TARGETS])
+def test_the_greedy_argmax_builds_for_each_branch_and_is_torch_argmax(march, isa, needs, tmp_path):
+    """``cpu_argmax.h`` (the decode loop's greedy choice) has AVX-512, AVX2 and plain branches too."""
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU can not run code built for {march} (needs {sorted(needs - _cpu_flags())})")
+    from torch.utils.cpp_extension import load_inline
+
+    header = SOURCE.with_name("cpu_argmax.h")
+    source = f'#include "{header}"\n' + """
+    torch::Tensor argmax_rows(const torch::Tensor& x) {
+      auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kLong));
+      for (int64_t r = 0; r < x.size(0); ++r) out[r] = row_argmax(x[r].data_ptr<float>(), x.size(1));
+      return out;
+    }"""
+    module = load_inline(name="qcompiler_argmax_" + re.sub(r"\W", "_", march), cpp_sources=[source],
+                         functions=["argmax_rows"], extra_cflags=["-O3", f"-march={march}"],
+                         build_directory=str(tmp_path))
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 7, 8, 15, 16, 33, 49152):
+        for case in range(4):
+            x = torch.randn(3, n, generator=gen)
+            if case == 1:
+                x = x.round()  # ties: the first of equal maxima
+            if case == 2:
+                x[1, n // 2:] = float("nan")
+            if case == 3:
+                x[2] = float("-inf")
+            assert torch.equal(module.argmax_rows(x), torch.argmax(x, dim=-1)), (n, case)
