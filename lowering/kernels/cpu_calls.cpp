@@ -73,59 +73,23 @@ struct Args {
   }
 };
 
-PyObject* call_int8_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::int8_gemv", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"int8_gemv", args};
-  a.count(n, 5);
-  return THPVariable_Wrap(int8_gemv(a.tensor(0), a.integer(1), a.tensor(2), a.tensor(3), a.tensor(4)));
-  END_HANDLE_TH_ERRORS
-}
+// call_<op>: the entry point of op, taking `arity` arguments and passing them on as the expression list says.
+#define QC_ENTRY(op, arity, ...)                                                 \
+  PyObject* call_##op(PyObject*, PyObject* const* args, Py_ssize_t n) {          \
+    HANDLE_TH_ERRORS                                                             \
+    RECORD_FUNCTION("qcompiler::" #op, c10::ArrayRef<const c10::IValue>{});     \
+    const Args a{#op, args};                                                     \
+    a.count(n, arity);                                                           \
+    return THPVariable_Wrap(op(__VA_ARGS__));                                    \
+    END_HANDLE_TH_ERRORS                                                         \
+  }
 
-PyObject* call_int8_weight_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::int8_weight_gemv", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"int8_weight_gemv", args};
-  a.count(n, 3);
-  return THPVariable_Wrap(int8_weight_gemv(a.tensor(0), a.tensor(1), a.tensor(2)));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_int4_gemv(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::int4_gemv", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"int4_gemv", args};
-  a.count(n, 5);
-  return THPVariable_Wrap(int4_gemv(a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4)));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_int4_gemv_tiled(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::int4_gemv_tiled", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"int4_gemv_tiled", args};
-  a.count(n, 5);
-  return THPVariable_Wrap(int4_gemv_tiled(a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4)));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_decode_attention(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::decode_attention", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"decode_attention", args};
-  a.count(n, 5);
-  return THPVariable_Wrap(decode_attention(a.tensor(0), a.tensor(1), a.tensor(2), a.optional_tensor(3), a.real(4)));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_kron_hadamard(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  RECORD_FUNCTION("qcompiler::kron_hadamard", c10::ArrayRef<const c10::IValue>{});
-  const Args a{"kron_hadamard", args};
-  a.count(n, 3);
-  return THPVariable_Wrap(kron_hadamard(a.tensor(0), a.optional_tensor(1), a.tensor(2)));
-  END_HANDLE_TH_ERRORS
-}
+QC_ENTRY(int8_gemv, 5, a.tensor(0), a.integer(1), a.tensor(2), a.tensor(3), a.tensor(4))
+QC_ENTRY(int8_weight_gemv, 3, a.tensor(0), a.tensor(1), a.tensor(2))
+QC_ENTRY(int4_gemv, 5, a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4))
+QC_ENTRY(int4_gemv_tiled, 5, a.tensor(0), a.tensor(1), a.tensor(2), a.tensor(3), a.integer(4))
+QC_ENTRY(decode_attention, 5, a.tensor(0), a.tensor(1), a.tensor(2), a.optional_tensor(3), a.real(4))
+QC_ENTRY(kron_hadamard, 3, a.tensor(0), a.optional_tensor(1), a.tensor(2))
 
 PyObject* call_greedy_tokens(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
